@@ -1,0 +1,9 @@
+//! deepnode's pure domain: the log's shapes, the events, and the policy (reputation, scoring,
+//! placement, rotation) as deterministic functions of explicit inputs.
+//!
+//! Architecture invariant: this crate does no IO. It depends on no async runtime, database or broker
+//! client and never reads the clock; time arrives inside events or as an argument. That is what lets
+//! replay and audit reproduce every decision bit for bit.
+
+pub mod ids;
+pub mod log;

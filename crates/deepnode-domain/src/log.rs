@@ -1,0 +1,366 @@
+//! The shape of the event log, shared by the writer (`deepnode-store`) and every reader (projections,
+//! replay, audit): stream ids, expected versions, new and recorded events, and the hash chain.
+//!
+//! This module is pure: it defines how a row is turned into the canonical bytes that the SHA-256 chain
+//! covers, so that the store (which computes the hash inside the appending transaction) and the auditor
+//! (which recomputes it from what it reads back) agree bit for bit. It does no IO and reads no clock.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+/// Longest accepted stream id. Stream ids are `<kind>-<id>` and ids are at most 128 characters, so the
+/// bound leaves room for the prefix.
+pub const MAX_STREAM_ID_LEN: usize = 200;
+
+/// Largest accepted event body (payload + metadata, serialised), in bytes.
+pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// The `prev_hash` of the very first event in the log.
+pub const GENESIS_HASH: [u8; 32] = [0u8; 32];
+
+/// Why an id, stream id or event body was refused before anything was written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LogError {
+    #[error("stream id must not be empty")]
+    EmptyStreamId,
+    #[error("stream id is {len} characters long; the limit is {max}")]
+    StreamIdTooLong { len: usize, max: usize },
+    #[error("stream id {0:?} contains a character outside [A-Za-z0-9._:-]")]
+    StreamIdCharset(String),
+    #[error("event type {0:?} must be a non-empty PascalCase identifier")]
+    BadEventType(String),
+    #[error("schema_version must be at least 1, got {0}")]
+    BadSchemaVersion(i32),
+    #[error("event {field} must be a JSON object")]
+    NotAnObject { field: &'static str },
+    #[error("event body is {size} bytes; the limit is {max}")]
+    TooLarge { size: usize, max: usize },
+    #[error("event {field} contains a NUL character, which PostgreSQL jsonb cannot store")]
+    NulCharacter { field: &'static str },
+}
+
+/// Returns true for the characters the contract allows in ids: `[A-Za-z0-9._:-]`.
+pub fn is_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
+}
+
+/// A validated stream id such as `node-n1` or `exec-r42`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct StreamId(String);
+
+impl StreamId {
+    /// Parses a stream id: non-empty, at most [`MAX_STREAM_ID_LEN`] characters of `[A-Za-z0-9._:-]`.
+    pub fn parse(raw: &str) -> Result<StreamId, LogError> {
+        if raw.is_empty() {
+            return Err(LogError::EmptyStreamId);
+        }
+        let len = raw.chars().count();
+        if len > MAX_STREAM_ID_LEN {
+            return Err(LogError::StreamIdTooLong {
+                len,
+                max: MAX_STREAM_ID_LEN,
+            });
+        }
+        if !raw.chars().all(is_id_char) {
+            return Err(LogError::StreamIdCharset(raw.to_owned()));
+        }
+        Ok(StreamId(raw.to_owned()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for StreamId {
+    type Error = LogError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        StreamId::parse(&value)
+    }
+}
+
+impl From<StreamId> for String {
+    fn from(value: StreamId) -> Self {
+        value.0
+    }
+}
+
+/// What the appender believes about the stream's current version (optimistic concurrency).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExpectedVersion {
+    /// Append whatever the stream's version is.
+    Any,
+    /// The stream must not exist yet (it has no events).
+    NoStream,
+    /// The stream's last event must have exactly this version (`>= 1`).
+    Exact(i64),
+}
+
+impl ExpectedVersion {
+    /// Whether a stream currently at `actual` (0 = no events) satisfies this expectation.
+    pub fn matches(self, actual: i64) -> bool {
+        match self {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => actual == 0,
+            ExpectedVersion::Exact(v) => v == actual,
+        }
+    }
+}
+
+impl std::fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExpectedVersion::Any => f.write_str("any"),
+            ExpectedVersion::NoStream => f.write_str("no stream"),
+            ExpectedVersion::Exact(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+/// An event to append: everything but its place in the log, which the store assigns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewEvent {
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub schema_version: i32,
+    pub payload: Value,
+    pub metadata: Value,
+    pub occurred_at: DateTime<Utc>,
+}
+
+impl NewEvent {
+    /// Checks what the store checks before writing: type name, version, object bodies, size, no NUL.
+    pub fn validate(&self) -> Result<(), LogError> {
+        let mut chars = self.event_type.chars();
+        let pascal = chars.next().is_some_and(|c| c.is_ascii_uppercase())
+            && chars.all(|c| c.is_ascii_alphanumeric())
+            && self.event_type.len() <= 128;
+        if !pascal {
+            return Err(LogError::BadEventType(self.event_type.clone()));
+        }
+        if self.schema_version < 1 {
+            return Err(LogError::BadSchemaVersion(self.schema_version));
+        }
+        for (field, value) in [("payload", &self.payload), ("metadata", &self.metadata)] {
+            if !value.is_object() {
+                return Err(LogError::NotAnObject { field });
+            }
+            if contains_nul(value) {
+                return Err(LogError::NulCharacter { field });
+            }
+        }
+        let size = json_len(&self.payload) + json_len(&self.metadata);
+        if size > MAX_EVENT_BYTES {
+            return Err(LogError::TooLarge {
+                size,
+                max: MAX_EVENT_BYTES,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn json_len(value: &Value) -> usize {
+    // Serialising a `Value` into a Vec cannot fail (keys are strings, no custom Serialize impls).
+    serde_json::to_vec(value)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX)
+}
+
+fn contains_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(contains_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        _ => false,
+    }
+}
+
+/// An event as stored in the log, with its global position and place in the hash chain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordedEvent {
+    pub global_position: i64,
+    pub event_id: Uuid,
+    pub stream_id: String,
+    pub stream_version: i64,
+    pub event_type: String,
+    pub schema_version: i32,
+    pub payload: Value,
+    pub metadata: Value,
+    pub occurred_at: DateTime<Utc>,
+    pub recorded_at: DateTime<Utc>,
+    pub prev_hash: Vec<u8>,
+    pub hash: Vec<u8>,
+}
+
+impl RecordedEvent {
+    /// Recomputes this row's hash from its fields and the given previous hash.
+    pub fn expected_hash(&self, prev_hash: &[u8]) -> [u8; 32] {
+        chain_hash(prev_hash, &self.canonical_bytes())
+    }
+
+    /// The canonical bytes of the row (everything but the two hashes), see [`canonical_bytes`].
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        canonical_bytes(&CanonicalRow {
+            global_position: self.global_position,
+            event_id: self.event_id,
+            stream_id: &self.stream_id,
+            stream_version: self.stream_version,
+            event_type: &self.event_type,
+            schema_version: self.schema_version,
+            payload: &self.payload,
+            metadata: &self.metadata,
+            occurred_at: self.occurred_at,
+            recorded_at: self.recorded_at,
+        })
+    }
+}
+
+/// The fields of a row that the hash chain covers.
+#[derive(Debug, Clone, Copy)]
+pub struct CanonicalRow<'a> {
+    pub global_position: i64,
+    pub event_id: Uuid,
+    pub stream_id: &'a str,
+    pub stream_version: i64,
+    pub event_type: &'a str,
+    pub schema_version: i32,
+    pub payload: &'a Value,
+    pub metadata: &'a Value,
+    pub occurred_at: DateTime<Utc>,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// The canonical byte encoding of a row: fixed-width big-endian integers, length-prefixed UTF-8 strings,
+/// JSON as serde_json writes a `Value` (object keys sorted, numbers in shortest round-trip form, which
+/// PostgreSQL's jsonb gives back unchanged), and timestamps as microseconds since the Unix epoch (the
+/// precision of `timestamptz`).
+pub fn canonical_bytes(row: &CanonicalRow<'_>) -> Vec<u8> {
+    fn put_str(out: &mut Vec<u8>, s: &[u8]) {
+        out.extend_from_slice(&(s.len() as u64).to_be_bytes());
+        out.extend_from_slice(s);
+    }
+    let payload = serde_json::to_vec(row.payload).unwrap_or_default();
+    let metadata = serde_json::to_vec(row.metadata).unwrap_or_default();
+    let mut out = Vec::with_capacity(96 + row.stream_id.len() + payload.len() + metadata.len());
+    out.extend_from_slice(b"deepnode-event-v1");
+    out.extend_from_slice(&row.global_position.to_be_bytes());
+    out.extend_from_slice(row.event_id.as_bytes());
+    put_str(&mut out, row.stream_id.as_bytes());
+    out.extend_from_slice(&row.stream_version.to_be_bytes());
+    put_str(&mut out, row.event_type.as_bytes());
+    out.extend_from_slice(&row.schema_version.to_be_bytes());
+    put_str(&mut out, &payload);
+    put_str(&mut out, &metadata);
+    out.extend_from_slice(&row.occurred_at.timestamp_micros().to_be_bytes());
+    out.extend_from_slice(&row.recorded_at.timestamp_micros().to_be_bytes());
+    out
+}
+
+/// `sha256(prev_hash ‖ canonical)`.
+pub fn chain_hash(prev_hash: &[u8], canonical: &[u8]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(prev_hash);
+    hasher.update(canonical);
+    hasher.finalize().into()
+}
+
+/// Truncates a timestamp to whole microseconds, the precision PostgreSQL keeps, so that what is hashed
+/// at append time is exactly what is read back.
+pub fn to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn event(payload: Value) -> NewEvent {
+        NewEvent {
+            event_id: Uuid::nil(),
+            event_type: "NodeRegistered".into(),
+            schema_version: 1,
+            payload,
+            metadata: json!({}),
+            occurred_at: DateTime::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn stream_ids_are_checked() {
+        assert_eq!(StreamId::parse(""), Err(LogError::EmptyStreamId));
+        assert!(matches!(
+            StreamId::parse(&"a".repeat(201)),
+            Err(LogError::StreamIdTooLong { len: 201, .. })
+        ));
+        assert!(matches!(
+            StreamId::parse("node n1"),
+            Err(LogError::StreamIdCharset(_))
+        ));
+        assert_eq!(
+            StreamId::parse("node-n1.a:b_c").map(|s| s.to_string()),
+            Ok("node-n1.a:b_c".into())
+        );
+    }
+
+    #[test]
+    fn bodies_are_checked() {
+        assert_eq!(
+            event(json!([1])).validate(),
+            Err(LogError::NotAnObject { field: "payload" })
+        );
+        assert_eq!(
+            event(json!({"a": "x\u{0}"})).validate(),
+            Err(LogError::NulCharacter { field: "payload" })
+        );
+        let big = event(json!({ "a": "x".repeat(MAX_EVENT_BYTES) }));
+        assert!(matches!(big.validate(), Err(LogError::TooLarge { .. })));
+        let mut bad_type = event(json!({}));
+        bad_type.event_type = "node_registered".into();
+        assert!(matches!(
+            bad_type.validate(),
+            Err(LogError::BadEventType(_))
+        ));
+        assert_eq!(event(json!({"a": 1})).validate(), Ok(()));
+    }
+
+    #[test]
+    fn canonical_bytes_ignore_key_order_but_not_values() {
+        let a: Value = serde_json::from_str(r#"{"b":1,"a":0.1}"#).unwrap();
+        let b: Value = serde_json::from_str(r#"{"a":0.1,"b":1}"#).unwrap();
+        let c: Value = serde_json::from_str(r#"{"a":0.2,"b":1}"#).unwrap();
+        let row = |p: &Value| {
+            let meta = json!({});
+            canonical_bytes(&CanonicalRow {
+                global_position: 1,
+                event_id: Uuid::nil(),
+                stream_id: "s",
+                stream_version: 1,
+                event_type: "T",
+                schema_version: 1,
+                payload: p,
+                metadata: &meta,
+                occurred_at: DateTime::UNIX_EPOCH,
+                recorded_at: DateTime::UNIX_EPOCH,
+            })
+        };
+        assert_eq!(row(&a), row(&b));
+        assert_ne!(row(&a), row(&c));
+        assert_ne!(
+            chain_hash(&GENESIS_HASH, &row(&a)),
+            chain_hash(&[1u8; 32], &row(&a))
+        );
+    }
+}

@@ -5,5 +5,10 @@
 //! client and never reads the clock; time arrives inside events or as an argument. That is what lets
 //! replay and audit reproduce every decision bit for bit.
 
+pub mod ejection;
+pub mod fixed;
 pub mod ids;
 pub mod log;
+pub mod placement;
+pub mod rotation;
+pub mod scoring;

@@ -12,5 +12,6 @@ pub mod fixed;
 pub mod ids;
 pub mod log;
 pub mod placement;
+pub mod reputation;
 pub mod rotation;
 pub mod scoring;

@@ -4,10 +4,16 @@
 //! of its nodes. It never returns a single-node deployment and does not decide when to re-place (that
 //! is `rotation.rs`).
 
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::fixed::Bps;
-use crate::scoring::Weights;
+use crate::ids::{ModelId, NodeId};
+use crate::scoring::{
+    normalised, seeded_hash, stake_factor, weighted, Factors, NodeStatus, Weights,
+};
 
 /// Placement policy (POLICY.md "Placement").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,4 +50,421 @@ impl Default for PlacementPolicy {
             prefer_distinct_operators: true,
         }
     }
+}
+
+/// Which slot a replica fills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    /// The top tier of the reputation ranking (the primary slot).
+    Top,
+    /// The growth tier (backup slots).
+    Lower,
+}
+
+/// One node as placement and rotation see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementNode {
+    /// The node.
+    pub node_id: NodeId,
+    /// Operator, when known; replicas prefer distinct operators.
+    pub operator: Option<String>,
+    /// Domain the node serves; must equal the model's.
+    pub domain: String,
+    /// Lifecycle status.
+    pub status: NodeStatus,
+    /// Replicas the node can host.
+    pub max_deployments: u32,
+    /// Replicas the node hosts now.
+    pub deployments: u32,
+    /// Reputation R.
+    pub reputation: Bps,
+    /// Recent failure rate F.
+    pub failure_rate: Bps,
+    /// Scored requests so far.
+    pub observations: u64,
+    /// Registration time (probation by age, phase-out order).
+    pub registered_at: DateTime<Utc>,
+    /// Stake in micro-units.
+    pub stake_micros: u64,
+}
+
+/// The explicit snapshot a placement is a pure function of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementInput {
+    /// The model to place.
+    pub model_id: ModelId,
+    /// The model's domain.
+    pub domain: String,
+    /// Epoch (seeds the growth draw).
+    pub epoch: u64,
+    /// Seed (seeds the growth draw).
+    pub seed: u64,
+    /// "Now", for probation by age; never read from the clock.
+    pub now: DateTime<Utc>,
+    /// Whether the domain weighs stake.
+    pub domain_stake_enabled: bool,
+    /// Median stake of the domain in micro-units.
+    pub domain_median_stake_micros: u64,
+    /// Candidate nodes; order does not matter.
+    pub nodes: Vec<PlacementNode>,
+}
+
+/// Why a node cannot host a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlacementFilter {
+    /// Different domain from the model.
+    WrongDomain,
+    /// Status is not active/probation.
+    Ineligible(NodeStatus),
+    /// No free deployment slot.
+    Full,
+}
+
+/// One eligible node's placement score and draw inputs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementScore {
+    /// The node.
+    pub node_id: NodeId,
+    /// Factors (load = deployments / max_deployments).
+    pub factors: Factors,
+    /// Normalised weighted score.
+    pub score: Bps,
+    /// Observations.
+    pub observations: u64,
+    /// In probation (young, few observations, or status probation).
+    pub probation: bool,
+    /// Tier.
+    pub tier: Tier,
+}
+
+/// One chosen replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The node.
+    pub node_id: NodeId,
+    /// The slot it fills.
+    pub tier: Tier,
+}
+
+/// The record of a placement: inputs' scores, tiers and exclusions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementRecord {
+    /// Epoch used in the seed.
+    pub epoch: u64,
+    /// Seed used.
+    pub seed: u64,
+    /// Weights used.
+    pub weights: Weights,
+    /// Every eligible node, sorted by node id.
+    pub scored: Vec<PlacementScore>,
+    /// Every ineligible node with its reason, sorted by node id.
+    pub filtered: Vec<(NodeId, PlacementFilter)>,
+}
+
+/// A placement: `replicas` distinct nodes, the first one the top-tier primary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// The model.
+    pub model_id: ModelId,
+    /// Chosen replicas, primary first.
+    pub assignments: Vec<Assignment>,
+    /// How they were chosen.
+    pub record: PlacementRecord,
+}
+
+/// Why a model cannot be placed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlacementError {
+    /// Fewer eligible nodes than two (never a single deployment).
+    #[error("no eligible nodes for model {model_id}: {eligible} eligible, 2 needed")]
+    NoEligibleNodes {
+        /// The model.
+        model_id: ModelId,
+        /// How many were eligible.
+        eligible: usize,
+    },
+    /// The snapshot lists a node twice, so its order would matter.
+    #[error("node {0} appears twice in the snapshot")]
+    DuplicateNode(NodeId),
+}
+
+/// Whether a node is in probation: status probation, fewer observations than required, or younger
+/// than the minimum age.
+pub fn in_probation(node: &PlacementNode, now: DateTime<Utc>, policy: &PlacementPolicy) -> bool {
+    node.status == NodeStatus::Probation
+        || node.observations < policy.probation_min_observations
+        || (now - node.registered_at).num_seconds() < policy.probation_min_age_secs
+}
+
+/// The placement score of a node (routing factors with load = deployments / max_deployments).
+pub fn placement_score(
+    node: &PlacementNode,
+    stake_enabled: bool,
+    median_stake_micros: u64,
+    weights: &Weights,
+) -> (Factors, Bps) {
+    let factors = Factors {
+        reputation: node.reputation,
+        load: Bps::ratio(u64::from(node.deployments), u64::from(node.max_deployments)),
+        failure_rate: node.failure_rate,
+        stake: if stake_enabled {
+            stake_factor(node.stake_micros, median_stake_micros)
+        } else {
+            Bps::ZERO
+        },
+    };
+    let (total, sum) = weighted(weights, &factors, stake_enabled);
+    (factors, normalised(total, sum))
+}
+
+/// Whether a node may host a new replica of a model in `domain`.
+pub fn placement_filter(node: &PlacementNode, domain: &str) -> Option<PlacementFilter> {
+    if node.domain != domain {
+        Some(PlacementFilter::WrongDomain)
+    } else if !node.status.is_eligible() {
+        Some(PlacementFilter::Ineligible(node.status))
+    } else if node.deployments >= node.max_deployments {
+        Some(PlacementFilter::Full)
+    } else {
+        None
+    }
+}
+
+/// Splits eligible, scored nodes into tiers (sets `tier` in place): the top ⌈fraction⌉ by R (ties by
+/// node id) with enough observations; if none qualifies, the single best by score.
+pub fn assign_tiers(scored: &mut [PlacementScore], policy: &PlacementPolicy) {
+    let n = scored.len();
+    if n == 0 {
+        return;
+    }
+    let mut by_r: Vec<usize> = (0..n).collect();
+    by_r.sort_by(|&a, &b| {
+        scored[b]
+            .factors
+            .reputation
+            .cmp(&scored[a].factors.reputation)
+            .then_with(|| scored[a].node_id.cmp(&scored[b].node_id))
+    });
+    let frac = u64::from(policy.top_tier_fraction.raw());
+    let top_n = usize::try_from((n as u64 * frac).div_ceil(u64::from(Bps::SCALE)))
+        .unwrap_or(n)
+        .max(1);
+    for s in scored.iter_mut() {
+        s.tier = Tier::Lower;
+    }
+    let mut any = false;
+    for &i in by_r.iter().take(top_n) {
+        if scored[i].observations >= policy.top_tier_min_observations {
+            scored[i].tier = Tier::Top;
+            any = true;
+        }
+    }
+    if !any {
+        if let Some(best) = best_by_score(scored, |_| true) {
+            scored[best].tier = Tier::Top;
+        }
+    }
+}
+
+/// Index of the best node by (score desc, R desc, node id) among those passing `keep`.
+pub fn best_by_score(
+    scored: &[PlacementScore],
+    keep: impl Fn(&PlacementScore) -> bool,
+) -> Option<usize> {
+    (0..scored.len())
+        .filter(|&i| keep(&scored[i]))
+        .min_by(|&a, &b| {
+            scored[b]
+                .score
+                .cmp(&scored[a].score)
+                .then_with(|| {
+                    scored[b]
+                        .factors
+                        .reputation
+                        .cmp(&scored[a].factors.reputation)
+                })
+                .then_with(|| scored[a].node_id.cmp(&scored[b].node_id))
+        })
+}
+
+/// Draw weight of a growth candidate: `max(score, 1) × (boost if probation else 1)`, in bps².
+pub fn draw_weight(s: &PlacementScore, policy: &PlacementPolicy) -> u64 {
+    let boost = if s.probation {
+        u64::from(policy.probation_boost_bps)
+    } else {
+        u64::from(Bps::SCALE)
+    };
+    u64::from(s.score.raw().max(1)) * boost
+}
+
+/// A seeded weighted draw over `pool` (indices into `scored`, any order): deterministic in
+/// `(seed, key)`, independent of the pool's order.
+pub fn weighted_draw(
+    scored: &[PlacementScore],
+    pool: &[usize],
+    policy: &PlacementPolicy,
+    seed: u64,
+    key: &str,
+) -> Option<usize> {
+    let mut sorted = pool.to_vec();
+    sorted.sort_by(|&a, &b| scored[a].node_id.cmp(&scored[b].node_id));
+    let total: u64 = sorted
+        .iter()
+        .map(|&i| draw_weight(&scored[i], policy))
+        .sum();
+    if total == 0 {
+        return sorted.first().copied();
+    }
+    let mut ticket = seeded_hash(seed, "placement-draw", key) % total;
+    for &i in &sorted {
+        let w = draw_weight(&scored[i], policy);
+        if ticket < w {
+            return Some(i);
+        }
+        ticket -= w;
+    }
+    sorted.last().copied()
+}
+
+/// Scores every node of the snapshot: eligible ones (with tiers) and filtered ones with reasons.
+pub fn score_nodes(
+    nodes: &[PlacementNode],
+    domain: &str,
+    now: DateTime<Utc>,
+    stake_enabled: bool,
+    median_stake_micros: u64,
+    policy: &PlacementPolicy,
+) -> (Vec<PlacementScore>, Vec<(NodeId, PlacementFilter)>) {
+    let mut scored = Vec::new();
+    let mut filtered = Vec::new();
+    for node in nodes {
+        if let Some(reason) = placement_filter(node, domain) {
+            filtered.push((node.node_id.clone(), reason));
+            continue;
+        }
+        let (factors, score) =
+            placement_score(node, stake_enabled, median_stake_micros, &policy.weights);
+        scored.push(PlacementScore {
+            node_id: node.node_id.clone(),
+            factors,
+            score,
+            observations: node.observations,
+            probation: in_probation(node, now, policy),
+            tier: Tier::Lower,
+        });
+    }
+    scored.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    filtered.sort();
+    assign_tiers(&mut scored, policy);
+    (scored, filtered)
+}
+
+/// Places a model on `max(2, policy.replicas)` distinct eligible nodes: the best top-tier node as
+/// primary, then backups drawn from the growth tier (weight ∝ score × probation boost, seeded by
+/// `(seed, epoch, model_id)`), preferring operators not yet used; if the growth tier runs out the
+/// remaining top-tier nodes fill in by score. Fewer than two eligible nodes is an error.
+pub fn place(
+    input: &PlacementInput,
+    policy: &PlacementPolicy,
+) -> Result<Placement, PlacementError> {
+    let mut seen = BTreeSet::new();
+    for n in &input.nodes {
+        if !seen.insert(&n.node_id) {
+            return Err(PlacementError::DuplicateNode(n.node_id.clone()));
+        }
+    }
+    let (scored, filtered) = score_nodes(
+        &input.nodes,
+        &input.domain,
+        input.now,
+        input.domain_stake_enabled,
+        input.domain_median_stake_micros,
+        policy,
+    );
+    if scored.len() < 2 {
+        return Err(PlacementError::NoEligibleNodes {
+            model_id: input.model_id.clone(),
+            eligible: scored.len(),
+        });
+    }
+    let operator_of = |id: &NodeId| -> Option<&String> {
+        input
+            .nodes
+            .iter()
+            .find(|n| &n.node_id == id)
+            .and_then(|n| n.operator.as_ref())
+    };
+    let want = usize::try_from(policy.replicas.max(2))
+        .unwrap_or(2)
+        .min(scored.len());
+    let mut chosen: Vec<usize> = Vec::new();
+    let mut operators: BTreeSet<&String> = BTreeSet::new();
+    // The tier split guarantees a top node; `best_by_score` over a non-empty set is Some.
+    if let Some(primary) = best_by_score(&scored, |s| s.tier == Tier::Top) {
+        chosen.push(primary);
+        if let Some(op) = operator_of(&scored[primary].node_id) {
+            operators.insert(op);
+        }
+    }
+    let mut draw_no = 0u32;
+    while chosen.len() < want {
+        let growth: Vec<usize> = (0..scored.len())
+            .filter(|i| !chosen.contains(i) && scored[*i].tier == Tier::Lower)
+            .collect();
+        let pick = if growth.is_empty() {
+            best_by_score(&scored, |s| {
+                !chosen.iter().any(|&c| scored[c].node_id == s.node_id)
+            })
+        } else {
+            let distinct: Vec<usize> = growth
+                .iter()
+                .copied()
+                .filter(|&i| match operator_of(&scored[i].node_id) {
+                    None => true,
+                    Some(op) => !operators.contains(op),
+                })
+                .collect();
+            let pool = if policy.prefer_distinct_operators && !distinct.is_empty() {
+                distinct
+            } else {
+                growth
+            };
+            let key = format!("{}:{}:{}", input.epoch, input.model_id, draw_no);
+            weighted_draw(&scored, &pool, policy, input.seed, &key)
+        };
+        draw_no += 1;
+        match pick {
+            Some(i) => {
+                if let Some(op) = operator_of(&scored[i].node_id) {
+                    operators.insert(op);
+                }
+                chosen.push(i);
+            }
+            None => break,
+        }
+    }
+    let assignments = chosen
+        .iter()
+        .map(|&i| Assignment {
+            node_id: scored[i].node_id.clone(),
+            tier: if i == chosen[0] {
+                Tier::Top
+            } else {
+                Tier::Lower
+            },
+        })
+        .collect();
+    Ok(Placement {
+        model_id: input.model_id.clone(),
+        assignments,
+        record: PlacementRecord {
+            epoch: input.epoch,
+            seed: input.seed,
+            weights: policy.weights.clone(),
+            scored,
+            filtered,
+        },
+    })
 }

@@ -5,9 +5,14 @@
 //! This module does no IO, reads no clock and keeps no state: ejection tracking lives in
 //! `ejection.rs`, the failover loop in the scheduler service.
 
+use std::cmp::Ordering;
+use std::collections::BTreeSet;
+
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::fixed::Bps;
+use crate::ids::{ModelId, NodeId, RequestId};
 
 /// Weights of the four routing/placement factors, in basis points (default 0.40/0.25/0.25/0.10).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,5 +80,444 @@ impl Default for RoutingPolicy {
             backup_min_share: Bps::saturating(1_000),
             backup_max_share: Bps::saturating(5_000),
         }
+    }
+}
+
+/// A node's lifecycle status as the policy sees it (CONTRACT §5 `node_reputation.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStatus {
+    /// Serving normally.
+    Active,
+    /// New or re-admitted; serves, with a boosted growth-slot weight.
+    Probation,
+    /// Jailed for downtime; not eligible until released.
+    Jailed,
+    /// Missed heartbeats; not eligible until it beats again.
+    Offline,
+    /// Phased out for poor reputation.
+    PhasedOut,
+    /// Phased out for good (repeated invalid output).
+    Tombstoned,
+    /// Left the network.
+    Deregistered,
+}
+
+impl NodeStatus {
+    /// Whether a node in this status may be routed to or placed on (active or probation).
+    pub fn is_eligible(self) -> bool {
+        matches!(self, NodeStatus::Active | NodeStatus::Probation)
+    }
+}
+
+/// Why a node was left out of a routing decision. Every filtered node carries exactly one (the first
+/// check it failed, in the order listed here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FilterReason {
+    /// Not deployed for the model.
+    NotDeployed,
+    /// Status is not active/probation.
+    Ineligible(NodeStatus),
+    /// Currently ejected by the outlier tracker.
+    Ejected,
+    /// `in_flight >= capacity`.
+    AtCapacity,
+}
+
+/// One node as routing sees it at decision time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CandidateSnapshot {
+    /// The node.
+    pub node_id: NodeId,
+    /// Deployed for the requested model.
+    pub deployed: bool,
+    /// Lifecycle status.
+    pub status: NodeStatus,
+    /// Currently ejected (see `ejection.rs`).
+    pub ejected: bool,
+    /// Requests in flight on the node.
+    pub in_flight: u32,
+    /// Concurrent requests the node accepts.
+    pub capacity: u32,
+    /// Reputation R.
+    pub reputation: Bps,
+    /// Recent failure rate F.
+    pub failure_rate: Bps,
+    /// Stake in micro-units.
+    pub stake_micros: u64,
+    /// Total assignments served so far (tie-break).
+    pub assignments: u64,
+}
+
+/// The explicit snapshot a routing decision is a pure function of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteInput {
+    /// The requested model.
+    pub model_id: ModelId,
+    /// The request; seeds the lower-ranked replica's traffic share.
+    pub request_id: RequestId,
+    /// Decision seed (tie-break hash).
+    pub seed: u64,
+    /// Epoch of the snapshot.
+    pub epoch: u64,
+    /// Hash of the effective config, copied into the record.
+    pub config_hash: String,
+    /// Whether the model's domain weighs stake.
+    pub domain_stake_enabled: bool,
+    /// Median stake of the domain in micro-units (the S normaliser).
+    pub domain_median_stake_micros: u64,
+    /// The nodes considered (usually the model's replicas); order does not matter.
+    pub candidates: Vec<CandidateSnapshot>,
+}
+
+/// The factors of one candidate, each in basis points.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Factors {
+    /// R.
+    pub reputation: Bps,
+    /// L = in_flight / capacity.
+    pub load: Bps,
+    /// F.
+    pub failure_rate: Bps,
+    /// S = stake / (stake + median), zero when the domain disables stake.
+    pub stake: Bps,
+}
+
+/// One ranked candidate with everything needed to re-check its score.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScoredCandidate {
+    /// The node.
+    pub node_id: NodeId,
+    /// 0 = best.
+    pub rank: u32,
+    /// Passed the filter (false only for last-resort nodes in a degraded decision).
+    pub healthy: bool,
+    /// Per-factor values.
+    pub factors: Factors,
+    /// `wR·R + wL·(1−L) + wF·(1−F) [+ wS·S]`, in bps².
+    pub weighted_sum: u64,
+    /// `weighted_sum / weight_total`, rounded down.
+    pub score: Bps,
+    /// Tie-break input: requests in flight.
+    pub in_flight: u32,
+    /// Tie-break input: total assignments.
+    pub assignments: u64,
+    /// Tie-break input: `hash(seed, node_id)`.
+    pub tie_hash: u64,
+}
+
+/// How the lower-ranked healthy replica's share was applied to this request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficShare {
+    /// `clamp(s_b / (s_p + s_b), min, max)`.
+    pub lower_ranked_share: Bps,
+    /// `hash(seed, request_id) mod 10,000`.
+    pub draw: Bps,
+    /// `draw < share`: the second-ranked node serves this request.
+    pub lower_ranked_chosen: bool,
+}
+
+/// A routing decision and its full record (recorded in `AttemptDispatched`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteDecision {
+    /// The model.
+    pub model_id: ModelId,
+    /// The request.
+    pub request_id: RequestId,
+    /// Seed used.
+    pub seed: u64,
+    /// Epoch of the snapshot.
+    pub epoch: u64,
+    /// Config hash of the policy used.
+    pub config_hash: String,
+    /// Attempt 1 goes here.
+    pub primary: NodeId,
+    /// Attempt 2 goes here (always a different node), if any.
+    pub backup: Option<NodeId>,
+    /// Weights used.
+    pub weights: Weights,
+    /// Whether the stake factor counted.
+    pub stake_enabled: bool,
+    /// Σ of the weights that counted (the normaliser).
+    pub weight_total: u32,
+    /// Tie-break order used after the score.
+    pub tie_break: Vec<TieBreak>,
+    /// Ranked candidates: healthy ones first, then last-resort ones.
+    pub candidates: Vec<ScoredCandidate>,
+    /// Every node that failed the filter, with its reason, sorted by node id.
+    pub filtered: Vec<FilteredNode>,
+    /// The traffic share, when two healthy replicas exist.
+    pub share: Option<TrafficShare>,
+    /// Healthy (unfiltered) nodes.
+    pub healthy_replicas: u32,
+    /// No healthy replica: routed to the least bad one; rotation should re-place now.
+    pub emergency_replacement: bool,
+}
+
+/// A node left out of a decision and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilteredNode {
+    /// The node.
+    pub node_id: NodeId,
+    /// Why.
+    pub reason: FilterReason,
+}
+
+/// Why no route exists.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// No node can serve the model, not even a last-resort (ejected or saturated) replica.
+    #[error("no eligible nodes for model {model_id}")]
+    NoEligibleNodes {
+        /// The model.
+        model_id: ModelId,
+    },
+    /// The snapshot lists a node twice, so its order would matter.
+    #[error("node {0} appears twice in the snapshot")]
+    DuplicateNode(NodeId),
+}
+
+/// A 64-bit hash of `(seed, tag, key)` from SHA-256: the only source of "randomness" in policy.
+pub fn seeded_hash(seed: u64, tag: &str, key: &str) -> u64 {
+    let mut h = Sha256::new();
+    h.update(seed.to_be_bytes());
+    h.update(tag.as_bytes());
+    h.update([0u8]);
+    h.update(key.as_bytes());
+    let out = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&out[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// S = stake / (stake + median): bounded and diminishing. Zero stake gives 0.
+pub fn stake_factor(stake_micros: u64, median_micros: u64) -> Bps {
+    if stake_micros == 0 {
+        return Bps::ZERO;
+    }
+    Bps::ratio(stake_micros, stake_micros.saturating_add(median_micros))
+}
+
+/// Σ of the weights that count, and Σ weight × factor (bps²).
+pub fn weighted(weights: &Weights, f: &Factors, stake_enabled: bool) -> (u32, u64) {
+    let mut total = weights.reputation.raw() + weights.load.raw() + weights.failure_rate.raw();
+    let mut sum = u64::from(weights.reputation.raw()) * u64::from(f.reputation.raw())
+        + u64::from(weights.load.raw()) * u64::from(f.load.complement().raw())
+        + u64::from(weights.failure_rate.raw()) * u64::from(f.failure_rate.complement().raw());
+    if stake_enabled {
+        total += weights.stake.raw();
+        sum += u64::from(weights.stake.raw()) * u64::from(f.stake.raw());
+    }
+    (total, sum)
+}
+
+/// The normalised score: `sum / total`, rounded down; 0 when every weight is 0.
+pub fn normalised(total: u32, sum: u64) -> Bps {
+    if total == 0 {
+        return Bps::ZERO;
+    }
+    Bps::saturating(sum / u64::from(total))
+}
+
+fn effective_tie_break(policy: &RoutingPolicy) -> Vec<TieBreak> {
+    let mut order: Vec<TieBreak> = Vec::new();
+    for t in &policy.tie_break {
+        if !order.contains(t) {
+            order.push(*t);
+        }
+    }
+    if !order.contains(&TieBreak::NodeId) {
+        order.push(TieBreak::NodeId);
+    }
+    order
+}
+
+fn rank_cmp(a: &ScoredCandidate, b: &ScoredCandidate, order: &[TieBreak]) -> Ordering {
+    b.score.cmp(&a.score).then_with(|| {
+        for t in order {
+            let o = match t {
+                TieBreak::FewerInFlight => a.in_flight.cmp(&b.in_flight),
+                TieBreak::FewerAssignments => a.assignments.cmp(&b.assignments),
+                TieBreak::SeededHash => a.tie_hash.cmp(&b.tie_hash),
+                TieBreak::NodeId => a.node_id.cmp(&b.node_id),
+            };
+            if o != Ordering::Equal {
+                return o;
+            }
+        }
+        Ordering::Equal
+    })
+}
+
+fn filter(c: &CandidateSnapshot) -> Option<FilterReason> {
+    if !c.deployed {
+        Some(FilterReason::NotDeployed)
+    } else if !c.status.is_eligible() {
+        Some(FilterReason::Ineligible(c.status))
+    } else if c.ejected {
+        Some(FilterReason::Ejected)
+    } else if c.in_flight >= c.capacity {
+        Some(FilterReason::AtCapacity)
+    } else {
+        None
+    }
+}
+
+/// Picks the primary and backup replica for one request.
+///
+/// Filter (deployed, active/probation, not ejected, below capacity), score in integer bps, rank with
+/// the policy's tie-breaks, then give the second-ranked healthy replica its seeded share of traffic.
+/// With fewer than two healthy replicas the missing slots fall back to deployed nodes that are only
+/// ejected or saturated ("least bad"); with none healthy the decision says `emergency_replacement`.
+pub fn route(input: &RouteInput, policy: &RoutingPolicy) -> Result<RouteDecision, RouteError> {
+    let mut seen = BTreeSet::new();
+    for c in &input.candidates {
+        if !seen.insert(&c.node_id) {
+            return Err(RouteError::DuplicateNode(c.node_id.clone()));
+        }
+    }
+    let order = effective_tie_break(policy);
+    let stake_enabled = input.domain_stake_enabled;
+    let mut healthy = Vec::new();
+    let mut last_resort = Vec::new();
+    let mut filtered = Vec::new();
+    let mut weight_total = 0;
+    for c in &input.candidates {
+        let factors = Factors {
+            reputation: c.reputation,
+            load: Bps::ratio(u64::from(c.in_flight), u64::from(c.capacity)),
+            failure_rate: c.failure_rate,
+            stake: if stake_enabled {
+                stake_factor(c.stake_micros, input.domain_median_stake_micros)
+            } else {
+                Bps::ZERO
+            },
+        };
+        let (total, sum) = weighted(&policy.weights, &factors, stake_enabled);
+        weight_total = total;
+        let scored = ScoredCandidate {
+            node_id: c.node_id.clone(),
+            rank: 0,
+            healthy: true,
+            score: normalised(total, sum),
+            weighted_sum: sum,
+            factors,
+            in_flight: c.in_flight,
+            assignments: c.assignments,
+            tie_hash: seeded_hash(input.seed, "route-tie", c.node_id.as_str()),
+        };
+        match filter(c) {
+            None => healthy.push(scored),
+            Some(reason) => {
+                if matches!(reason, FilterReason::Ejected | FilterReason::AtCapacity) {
+                    last_resort.push(ScoredCandidate {
+                        healthy: false,
+                        ..scored
+                    });
+                }
+                filtered.push(FilteredNode {
+                    node_id: c.node_id.clone(),
+                    reason,
+                });
+            }
+        }
+    }
+    filtered.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    healthy.sort_by(|a, b| rank_cmp(a, b, &order));
+    last_resort.sort_by(|a, b| rank_cmp(a, b, &order));
+    let healthy_replicas = u32::try_from(healthy.len()).unwrap_or(u32::MAX);
+    let emergency_replacement = healthy.is_empty();
+    let mut share = None;
+    let mut candidates = healthy;
+    if candidates.len() >= 2 {
+        let (sp, sb) = (candidates[0].score.raw(), candidates[1].score.raw());
+        let raw = if sp + sb == 0 {
+            Bps::saturating(5_000)
+        } else {
+            Bps::ratio(u64::from(sb), u64::from(sp + sb))
+        };
+        let lower_ranked_share = raw.clamp_to(policy.backup_min_share, policy.backup_max_share);
+        let draw = Bps::saturating(
+            seeded_hash(input.seed, "route-share", input.request_id.as_str()) % 10_000,
+        );
+        share = Some(TrafficShare {
+            lower_ranked_share,
+            draw,
+            lower_ranked_chosen: draw < lower_ranked_share,
+        });
+    }
+    // Degraded: fill missing slots (up to two) with the least bad last-resort replicas.
+    let need = 2usize.saturating_sub(candidates.len());
+    candidates.extend(last_resort.into_iter().take(need));
+    for (i, c) in candidates.iter_mut().enumerate() {
+        c.rank = u32::try_from(i).unwrap_or(u32::MAX);
+    }
+    let (first, second) = match candidates.as_slice() {
+        [] => {
+            return Err(RouteError::NoEligibleNodes {
+                model_id: input.model_id.clone(),
+            })
+        }
+        [only] => (only.node_id.clone(), None),
+        [a, b, ..] => (a.node_id.clone(), Some(b.node_id.clone())),
+    };
+    let (primary, backup) = match (&share, second) {
+        (Some(s), Some(b)) if s.lower_ranked_chosen => (b, Some(first)),
+        (_, second) => (first, second),
+    };
+    Ok(RouteDecision {
+        model_id: input.model_id.clone(),
+        request_id: input.request_id.clone(),
+        seed: input.seed,
+        epoch: input.epoch,
+        config_hash: input.config_hash.clone(),
+        primary,
+        backup,
+        weights: policy.weights.clone(),
+        stake_enabled,
+        weight_total,
+        tie_break: order,
+        candidates,
+        filtered,
+        share,
+        healthy_replicas,
+        emergency_replacement,
+    })
+}
+
+impl RouteDecision {
+    /// Re-checks the record on its own: every candidate's `Σ weight × factor` and normalised score
+    /// recompute exactly, the ranking respects scores and tie-breaks, primary and backup are distinct
+    /// ranked candidates, and every filtered node is absent from the healthy set.
+    pub fn verify(&self) -> bool {
+        let mut total_ok = true;
+        for c in &self.candidates {
+            let (total, sum) = weighted(&self.weights, &c.factors, self.stake_enabled);
+            if total != self.weight_total || sum != c.weighted_sum {
+                total_ok = false;
+            }
+            if normalised(total, sum) != c.score {
+                total_ok = false;
+            }
+            if !self.stake_enabled && c.factors.stake != Bps::ZERO {
+                total_ok = false;
+            }
+        }
+        let healthy: Vec<&ScoredCandidate> = self.candidates.iter().filter(|c| c.healthy).collect();
+        let ranked = healthy
+            .windows(2)
+            .all(|w| rank_cmp(w[0], w[1], &self.tie_break) != Ordering::Greater);
+        let in_candidates = |n: &NodeId| self.candidates.iter().any(|c| &c.node_id == n);
+        let ends_ok = in_candidates(&self.primary)
+            && match &self.backup {
+                None => true,
+                Some(b) => b != &self.primary && in_candidates(b),
+            };
+        let filtered_ok = self
+            .filtered
+            .iter()
+            .all(|f| !healthy.iter().any(|c| c.node_id == f.node_id));
+        total_ok && ranked && ends_ok && filtered_ok
     }
 }

@@ -3,7 +3,12 @@
 //! "Never eject the last healthy replica" is enforced against the model's replica set. Time is always
 //! an argument; this module never reads the clock and emits no events (the caller records them).
 
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
+
+use crate::ids::NodeId;
 
 /// Ejection policy (POLICY.md "Ejection").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,4 +33,180 @@ impl Default for EjectionPolicy {
             max_ejection_ms: 300_000,
         }
     }
+}
+
+/// The outcome of one attempt, as the tracker sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// A valid reply.
+    Success,
+    /// A crash, timeout or error reply.
+    Failure,
+    /// Output that failed validation (counts towards both streaks).
+    InvalidOutput,
+}
+
+/// One node's outlier state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeHealth {
+    /// Failures in a row (invalid outputs included).
+    pub consecutive_failures: u32,
+    /// Invalid outputs in a row.
+    pub consecutive_invalid: u32,
+    /// k: ejections in the current episode (reset by a successful probe).
+    pub ejections: u32,
+    /// Ejected until this instant.
+    pub ejected_until: Option<DateTime<Utc>>,
+    /// The single probe after expiry is in flight.
+    pub probe_in_flight: bool,
+}
+
+/// Where a node stands at an instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum HealthState {
+    /// Serving normally.
+    Healthy,
+    /// Ejected until the given instant.
+    Ejected {
+        /// End of the ejection.
+        until: DateTime<Utc>,
+    },
+    /// Ejection expired: the next request is the probe that decides.
+    AwaitingProbe,
+    /// The probe is in flight; no other traffic.
+    Probing,
+}
+
+/// What recording an outcome changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "transition")]
+pub enum Transition {
+    /// Nothing worth an event.
+    None,
+    /// The node was ejected (k-th time) until `until`.
+    Ejected {
+        /// k.
+        k: u32,
+        /// End of the ejection.
+        until: DateTime<Utc>,
+    },
+    /// The probe succeeded: the node is back.
+    Restored,
+    /// The node crossed the threshold but is the last healthy replica of a model it serves: kept,
+    /// and the model needs an emergency re-placement.
+    KeptLastHealthy,
+}
+
+impl NodeHealth {
+    /// The node's state at `now`.
+    pub fn state(&self, now: DateTime<Utc>) -> HealthState {
+        match self.ejected_until {
+            None => HealthState::Healthy,
+            Some(until) if now < until => HealthState::Ejected { until },
+            Some(_) if self.probe_in_flight => HealthState::Probing,
+            Some(_) => HealthState::AwaitingProbe,
+        }
+    }
+
+    /// Whether routing should treat the node as ejected at `now` (ejected, or its probe is out).
+    pub fn is_ejected(&self, now: DateTime<Utc>) -> bool {
+        matches!(
+            self.state(now),
+            HealthState::Ejected { .. } | HealthState::Probing
+        )
+    }
+
+    /// Healthy in the sense of "counts as a healthy replica": not ejected and not on probation-probe.
+    pub fn is_healthy(&self, now: DateTime<Utc>) -> bool {
+        self.state(now) == HealthState::Healthy
+    }
+
+    /// Marks the probe as dispatched; returns false (and changes nothing) unless a probe was due.
+    pub fn start_probe(&mut self, now: DateTime<Utc>) -> bool {
+        if self.state(now) == HealthState::AwaitingProbe {
+            self.probe_in_flight = true;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Length of the k-th ejection: `base × k`, capped.
+    pub fn ejection_length(k: u32, policy: &EjectionPolicy) -> Duration {
+        let ms = policy
+            .base_ejection_ms
+            .saturating_mul(i64::from(k.max(1)))
+            .min(policy.max_ejection_ms);
+        Duration::milliseconds(ms)
+    }
+
+    /// Records one outcome at `now`. `may_eject` is the answer of [`may_eject`] for this node:
+    /// when false the node is never ejected (the last healthy replica) and `KeptLastHealthy` is
+    /// returned instead.
+    pub fn record(
+        &mut self,
+        outcome: Outcome,
+        now: DateTime<Utc>,
+        policy: &EjectionPolicy,
+        may_eject: bool,
+    ) -> Transition {
+        let probing = self.ejected_until.is_some_and(|u| now >= u);
+        match outcome {
+            Outcome::Success => {
+                self.consecutive_failures = 0;
+                self.consecutive_invalid = 0;
+                if probing {
+                    *self = NodeHealth::default();
+                    return Transition::Restored;
+                }
+                Transition::None
+            }
+            Outcome::Failure | Outcome::InvalidOutput => {
+                self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+                if outcome == Outcome::InvalidOutput {
+                    self.consecutive_invalid = self.consecutive_invalid.saturating_add(1);
+                } else {
+                    self.consecutive_invalid = 0;
+                }
+                let tripped = probing
+                    || self.consecutive_failures >= policy.consecutive_failures
+                    || self.consecutive_invalid >= policy.consecutive_invalid;
+                if !tripped || (self.is_ejected(now) && !probing) {
+                    return Transition::None;
+                }
+                if !may_eject {
+                    return Transition::KeptLastHealthy;
+                }
+                self.ejections = self.ejections.saturating_add(1);
+                let until = now + Self::ejection_length(self.ejections, policy);
+                self.ejected_until = Some(until);
+                self.probe_in_flight = false;
+                self.consecutive_failures = 0;
+                self.consecutive_invalid = 0;
+                Transition::Ejected {
+                    k: self.ejections,
+                    until,
+                }
+            }
+        }
+    }
+}
+
+/// Whether `node` may be ejected at `now`: in every replica set that contains it, some other
+/// replica is healthy. Nodes missing from `health` count as healthy.
+pub fn may_eject(
+    node: &NodeId,
+    replica_sets: &[Vec<NodeId>],
+    health: &BTreeMap<NodeId, NodeHealth>,
+    now: DateTime<Utc>,
+) -> bool {
+    replica_sets
+        .iter()
+        .filter(|set| set.contains(node))
+        .all(|set| {
+            set.iter()
+                .any(|n| n != node && health.get(n).is_none_or(|h| h.is_healthy(now)))
+        })
 }

@@ -3,9 +3,15 @@
 //! phase-out candidates. Pure: the planner reads an explicit snapshot and returns a plan; it does not
 //! apply moves, emit events or read the clock.
 
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::fixed::Bps;
+use crate::ids::{ModelId, NodeId};
+use crate::placement::{score_nodes, PlacementNode, PlacementPolicy, PlacementScore, Tier};
+use crate::scoring::seeded_hash;
 
 /// Rotation policy (POLICY.md "Rotation" and "Phase-out").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,5 +59,579 @@ impl Default for RotationPolicy {
             immunity_secs: 24 * 3600,
             immunity_min_scored_requests: 50,
         }
+    }
+}
+
+/// A current replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deployment {
+    /// The model.
+    pub model_id: ModelId,
+    /// The node hosting it.
+    pub node_id: NodeId,
+    /// The slot it fills.
+    pub tier: Tier,
+    /// Epoch it was assigned in.
+    pub assigned_epoch: u64,
+}
+
+/// A node that left a model (a revoked replica), for residency accounting and no-move-back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Departure {
+    /// The model.
+    pub model_id: ModelId,
+    /// The node that left it.
+    pub node_id: NodeId,
+    /// Epoch it left in.
+    pub epoch: u64,
+}
+
+/// A model and its domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    /// The model.
+    pub model_id: ModelId,
+    /// Its domain.
+    pub domain: String,
+}
+
+/// The explicit snapshot a rotation plan is a pure function of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotationInput {
+    /// The epoch being planned.
+    pub epoch: u64,
+    /// Seed (tie-breaks among equally waiting nodes).
+    pub seed: u64,
+    /// "Now", for probation and immunity by age; never read from the clock.
+    pub now: DateTime<Utc>,
+    /// Domains that weigh stake.
+    pub stake_domains: Vec<String>,
+    /// Median stake per domain in micro-units (missing = 0).
+    pub median_stake_micros: Vec<(String, u64)>,
+    /// Every model with its domain; deployments of unlisted models are left alone.
+    pub models: Vec<ModelSpec>,
+    /// Every node with its current stats (`deployments` = replicas it hosts now).
+    pub nodes: Vec<PlacementNode>,
+    /// Current replicas.
+    pub deployments: Vec<Deployment>,
+    /// Recent departures (at least the last `no_move_back_epochs` epochs and the current one).
+    pub departures: Vec<Departure>,
+}
+
+/// Why a replica moves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum MoveReason {
+    /// The incumbent breaks a hard rule (ineligible status, wrong domain, phase-out candidate,
+    /// unknown node). Overrides hysteresis and residency.
+    HardRule {
+        /// What rule.
+        rule: String,
+    },
+    /// The challenger's score beats the incumbent's by at least the hysteresis.
+    Improvement {
+        /// Incumbent's placement score.
+        incumbent: Bps,
+        /// Challenger's placement score.
+        challenger: Bps,
+    },
+    /// Growth-slot redraw: a waiting node gets its turn.
+    GrowthRedraw,
+}
+
+/// One make-before-break move: assign `assign`, then revoke `revoke`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Move {
+    /// The model.
+    pub model_id: ModelId,
+    /// Node to assign first.
+    pub assign: NodeId,
+    /// Slot it fills.
+    pub tier: Tier,
+    /// Node to revoke once the assignment is live.
+    pub revoke: NodeId,
+    /// Why.
+    pub reason: MoveReason,
+}
+
+/// A node to phase out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseOut {
+    /// The node.
+    pub node_id: NodeId,
+    /// Its R.
+    pub reputation: Bps,
+    /// Its observations.
+    pub observations: u64,
+}
+
+/// The plan for one epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotationPlan {
+    /// The epoch.
+    pub epoch: u64,
+    /// Move cap for this epoch (`max(min, fraction × deployments)`).
+    pub cap: u32,
+    /// Moves already made this epoch before this plan (departures recorded at `epoch`).
+    pub already_moved: u32,
+    /// Whether this epoch redraws growth slots.
+    pub redraw: bool,
+    /// Moves, in the order to apply them.
+    pub moves: Vec<Move>,
+    /// Phase-out victims, ordered (R, registered_at, node_id); immune nodes never appear.
+    pub phase_out: Vec<PhaseOut>,
+    /// Replicas that would have moved but were held back, with the rule that held them.
+    pub held: Vec<(ModelId, NodeId, String)>,
+}
+
+/// Whether a node is immune from phase-out: younger than `immunity_secs` or fewer scored requests
+/// than `immunity_min_scored_requests`.
+pub fn is_immune(node: &PlacementNode, now: DateTime<Utc>, policy: &RotationPolicy) -> bool {
+    (now - node.registered_at).num_seconds() < policy.immunity_secs
+        || node.observations < policy.immunity_min_scored_requests
+}
+
+/// Nodes to phase out, in victim order `(immune, R, registered_at, node_id)`, immune ones excluded.
+pub fn phase_out_candidates(
+    nodes: &[PlacementNode],
+    now: DateTime<Utc>,
+    policy: &RotationPolicy,
+) -> Vec<PhaseOut> {
+    let mut v: Vec<&PlacementNode> = nodes
+        .iter()
+        .filter(|n| n.status.is_eligible())
+        .filter(|n| n.reputation < policy.phase_out_reputation)
+        .filter(|n| n.observations >= policy.phase_out_min_observations)
+        .filter(|n| !is_immune(n, now, policy))
+        .collect();
+    v.sort_by(|a, b| {
+        (a.reputation, a.registered_at, &a.node_id).cmp(&(
+            b.reputation,
+            b.registered_at,
+            &b.node_id,
+        ))
+    });
+    v.into_iter()
+        .map(|n| PhaseOut {
+            node_id: n.node_id.clone(),
+            reputation: n.reputation,
+            observations: n.observations,
+        })
+        .collect()
+}
+
+/// Per-epoch bookkeeping shared by the passes of [`plan`].
+struct Ledger<'a> {
+    policy: &'a RotationPolicy,
+    remaining: u32,
+    ins: BTreeMap<NodeId, u32>,
+    outs: BTreeMap<NodeId, u32>,
+    load: BTreeMap<NodeId, (u32, u32)>,
+    members: BTreeMap<ModelId, BTreeSet<NodeId>>,
+    moved: BTreeSet<(ModelId, NodeId)>,
+    growth: BTreeMap<NodeId, u32>,
+}
+
+impl Ledger<'_> {
+    fn can_receive(&self, node: &NodeId) -> bool {
+        let ins = self.ins.get(node).copied().unwrap_or(0);
+        let touched_out = self.outs.get(node).copied().unwrap_or(0) > 0;
+        let free = self.load.get(node).is_some_and(|(d, m)| d < m);
+        ins < self.policy.max_in_per_node && !touched_out && free
+    }
+
+    fn can_release(&self, node: &NodeId, hard: bool) -> bool {
+        let outs = self.outs.get(node).copied().unwrap_or(0);
+        let touched_in = self.ins.get(node).copied().unwrap_or(0) > 0;
+        outs < self.policy.max_out_per_node && (hard || !touched_in)
+    }
+
+    fn apply(&mut self, m: &Move) {
+        self.remaining = self.remaining.saturating_sub(1);
+        *self.ins.entry(m.assign.clone()).or_insert(0) += 1;
+        *self.outs.entry(m.revoke.clone()).or_insert(0) += 1;
+        if let Some((d, _)) = self.load.get_mut(&m.assign) {
+            *d += 1;
+        }
+        if let Some((d, _)) = self.load.get_mut(&m.revoke) {
+            *d = d.saturating_sub(1);
+        }
+        let set = self.members.entry(m.model_id.clone()).or_default();
+        set.insert(m.assign.clone());
+        set.remove(&m.revoke);
+        self.moved.insert((m.model_id.clone(), m.revoke.clone()));
+        self.moved.insert((m.model_id.clone(), m.assign.clone()));
+        if m.tier == Tier::Lower {
+            *self.growth.entry(m.assign.clone()).or_insert(0) += 1;
+            if let Some(g) = self.growth.get_mut(&m.revoke) {
+                *g = g.saturating_sub(1);
+            }
+        }
+    }
+
+    fn growth_slots(&self, node: &NodeId) -> u32 {
+        self.growth.get(node).copied().unwrap_or(0)
+    }
+}
+
+/// Domain-level view: scores, tiers and growth-slot bookkeeping.
+struct DomainView {
+    scored: Vec<PlacementScore>,
+}
+
+impl DomainView {
+    fn get(&self, node: &NodeId) -> Option<&PlacementScore> {
+        self.scored.iter().find(|s| &s.node_id == node)
+    }
+}
+
+/// Plans one epoch of rotation. Three passes, each over replicas in `(model_id, node_id)` order:
+/// hard-rule replacements (exempt from hysteresis and residency), top-slot improvements by at least
+/// the hysteresis (largest gain first), and, on redraw epochs, growth-slot redraws that hand the slot
+/// to a waiting growth node (probation first, least recently served first). Every move is
+/// assign-then-revoke of a node not already on the model, so a model never loses a replica. The move
+/// cap and the 2-in/2-out limits count what was already done this epoch (deployments assigned and
+/// departures recorded at `epoch`), and a node that gained this epoch does not lose (and vice versa),
+/// so planning again after applying the plan yields no moves.
+pub fn plan(
+    input: &RotationInput,
+    policy: &RotationPolicy,
+    placement: &PlacementPolicy,
+) -> RotationPlan {
+    let epoch = input.epoch;
+    let phase_out = phase_out_candidates(&input.nodes, input.now, policy);
+    let victims: BTreeSet<&NodeId> = phase_out.iter().map(|p| &p.node_id).collect();
+
+    // Scores and tiers per domain, phase-out victims excluded from hosting.
+    let hosts: Vec<PlacementNode> = input
+        .nodes
+        .iter()
+        .filter(|n| !victims.contains(&n.node_id))
+        .cloned()
+        .collect();
+    let mut domains: BTreeMap<&str, DomainView> = BTreeMap::new();
+    for m in &input.models {
+        if domains.contains_key(m.domain.as_str()) {
+            continue;
+        }
+        let stake = input.stake_domains.iter().any(|d| d == &m.domain);
+        let median = input
+            .median_stake_micros
+            .iter()
+            .find(|(d, _)| d == &m.domain)
+            .map_or(0, |(_, v)| *v);
+        // Tiers and scores ignore capacity so a full incumbent keeps its tier; capacity is checked
+        // when receiving.
+        let unbounded: Vec<PlacementNode> = hosts
+            .iter()
+            .map(|n| PlacementNode {
+                max_deployments: u32::MAX,
+                ..n.clone()
+            })
+            .collect();
+        let (scored, _) = score_nodes(&unbounded, &m.domain, input.now, stake, median, placement);
+        // Re-score load against the real capacity.
+        let scored = scored
+            .into_iter()
+            .map(|mut s| {
+                if let Some(n) = hosts.iter().find(|n| n.node_id == s.node_id) {
+                    let (f, sc) =
+                        crate::placement::placement_score(n, stake, median, &placement.weights);
+                    s.factors = f;
+                    s.score = sc;
+                }
+                s
+            })
+            .collect();
+        domains.insert(m.domain.as_str(), DomainView { scored });
+    }
+    let domain_of: BTreeMap<&ModelId, &str> = input
+        .models
+        .iter()
+        .map(|m| (&m.model_id, m.domain.as_str()))
+        .collect();
+
+    let total = u64::try_from(input.deployments.len()).unwrap_or(u64::MAX);
+    let by_fraction = total * u64::from(policy.max_moves_fraction.raw()) / u64::from(Bps::SCALE);
+    let cap = u32::try_from(by_fraction)
+        .unwrap_or(u32::MAX)
+        .max(policy.min_moves_per_epoch);
+    let mut ledger = Ledger {
+        policy,
+        remaining: cap,
+        ins: BTreeMap::new(),
+        outs: BTreeMap::new(),
+        load: input
+            .nodes
+            .iter()
+            .map(|n| (n.node_id.clone(), (n.deployments, n.max_deployments)))
+            .collect(),
+        members: BTreeMap::new(),
+        moved: BTreeSet::new(),
+        growth: BTreeMap::new(),
+    };
+    let mut already_moved = 0u32;
+    for d in &input.departures {
+        if d.epoch == epoch {
+            already_moved += 1;
+            *ledger.outs.entry(d.node_id.clone()).or_insert(0) += 1;
+        }
+    }
+    ledger.remaining = cap.saturating_sub(already_moved);
+    let mut deployments: Vec<&Deployment> = input.deployments.iter().collect();
+    deployments.sort_by(|a, b| (&a.model_id, &a.node_id).cmp(&(&b.model_id, &b.node_id)));
+    for d in &deployments {
+        if d.assigned_epoch == epoch {
+            *ledger.ins.entry(d.node_id.clone()).or_insert(0) += 1;
+        }
+        ledger
+            .members
+            .entry(d.model_id.clone())
+            .or_default()
+            .insert(d.node_id.clone());
+    }
+    // Growth slots each node serves now, and when it last left one (least recently served first).
+    for d in &deployments {
+        if d.tier == Tier::Lower {
+            *ledger.growth.entry(d.node_id.clone()).or_insert(0) += 1;
+        }
+    }
+    let mut last_served: BTreeMap<&NodeId, u64> = BTreeMap::new();
+    for dep in &input.departures {
+        let e = last_served.entry(&dep.node_id).or_insert(dep.epoch);
+        *e = (*e).max(dep.epoch);
+    }
+    let moved_back_blocked = |model: &ModelId, node: &NodeId| {
+        input.departures.iter().any(|d| {
+            &d.model_id == model
+                && &d.node_id == node
+                && epoch < d.epoch.saturating_add(policy.no_move_back_epochs)
+        })
+    };
+    let redraw = policy.growth_redraw_every_epochs > 0
+        && epoch > 0
+        && epoch.is_multiple_of(policy.growth_redraw_every_epochs);
+
+    let mut moves = Vec::new();
+    let mut held = Vec::new();
+
+    // Challenger choice helpers.
+    let best_for_top = |view: &DomainView, ledger: &Ledger, model: &ModelId| -> Option<usize> {
+        let ok = |s: &PlacementScore| {
+            !ledger
+                .members
+                .get(model)
+                .is_some_and(|m| m.contains(&s.node_id))
+                && ledger.can_receive(&s.node_id)
+                && !moved_back_blocked(model, &s.node_id)
+        };
+        crate::placement::best_by_score(&view.scored, |s| s.tier == Tier::Top && ok(s))
+            .or_else(|| crate::placement::best_by_score(&view.scored, ok))
+    };
+    let waiting_key = |ledger: &Ledger, s: &PlacementScore| {
+        (
+            ledger.growth_slots(&s.node_id),
+            !s.probation,
+            last_served.get(&s.node_id).map_or(0, |e| e + 1),
+            seeded_hash(input.seed ^ epoch, "rotation-wait", s.node_id.as_str()),
+            s.node_id.clone(),
+        )
+    };
+    let best_for_growth = |view: &DomainView, ledger: &Ledger, model: &ModelId, only_idle: bool| {
+        view.scored
+            .iter()
+            .filter(|s| s.tier == Tier::Lower)
+            .filter(|s| {
+                !ledger
+                    .members
+                    .get(model)
+                    .is_some_and(|m| m.contains(&s.node_id))
+            })
+            .filter(|s| ledger.can_receive(&s.node_id) && !moved_back_blocked(model, &s.node_id))
+            .filter(|s| !only_idle || ledger.growth_slots(&s.node_id) == 0)
+            .min_by_key(|s| waiting_key(ledger, s))
+            .map(|s| s.node_id.clone())
+    };
+
+    // Pass 1: hard rules.
+    for d in &deployments {
+        let Some(domain) = domain_of.get(&d.model_id) else {
+            continue;
+        };
+        let Some(view) = domains.get(domain) else {
+            continue;
+        };
+        let rule = match input.nodes.iter().find(|n| n.node_id == d.node_id) {
+            None => Some("unknown_node".to_owned()),
+            Some(n) if !n.status.is_eligible() => {
+                Some(format!("status_{:?}", n.status).to_lowercase())
+            }
+            Some(n) if &n.domain != domain => Some("wrong_domain".to_owned()),
+            Some(_) if victims.contains(&d.node_id) => Some("phase_out".to_owned()),
+            Some(_) => None,
+        };
+        let Some(rule) = rule else { continue };
+        if ledger.remaining == 0 {
+            held.push((d.model_id.clone(), d.node_id.clone(), "cap".to_owned()));
+            continue;
+        }
+        if !ledger.can_release(&d.node_id, true) {
+            held.push((d.model_id.clone(), d.node_id.clone(), "max_out".to_owned()));
+            continue;
+        }
+        let assign = match d.tier {
+            Tier::Top => {
+                best_for_top(view, &ledger, &d.model_id).map(|i| view.scored[i].node_id.clone())
+            }
+            Tier::Lower => best_for_growth(view, &ledger, &d.model_id, false).or_else(|| {
+                best_for_top(view, &ledger, &d.model_id).map(|i| view.scored[i].node_id.clone())
+            }),
+        };
+        match assign {
+            Some(assign) => {
+                let m = Move {
+                    model_id: d.model_id.clone(),
+                    assign,
+                    tier: d.tier,
+                    revoke: d.node_id.clone(),
+                    reason: MoveReason::HardRule { rule },
+                };
+                ledger.apply(&m);
+                moves.push(m);
+            }
+            None => held.push((
+                d.model_id.clone(),
+                d.node_id.clone(),
+                "no_candidate".to_owned(),
+            )),
+        }
+    }
+
+    let resident =
+        |d: &Deployment| epoch >= d.assigned_epoch.saturating_add(policy.min_residency_epochs);
+
+    // Pass 2: improvements of the top slot, largest gain first.
+    let mut proposals = Vec::new();
+    for d in &deployments {
+        if d.tier != Tier::Top
+            || ledger
+                .moved
+                .contains(&(d.model_id.clone(), d.node_id.clone()))
+        {
+            continue;
+        }
+        let Some(view) = domain_of.get(&d.model_id).and_then(|dm| domains.get(dm)) else {
+            continue;
+        };
+        let Some(inc) = view.get(&d.node_id) else {
+            continue;
+        };
+        let Some(ch) = best_for_top(view, &ledger, &d.model_id) else {
+            continue;
+        };
+        let ch = &view.scored[ch];
+        if ch.score.raw() < inc.score.raw() + policy.hysteresis.raw() {
+            continue;
+        }
+        if !resident(d) {
+            held.push((
+                d.model_id.clone(),
+                d.node_id.clone(),
+                "residency".to_owned(),
+            ));
+            continue;
+        }
+        proposals.push((ch.score.raw() - inc.score.raw(), *d, inc.score));
+    }
+    proposals.sort_by(|a, b| {
+        b.0.cmp(&a.0)
+            .then_with(|| (&a.1.model_id, &a.1.node_id).cmp(&(&b.1.model_id, &b.1.node_id)))
+    });
+    for (_, d, inc_score) in proposals {
+        let Some(view) = domain_of.get(&d.model_id).and_then(|dm| domains.get(dm)) else {
+            continue;
+        };
+        if ledger.remaining == 0 {
+            held.push((d.model_id.clone(), d.node_id.clone(), "cap".to_owned()));
+            continue;
+        }
+        if !ledger.can_release(&d.node_id, false) {
+            held.push((d.model_id.clone(), d.node_id.clone(), "max_out".to_owned()));
+            continue;
+        }
+        // Re-pick: earlier moves may have used up a challenger's in-limit.
+        let Some(ch) = best_for_top(view, &ledger, &d.model_id) else {
+            continue;
+        };
+        let ch = &view.scored[ch];
+        if ch.score.raw() < inc_score.raw() + policy.hysteresis.raw() {
+            continue;
+        }
+        let m = Move {
+            model_id: d.model_id.clone(),
+            assign: ch.node_id.clone(),
+            tier: Tier::Top,
+            revoke: d.node_id.clone(),
+            reason: MoveReason::Improvement {
+                incumbent: inc_score,
+                challenger: ch.score,
+            },
+        };
+        ledger.apply(&m);
+        moves.push(m);
+    }
+
+    // Pass 3: growth-slot redraw.
+    if redraw {
+        for d in &deployments {
+            if d.tier != Tier::Lower
+                || ledger
+                    .moved
+                    .contains(&(d.model_id.clone(), d.node_id.clone()))
+            {
+                continue;
+            }
+            let Some(view) = domain_of.get(&d.model_id).and_then(|dm| domains.get(dm)) else {
+                continue;
+            };
+            let Some(assign) = best_for_growth(view, &ledger, &d.model_id, true) else {
+                continue;
+            };
+            if !resident(d) {
+                held.push((
+                    d.model_id.clone(),
+                    d.node_id.clone(),
+                    "residency".to_owned(),
+                ));
+                continue;
+            }
+            if ledger.remaining == 0 {
+                held.push((d.model_id.clone(), d.node_id.clone(), "cap".to_owned()));
+                continue;
+            }
+            if !ledger.can_release(&d.node_id, false) {
+                held.push((d.model_id.clone(), d.node_id.clone(), "max_out".to_owned()));
+                continue;
+            }
+            let m = Move {
+                model_id: d.model_id.clone(),
+                assign: assign.clone(),
+                tier: Tier::Lower,
+                revoke: d.node_id.clone(),
+                reason: MoveReason::GrowthRedraw,
+            };
+            ledger.apply(&m);
+            moves.push(m);
+        }
+    }
+
+    RotationPlan {
+        epoch,
+        cap,
+        already_moved,
+        redraw,
+        moves,
+        phase_out,
+        held,
     }
 }

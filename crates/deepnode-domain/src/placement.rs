@@ -468,3 +468,190 @@ pub fn place(
         },
     })
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use proptest::prelude::*;
+
+    fn t0() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
+    }
+
+    pub(crate) fn pnode(i: usize, r: u32, obs: u64, age_h: i64) -> PlacementNode {
+        PlacementNode {
+            node_id: NodeId::parse(&format!("n-{i:02}")).unwrap(),
+            operator: Some(format!("op-{}", i % 3)),
+            domain: "llm".to_owned(),
+            status: NodeStatus::Active,
+            max_deployments: 4,
+            deployments: 0,
+            reputation: Bps::saturating(u64::from(r)),
+            failure_rate: Bps::saturating(1_000),
+            observations: obs,
+            registered_at: t0() - chrono::Duration::hours(age_h),
+            stake_micros: 0,
+        }
+    }
+
+    fn pinput(nodes: Vec<PlacementNode>) -> PlacementInput {
+        PlacementInput {
+            model_id: ModelId::parse("m-1").unwrap(),
+            domain: "llm".to_owned(),
+            epoch: 4,
+            seed: 11,
+            now: t0(),
+            domain_stake_enabled: false,
+            domain_median_stake_micros: 0,
+            nodes,
+        }
+    }
+
+    fn arb_nodes() -> impl Strategy<Value = (Vec<PlacementNode>, Vec<usize>)> {
+        (1usize..12).prop_flat_map(|n| {
+            (
+                proptest::collection::vec(
+                    (
+                        0u32..=10_000,
+                        0u64..200,
+                        0i64..72,
+                        0usize..6,
+                        0u32..3,
+                        0u32..5,
+                    ),
+                    n,
+                ),
+                Just((0..n).collect::<Vec<_>>()).prop_shuffle(),
+            )
+                .prop_map(|(raw, perm)| {
+                    let nodes = raw
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, (r, obs, age, st, dep, maxd))| {
+                            let mut n = pnode(i, r, obs, age);
+                            n.status = [
+                                NodeStatus::Active,
+                                NodeStatus::Probation,
+                                NodeStatus::Active,
+                                NodeStatus::Jailed,
+                                NodeStatus::Active,
+                                NodeStatus::Offline,
+                            ][st];
+                            n.deployments = dep;
+                            n.max_deployments = maxd;
+                            if i % 5 == 4 {
+                                n.domain = "img".to_owned();
+                            }
+                            n
+                        })
+                        .collect();
+                    (nodes, perm)
+                })
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        // Properties 1 and 2 for placement.
+        #[test]
+        fn distinct_replicas_mixed_tiers_order_independent((nodes, perm) in arb_nodes(), k in 2u32..4) {
+            let policy = PlacementPolicy { replicas: k, ..PlacementPolicy::default() };
+            let inp = pinput(nodes.clone());
+            let shuffled = pinput(perm.iter().map(|&i| nodes[i].clone()).collect());
+            let a = place(&inp, &policy);
+            let b = place(&shuffled, &policy);
+            prop_assert_eq!(
+                serde_json::to_vec(&a.as_ref().ok()).unwrap(),
+                serde_json::to_vec(&b.as_ref().ok()).unwrap()
+            );
+            let eligible = nodes.iter().filter(|n| placement_filter(n, "llm").is_none()).count();
+            match a {
+                Err(PlacementError::NoEligibleNodes { eligible: e, .. }) => {
+                    prop_assert!(eligible < 2);
+                    prop_assert_eq!(e, eligible);
+                }
+                Err(e) => prop_assert!(false, "{e}"),
+                Ok(p) => {
+                    prop_assert!(eligible >= 2);
+                    let want = usize::try_from(k).unwrap().min(eligible);
+                    prop_assert_eq!(p.assignments.len(), want);
+                    let ids: BTreeSet<&NodeId> = p.assignments.iter().map(|a| &a.node_id).collect();
+                    prop_assert_eq!(ids.len(), p.assignments.len());
+                    let tier_of = |id: &NodeId| {
+                        p.record.scored.iter().find(|s| &s.node_id == id).map(|s| s.tier)
+                    };
+                    let tiers: BTreeSet<Tier> = p.assignments.iter().filter_map(|a| tier_of(&a.node_id)).collect();
+                    let has_top = p.record.scored.iter().any(|s| s.tier == Tier::Top);
+                    let has_lower = p.record.scored.iter().any(|s| s.tier == Tier::Lower);
+                    prop_assert!(has_top);
+                    if has_top && has_lower {
+                        prop_assert!(tiers.contains(&Tier::Top) && tiers.contains(&Tier::Lower));
+                    }
+                    prop_assert_eq!(tier_of(&p.assignments[0].node_id), Some(Tier::Top));
+                    prop_assert_eq!(p.record.scored.len() + p.record.filtered.len(), nodes.len());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn primary_is_best_top_tier_and_new_nodes_are_boosted() {
+        // 10 nodes: top ⌈30 %⌉ = 3 by R, but n-02 lacks observations.
+        let mut nodes: Vec<PlacementNode> = (0..10)
+            .map(|i| pnode(i, 9_000 - 500 * u32::try_from(i).unwrap(), 100, 100))
+            .collect();
+        nodes[2].observations = 10;
+        let p = place(&pinput(nodes), &PlacementPolicy::default()).unwrap();
+        let top: Vec<&str> = p
+            .record
+            .scored
+            .iter()
+            .filter(|s| s.tier == Tier::Top)
+            .map(|s| s.node_id.as_str())
+            .collect();
+        assert_eq!(top, vec!["n-00", "n-01"]);
+        assert_eq!(p.assignments[0].node_id.as_str(), "n-00");
+        assert_eq!(p.assignments[1].tier, Tier::Lower);
+        let probation = p
+            .record
+            .scored
+            .iter()
+            .find(|s| s.node_id.as_str() == "n-02")
+            .unwrap();
+        assert!(probation.probation);
+        assert_eq!(
+            draw_weight(probation, &PlacementPolicy::default()),
+            u64::from(probation.score.raw()) * 15_000
+        );
+    }
+
+    #[test]
+    fn one_eligible_node_is_an_error_never_a_single_deployment() {
+        let mut b = pnode(1, 9_000, 100, 100);
+        b.status = NodeStatus::Jailed;
+        let err = place(
+            &pinput(vec![pnode(0, 9_000, 100, 100), b]),
+            &PlacementPolicy::default(),
+        );
+        assert!(matches!(
+            err,
+            Err(PlacementError::NoEligibleNodes { eligible: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn prefers_a_different_operator_for_the_backup() {
+        let mut nodes: Vec<PlacementNode> = (0..4).map(|i| pnode(i, 8_000, 100, 100)).collect();
+        for n in nodes.iter_mut() {
+            n.operator = Some("same".to_owned());
+        }
+        nodes[3].operator = Some("other".to_owned());
+        nodes[0].reputation = Bps::saturating(9_900);
+        let p = place(&pinput(nodes), &PlacementPolicy::default()).unwrap();
+        assert_eq!(p.assignments[0].node_id.as_str(), "n-00");
+        assert_eq!(p.assignments[1].node_id.as_str(), "n-03");
+    }
+}

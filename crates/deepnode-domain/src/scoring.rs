@@ -521,3 +521,217 @@ impl RouteDecision {
         total_ok && ranked && ends_ok && filtered_ok
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn node(i: usize) -> NodeId {
+        NodeId::parse(&format!("n-{i:02}")).unwrap()
+    }
+
+    fn cand(i: usize, r: u32, f: u32, in_flight: u32) -> CandidateSnapshot {
+        CandidateSnapshot {
+            node_id: node(i),
+            deployed: true,
+            status: NodeStatus::Active,
+            ejected: false,
+            in_flight,
+            capacity: 10,
+            reputation: Bps::saturating(u64::from(r)),
+            failure_rate: Bps::saturating(u64::from(f)),
+            stake_micros: 1_000,
+            assignments: 0,
+        }
+    }
+
+    fn input(candidates: Vec<CandidateSnapshot>, request: &str) -> RouteInput {
+        RouteInput {
+            model_id: ModelId::parse("m-1").unwrap(),
+            request_id: RequestId::parse(request).unwrap(),
+            seed: 7,
+            epoch: 3,
+            config_hash: "cfg".to_owned(),
+            domain_stake_enabled: false,
+            domain_median_stake_micros: 1_000,
+            candidates,
+        }
+    }
+
+    fn arb_candidate(i: usize) -> impl Strategy<Value = CandidateSnapshot> {
+        (
+            any::<bool>(),
+            0usize..7,
+            any::<bool>(),
+            0u32..12,
+            1u32..12,
+            0u32..=10_000,
+            0u32..=10_000,
+            0u64..5_000,
+            0u64..4,
+        )
+            .prop_map(
+                move |(deployed, st, ejected, in_flight, capacity, r, f, stake, assignments)| {
+                    let status = [
+                        NodeStatus::Active,
+                        NodeStatus::Probation,
+                        NodeStatus::Active,
+                        NodeStatus::Offline,
+                        NodeStatus::Jailed,
+                        NodeStatus::PhasedOut,
+                        NodeStatus::Active,
+                    ][st];
+                    CandidateSnapshot {
+                        node_id: node(i),
+                        deployed: deployed || i % 2 == 0,
+                        status,
+                        ejected: ejected && i % 3 == 0,
+                        in_flight,
+                        capacity,
+                        reputation: Bps::saturating(u64::from(r)),
+                        failure_rate: Bps::saturating(u64::from(f)),
+                        stake_micros: stake,
+                        assignments,
+                    }
+                },
+            )
+    }
+
+    fn arb_input() -> impl Strategy<Value = (RouteInput, Vec<usize>)> {
+        (1usize..7)
+            .prop_flat_map(|n| {
+                (
+                    (0..n).map(arb_candidate).collect::<Vec<_>>(),
+                    Just((0..n).collect::<Vec<_>>()).prop_shuffle(),
+                    any::<bool>(),
+                    "[a-z0-9]{1,12}",
+                )
+            })
+            .prop_map(|(cands, perm, stake, req)| {
+                let mut i = input(cands, &req);
+                i.domain_stake_enabled = stake;
+                (i, perm)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        // Properties 1 and 9.
+        #[test]
+        fn same_snapshot_same_bytes_in_any_order_and_records_verify((inp, perm) in arb_input()) {
+            let policy = RoutingPolicy::default();
+            let a = route(&inp, &policy);
+            let mut shuffled = inp.clone();
+            shuffled.candidates = perm.iter().map(|&i| inp.candidates[i].clone()).collect();
+            let b = route(&shuffled, &policy);
+            match (a, b) {
+                (Ok(a), Ok(b)) => {
+                    prop_assert_eq!(serde_json::to_vec(&a).unwrap(), serde_json::to_vec(&b).unwrap());
+                    prop_assert!(a.verify());
+                    let back: RouteDecision = serde_json::from_slice(&serde_json::to_vec(&a).unwrap()).unwrap();
+                    prop_assert!(back.verify());
+                    let healthy = a.candidates.iter().filter(|c| c.healthy).count();
+                    prop_assert_eq!(healthy + a.filtered.len(), inp.candidates.len());
+                    prop_assert_eq!(a.emergency_replacement, healthy == 0);
+                    prop_assert_ne!(Some(&a.primary), a.backup.as_ref());
+                }
+                (Err(a), Err(b)) => prop_assert_eq!(a, b),
+                (a, b) => prop_assert!(false, "order changed the outcome: {:?} vs {:?}", a, b),
+            }
+        }
+
+
+        // Property 3 (routing half): the lower-ranked replica gets at least 10 %.
+        #[test]
+        fn lower_ranked_replica_gets_at_least_ten_percent(
+            r1 in 0u32..=10_000, r2 in 0u32..=10_000, f1 in 0u32..=10_000, f2 in 0u32..=10_000,
+        ) {
+            let policy = RoutingPolicy::default();
+            let cands = vec![cand(1, r1, f1, 0), cand(2, r2, f2, 0)];
+            let probe = route(&input(cands.clone(), "probe"), &policy).unwrap();
+            let lower = probe.candidates[1].node_id.clone();
+            let n = 2_000;
+            let mut lower_hits = 0;
+            for k in 0..n {
+                let d = route(&input(cands.clone(), &format!("req-{k}")), &policy).unwrap();
+                prop_assert_eq!(d.candidates[1].node_id.clone(), lower.clone());
+                let backup = d.backup.clone().unwrap();
+                prop_assert_ne!(&backup, &d.primary);
+                if d.primary == lower {
+                    lower_hits += 1;
+                }
+            }
+            // 10 % expected at minimum; allow sampling noise (σ ≈ 0.7 % at n = 2,000).
+            prop_assert!(lower_hits * 100 >= n * 8, "lower-ranked got {lower_hits}/{n}");
+            prop_assert!(lower_hits * 100 <= n * 53, "lower-ranked got {lower_hits}/{n}");
+        }
+    }
+
+    #[test]
+    fn score_is_the_weighted_sum_and_renormalises_without_stake() {
+        let policy = RoutingPolicy::default();
+        let d = route(&input(vec![cand(1, 8_000, 1_000, 5)], "r"), &policy).unwrap();
+        // 0.40·0.8 + 0.25·0.5 + 0.25·0.9 = 0.67, over 0.90 → 0.7444…
+        assert_eq!(d.weight_total, 9_000);
+        assert_eq!(
+            d.candidates[0].weighted_sum,
+            4_000 * 8_000 + 2_500 * 5_000 + 2_500 * 9_000
+        );
+        assert_eq!(d.candidates[0].score, Bps::saturating(7_444));
+        assert!(d.verify());
+        let mut tampered = d.clone();
+        tampered.candidates[0].score = Bps::saturating(7_445);
+        assert!(!tampered.verify());
+    }
+
+    #[test]
+    fn ties_break_on_in_flight_then_node_id() {
+        let policy = RoutingPolicy::default();
+        let mut a = cand(1, 5_000, 0, 0);
+        let mut b = cand(2, 5_000, 0, 0);
+        a.capacity = 1_000_000;
+        b.capacity = 1_000_000;
+        b.in_flight = 1; // same bps load (rounds to 0), more in flight
+        let d = route(&input(vec![b, a], "r"), &policy).unwrap();
+        assert_eq!(d.candidates[0].node_id, node(1));
+    }
+
+    #[test]
+    fn all_replicas_ejected_routes_to_least_bad_and_asks_for_replacement() {
+        let policy = RoutingPolicy::default();
+        let mut a = cand(1, 9_000, 0, 0);
+        let mut b = cand(2, 4_000, 0, 0);
+        a.ejected = true;
+        b.ejected = true;
+        let mut off = cand(3, 10_000, 0, 0);
+        off.status = NodeStatus::Offline;
+        let d = route(&input(vec![a, b, off], "r"), &policy).unwrap();
+        assert!(d.emergency_replacement);
+        assert_eq!(d.primary, node(1));
+        assert_eq!(d.backup, Some(node(2)));
+        assert_eq!(d.filtered.len(), 3);
+        assert_eq!(
+            d.filtered[2].reason,
+            FilterReason::Ineligible(NodeStatus::Offline)
+        );
+        assert!(d.verify());
+    }
+
+    #[test]
+    fn nothing_deployed_is_an_error() {
+        let mut a = cand(1, 9_000, 0, 0);
+        a.deployed = false;
+        assert!(matches!(
+            route(&input(vec![a], "r"), &RoutingPolicy::default()),
+            Err(RouteError::NoEligibleNodes { .. })
+        ));
+        let dup = vec![cand(1, 1, 1, 0), cand(1, 2, 2, 0)];
+        assert!(matches!(
+            route(&input(dup, "r"), &RoutingPolicy::default()),
+            Err(RouteError::DuplicateNode(_))
+        ));
+    }
+}

@@ -210,3 +210,127 @@ pub fn may_eject(
                 .any(|n| n != node && health.get(n).is_none_or(|h| h.is_healthy(now)))
         })
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use proptest::prelude::*;
+
+    fn t(ms: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + Duration::milliseconds(ms)
+    }
+
+    fn id(s: &str) -> NodeId {
+        NodeId::parse(s).unwrap()
+    }
+
+    proptest! {
+        // Property 4: a node failing every request is ejected within 3 (2 for invalid output).
+        #[test]
+        fn always_failing_node_is_ejected_quickly(invalid in any::<bool>(), step in 1i64..5_000) {
+            let policy = EjectionPolicy::default();
+            let mut h = NodeHealth::default();
+            let outcome = if invalid { Outcome::InvalidOutput } else { Outcome::Failure };
+            let limit = if invalid { 2 } else { 3 };
+            let mut ejected_at = None;
+            for k in 1..=limit {
+                if let Transition::Ejected { k: 1, .. } = h.record(outcome, t(step * i64::from(k)), &policy, true) {
+                    ejected_at = Some(k);
+                    break;
+                }
+            }
+            prop_assert_eq!(ejected_at, Some(limit));
+        }
+
+        // Property 5: the last healthy replica is never ejected, whatever the outcomes and timing.
+        #[test]
+        fn last_healthy_replica_is_never_ejected(
+            steps in proptest::collection::vec((0usize..3, 0usize..3, 0i64..40_000), 1..200),
+        ) {
+            let policy = EjectionPolicy::default();
+            let nodes = [id("a"), id("b"), id("c")];
+            let sets = vec![vec![nodes[0].clone(), nodes[1].clone()], vec![nodes[1].clone(), nodes[2].clone()]];
+            let mut book: BTreeMap<NodeId, NodeHealth> = BTreeMap::new();
+            let mut now = 0i64;
+            for (who, what, dt) in steps {
+                now += dt;
+                let node = &nodes[who];
+                let outcome = [Outcome::Success, Outcome::Failure, Outcome::InvalidOutput][what];
+                let allowed = may_eject(node, &sets, &book, t(now));
+                book.entry(node.clone()).or_default().record(outcome, t(now), &policy, allowed);
+                for set in &sets {
+                    let healthy = set
+                        .iter()
+                        .filter(|n| book.get(*n).is_none_or(|h| h.is_healthy(t(now))))
+                        .count();
+                    prop_assert!(healthy >= 1, "set {:?} has no healthy replica at {}", set, now);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ejection_grows_by_k_capped_and_a_probe_decides() {
+        let policy = EjectionPolicy::default();
+        let lengths: Vec<i64> = (1..=12)
+            .map(|k| NodeHealth::ejection_length(k, &policy).num_seconds())
+            .collect();
+        assert_eq!(lengths[..3], [30, 60, 90]);
+        assert_eq!(lengths[11], 300);
+
+        let mut h = NodeHealth::default();
+        for s in 0..3 {
+            h.record(Outcome::Failure, t(s), &policy, true);
+        }
+        assert_eq!(
+            h.state(t(10)),
+            HealthState::Ejected {
+                until: t(2 + 30_000)
+            }
+        );
+        assert!(!h.start_probe(t(10)));
+        // Late failures while ejected do not extend it.
+        assert_eq!(
+            h.record(Outcome::Failure, t(20), &policy, true),
+            Transition::None
+        );
+        assert!(h.start_probe(t(40_000)));
+        assert_eq!(h.state(t(40_000)), HealthState::Probing);
+        // Probe fails: k = 2, 60 s.
+        assert_eq!(
+            h.record(Outcome::Failure, t(40_001), &policy, true),
+            Transition::Ejected {
+                k: 2,
+                until: t(100_001)
+            }
+        );
+        assert!(h.start_probe(t(100_001)));
+        assert_eq!(
+            h.record(Outcome::Success, t(100_002), &policy, true),
+            Transition::Restored
+        );
+        assert!(h.is_healthy(t(100_002)));
+        assert_eq!(h, NodeHealth::default());
+    }
+
+    #[test]
+    fn success_resets_the_streak_and_protection_is_reported() {
+        let policy = EjectionPolicy::default();
+        let mut h = NodeHealth::default();
+        h.record(Outcome::Failure, t(0), &policy, true);
+        h.record(Outcome::Failure, t(1), &policy, true);
+        h.record(Outcome::Success, t(2), &policy, true);
+        assert_eq!(
+            h.record(Outcome::Failure, t(3), &policy, true),
+            Transition::None
+        );
+        h.record(Outcome::Failure, t(4), &policy, true);
+        assert_eq!(
+            h.record(Outcome::Failure, t(5), &policy, false),
+            Transition::KeptLastHealthy
+        );
+        assert!(h.is_healthy(t(5)));
+    }
+}

@@ -1,0 +1,103 @@
+//! Connecting to NATS with a bounded retry and backoff, a connection name, and logged connection
+//! events.
+//!
+//! It deliberately does not use `retry_on_initial_connect`: that returns a client before any server
+//! answered, so a wrong `NATS_URL` would hang forever instead of failing with exit code 2. Instead we
+//! retry up to a deadline, and once connected the client reconnects on its own indefinitely.
+
+use std::time::Duration;
+
+use async_nats::{Client, ConnectOptions, Event};
+
+/// Why no connection could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Every attempt failed until the deadline; the last error is kept.
+    #[error("connecting to NATS at {url} failed after {attempts} attempts: {source}")]
+    Connect {
+        /// The URL tried.
+        url: String,
+        /// How many attempts were made.
+        attempts: u32,
+        /// The last attempt's error.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+}
+
+/// How long and how fast to retry the first connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectPolicy {
+    /// Give up once this much time has passed since the first attempt.
+    pub deadline: Duration,
+    /// Wait before the second attempt; doubled after each failure up to `max_backoff`.
+    pub initial_backoff: Duration,
+    /// Longest wait between attempts.
+    pub max_backoff: Duration,
+    /// Timeout of one connection attempt.
+    pub attempt_timeout: Duration,
+}
+
+impl Default for ConnectPolicy {
+    fn default() -> Self {
+        Self {
+            deadline: Duration::from_secs(15),
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            attempt_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Connects to `url` as connection `name` (shown by the server's monitoring), retrying with the
+/// default [`ConnectPolicy`].
+pub async fn connect(url: &str, name: &str) -> Result<Client, Error> {
+    connect_with(url, name, ConnectPolicy::default()).await
+}
+
+/// Connects like [`connect`] with an explicit retry policy.
+pub async fn connect_with(url: &str, name: &str, policy: ConnectPolicy) -> Result<Client, Error> {
+    let started = tokio::time::Instant::now();
+    let mut backoff = policy.initial_backoff;
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let conn_name = name.to_owned();
+        let options = ConnectOptions::new()
+            .name(name)
+            .connection_timeout(policy.attempt_timeout)
+            .max_reconnects(None)
+            .event_callback(move |event| {
+                let conn_name = conn_name.clone();
+                async move { log_event(&conn_name, event) }
+            });
+        match options.connect(url).await {
+            Ok(client) => {
+                tracing::info!(url, name, attempts, "connected to NATS");
+                return Ok(client);
+            }
+            Err(source) => {
+                if started.elapsed() + backoff >= policy.deadline {
+                    return Err(Error::Connect {
+                        url: url.to_owned(),
+                        attempts,
+                        source,
+                    });
+                }
+                tracing::warn!(url, name, attempts, error = %source, ?backoff, "NATS not reachable yet; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(policy.max_backoff);
+            }
+        }
+    }
+}
+
+fn log_event(name: &str, event: Event) {
+    match event {
+        Event::Connected => tracing::info!(name, "NATS connection (re)established"),
+        Event::Disconnected => tracing::warn!(name, "NATS connection lost; reconnecting"),
+        Event::LameDuckMode => tracing::warn!(name, "NATS server entering lame duck mode"),
+        Event::SlowConsumer(sid) => tracing::warn!(name, sid, "slow consumer: messages dropped"),
+        other => tracing::debug!(name, event = %other, "NATS event"),
+    }
+}

@@ -1,0 +1,179 @@
+//! JetStream setup and deduplicated publishing: [`ensure_streams`] creates or updates the events
+//! and ingest streams (idempotent, safe for every service copy to call at start),
+//! [`ensure_pull_consumer`] does the same for durable pull consumers, and [`publish_with_id`]
+//! publishes with a `Nats-Msg-Id` and waits for the stream's ack.
+//!
+//! It deliberately does not decide *what* is published or when (the outbox relay and the ingest
+//! producers do), and does not consume: services pull from the consumers they ensured.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::context::Publish;
+use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::Context;
+use bytes::Bytes;
+
+use crate::subjects::Subjects;
+
+/// How long JetStream remembers a `Nats-Msg-Id` to drop duplicates.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(10 * 60);
+
+/// What went wrong talking to JetStream.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Creating or updating a stream failed.
+    #[error("ensuring stream {stream}: {source}")]
+    Stream {
+        /// The stream's name.
+        stream: String,
+        /// The server's or client's error.
+        #[source]
+        source: async_nats::jetstream::context::CreateStreamError,
+    },
+    /// Creating or updating a consumer failed.
+    #[error("ensuring consumer {consumer} on {stream}: {source}")]
+    Consumer {
+        /// The stream's name.
+        stream: String,
+        /// The consumer's durable name.
+        consumer: String,
+        /// The server's or client's error.
+        #[source]
+        source: async_nats::jetstream::stream::ConsumerError,
+    },
+    /// A consumer config without a durable name was passed where a durable one is required.
+    #[error("consumer config on {stream} has no durable_name")]
+    NotDurable {
+        /// The stream's name.
+        stream: String,
+    },
+    /// Publishing or awaiting the ack failed (no stream, timeout, broken connection).
+    #[error("publishing to {subject}: {source}")]
+    Publish {
+        /// The subject published to.
+        subject: String,
+        /// The client's error.
+        #[source]
+        source: async_nats::jetstream::context::PublishError,
+    },
+}
+
+/// The events stream's config: `<prefix>.events.>`, file storage, [`DUPLICATE_WINDOW`].
+pub fn events_stream_config(subjects: &Subjects) -> Config {
+    Config {
+        name: subjects.events_stream(),
+        description: Some("deepnode committed events, published from the log".to_owned()),
+        subjects: vec![subjects.events_wildcard()],
+        storage: StorageType::File,
+        retention: RetentionPolicy::Limits,
+        discard: DiscardPolicy::Old,
+        duplicate_window: DUPLICATE_WINDOW,
+        ..Default::default()
+    }
+}
+
+/// The ingest stream's config: `<prefix>.ingest.>`, file storage, [`DUPLICATE_WINDOW`].
+pub fn ingest_stream_config(subjects: &Subjects) -> Config {
+    Config {
+        name: subjects.ingest_stream(),
+        description: Some("deepnode execution reports from outside, before logging".to_owned()),
+        subjects: vec![subjects.ingest_wildcard()],
+        storage: StorageType::File,
+        retention: RetentionPolicy::Limits,
+        discard: DiscardPolicy::Old,
+        duplicate_window: DUPLICATE_WINDOW,
+        ..Default::default()
+    }
+}
+
+/// Creates the events and ingest streams, or updates them to the current config. Idempotent.
+pub async fn ensure_streams(js: &Context, subjects: &Subjects) -> Result<(), Error> {
+    for config in [
+        events_stream_config(subjects),
+        ingest_stream_config(subjects),
+    ] {
+        let stream = config.name.clone();
+        js.create_or_update_stream(config)
+            .await
+            .map_err(|source| Error::Stream {
+                stream: stream.clone(),
+                source,
+            })?;
+        tracing::debug!(%stream, "stream ensured");
+    }
+    Ok(())
+}
+
+/// A durable pull consumer config with explicit acks, delivering everything from the start,
+/// optionally filtered to one subject (e.g. `subjects.events("AttemptFailed")`).
+pub fn durable_pull_config(durable_name: &str, filter_subject: Option<String>) -> pull::Config {
+    pull::Config {
+        durable_name: Some(durable_name.to_owned()),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        filter_subject: filter_subject.unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+/// Creates the durable pull consumer `config.durable_name` on `stream`, or updates it to `config`.
+/// Idempotent; every copy of a service may call it and they then share the consumer's work.
+pub async fn ensure_pull_consumer(
+    js: &Context,
+    stream: &str,
+    config: pull::Config,
+) -> Result<PullConsumer, Error> {
+    let Some(consumer) = config.durable_name.clone() else {
+        return Err(Error::NotDurable {
+            stream: stream.to_owned(),
+        });
+    };
+    js.create_consumer_on_stream(config, stream)
+        .await
+        .map_err(|source| Error::Consumer {
+            stream: stream.to_owned(),
+            consumer,
+            source,
+        })
+}
+
+/// The stream's ack of one publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The stream that stored (or had already stored) the message.
+    pub stream: String,
+    /// Its sequence in the stream (of the first copy, for a duplicate).
+    pub sequence: u64,
+    /// True if the stream had already seen this `Nats-Msg-Id` inside its duplicate window.
+    pub duplicate: bool,
+}
+
+/// Publishes `payload` to `subject` with header `Nats-Msg-Id: msg_id` and waits for the stream's
+/// ack, so the message is durable when this returns `Ok`.
+pub async fn publish_with_id(
+    js: &Context,
+    subject: &str,
+    msg_id: &str,
+    payload: Bytes,
+) -> Result<Published, Error> {
+    let err = |source| Error::Publish {
+        subject: subject.to_owned(),
+        source,
+    };
+    let ack = js
+        .send_publish(
+            subject.to_owned(),
+            Publish::build().payload(payload).message_id(msg_id),
+        )
+        .await
+        .map_err(err)?
+        .await
+        .map_err(err)?;
+    Ok(Published {
+        stream: ack.stream,
+        sequence: ack.sequence,
+        duplicate: ack.duplicate,
+    })
+}

@@ -310,6 +310,7 @@ fn unknown_key(input: &toml::Value, known: &toml::Value, path: String) -> Option
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

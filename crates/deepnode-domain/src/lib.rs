@@ -5,12 +5,14 @@
 //! client and never reads the clock; time arrives inside events or as an argument. That is what lets
 //! replay and audit reproduce every decision bit for bit.
 
+pub mod book;
 pub mod config;
 pub mod ejection;
 pub mod events;
 pub mod fixed;
 pub mod ids;
 pub mod log;
+pub mod penalties;
 pub mod placement;
 pub mod reputation;
 pub mod rotation;

@@ -312,6 +312,7 @@ impl Reputation {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use chrono::TimeDelta;

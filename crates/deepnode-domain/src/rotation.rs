@@ -635,3 +635,386 @@ pub fn plan(
         held,
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::scoring::NodeStatus;
+    use chrono::TimeZone;
+    use proptest::prelude::*;
+
+    fn t0() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 10, 0, 0, 0).unwrap()
+    }
+
+    fn nid(i: usize) -> NodeId {
+        NodeId::parse(&format!("n-{i:02}")).unwrap()
+    }
+
+    fn mid(i: usize) -> ModelId {
+        ModelId::parse(&format!("m-{i}")).unwrap()
+    }
+
+    fn rnode(i: usize, r: u32, obs: u64) -> PlacementNode {
+        PlacementNode {
+            node_id: nid(i),
+            operator: None,
+            domain: "llm".to_owned(),
+            status: NodeStatus::Active,
+            max_deployments: 6,
+            deployments: 0,
+            reputation: Bps::saturating(u64::from(r)),
+            failure_rate: Bps::saturating(1_000),
+            observations: obs,
+            registered_at: t0() - chrono::Duration::days(3),
+            stake_micros: 0,
+        }
+    }
+
+    /// Applies a plan the way the rotation service would (assign, then revoke).
+    fn apply(input: &RotationInput, plan: &RotationPlan) -> RotationInput {
+        let mut next = input.clone();
+        for m in &plan.moves {
+            next.deployments.push(Deployment {
+                model_id: m.model_id.clone(),
+                node_id: m.assign.clone(),
+                tier: m.tier,
+                assigned_epoch: input.epoch,
+            });
+            next.deployments
+                .retain(|d| !(d.model_id == m.model_id && d.node_id == m.revoke));
+            next.departures.push(Departure {
+                model_id: m.model_id.clone(),
+                node_id: m.revoke.clone(),
+                epoch: input.epoch,
+            });
+        }
+        for n in next.nodes.iter_mut() {
+            n.deployments = u32::try_from(
+                next.deployments
+                    .iter()
+                    .filter(|d| d.node_id == n.node_id)
+                    .count(),
+            )
+            .unwrap();
+        }
+        next
+    }
+
+    fn arb_state() -> impl Strategy<Value = RotationInput> {
+        (
+            4usize..14,
+            1usize..8,
+            6u64..30,
+            proptest::collection::vec((0u32..=10_000, 0u64..300, 0usize..8, 0i64..60), 14),
+            proptest::collection::vec((0usize..14, 0usize..14, 0u64..30, any::<bool>()), 8),
+            proptest::collection::vec((0usize..8, 0usize..14, 0u64..30), 0..10),
+        )
+            .prop_map(|(n_nodes, n_models, epoch, stats, deps, departs)| {
+                let statuses = [
+                    NodeStatus::Active,
+                    NodeStatus::Active,
+                    NodeStatus::Probation,
+                    NodeStatus::Active,
+                    NodeStatus::Jailed,
+                    NodeStatus::Active,
+                    NodeStatus::Offline,
+                    NodeStatus::Probation,
+                ];
+                let mut nodes: Vec<PlacementNode> = (0..n_nodes)
+                    .map(|i| {
+                        let (r, obs, st, age_h) = stats[i];
+                        let mut n = rnode(i, r, obs);
+                        n.status = statuses[st];
+                        n.registered_at = t0() - chrono::Duration::hours(age_h);
+                        n
+                    })
+                    .collect();
+                let mut deployments = Vec::new();
+                for (m, &(a, b, ep, top_first)) in deps.iter().enumerate().take(n_models) {
+                    let a = a % n_nodes;
+                    let mut b = b % n_nodes;
+                    if a == b {
+                        b = (b + 1) % n_nodes;
+                    }
+                    let (ta, tb) = if top_first {
+                        (Tier::Top, Tier::Lower)
+                    } else {
+                        (Tier::Lower, Tier::Top)
+                    };
+                    for (node, tier) in [(a, ta), (b, tb)] {
+                        deployments.push(Deployment {
+                            model_id: mid(m),
+                            node_id: nid(node),
+                            tier,
+                            assigned_epoch: ep.min(epoch),
+                        });
+                    }
+                }
+                for n in nodes.iter_mut() {
+                    n.deployments = u32::try_from(
+                        deployments
+                            .iter()
+                            .filter(|d| d.node_id == n.node_id)
+                            .count(),
+                    )
+                    .unwrap();
+                }
+                let departures = departs
+                    .into_iter()
+                    .map(|(m, n, e)| Departure {
+                        model_id: mid(m % n_models),
+                        node_id: nid(n % n_nodes),
+                        epoch: e.min(epoch),
+                    })
+                    .collect();
+                RotationInput {
+                    epoch,
+                    seed: 5,
+                    now: t0(),
+                    stake_domains: vec![],
+                    median_stake_micros: vec![],
+                    models: (0..n_models)
+                        .map(|m| ModelSpec {
+                            model_id: mid(m),
+                            domain: "llm".to_owned(),
+                        })
+                        .collect(),
+                    nodes,
+                    deployments,
+                    departures,
+                }
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        // Properties 1, 2 and 8 for rotation.
+        #[test]
+        fn moves_are_bounded_safe_and_idempotent(
+            input in arb_state(),
+            perm_seed in any::<u64>(),
+            frac in prop_oneof![Just(500u64), 0u64..=10_000],
+        ) {
+            let rp = RotationPolicy { max_moves_fraction: Bps::saturating(frac), ..RotationPolicy::default() };
+            let pp = PlacementPolicy::default();
+            let plan1 = plan(&input, &rp, &pp);
+
+            // Order independence.
+            let mut shuffled = input.clone();
+            shuffled.nodes.sort_by_key(|n| seeded_hash(perm_seed, "p", n.node_id.as_str()));
+            shuffled.deployments.sort_by_key(|d| seeded_hash(perm_seed, "d", d.node_id.as_str()));
+            prop_assert_eq!(
+                serde_json::to_vec(&plan1).unwrap(),
+                serde_json::to_vec(&plan(&shuffled, &rp, &pp)).unwrap()
+            );
+
+            prop_assert!(plan1.moves.len() as u32 + plan1.already_moved.min(plan1.cap) <= plan1.cap);
+            let mut ins: BTreeMap<&NodeId, u32> = BTreeMap::new();
+            let mut outs: BTreeMap<&NodeId, u32> = BTreeMap::new();
+            for m in &plan1.moves {
+                *ins.entry(&m.assign).or_default() += 1;
+                *outs.entry(&m.revoke).or_default() += 1;
+                let incumbent = input
+                    .deployments
+                    .iter()
+                    .find(|d| d.model_id == m.model_id && d.node_id == m.revoke)
+                    .unwrap();
+                if !matches!(m.reason, MoveReason::HardRule { .. }) {
+                    prop_assert!(input.epoch >= incumbent.assigned_epoch + rp.min_residency_epochs);
+                }
+                prop_assert!(!input.departures.iter().any(|d| d.model_id == m.model_id
+                    && d.node_id == m.assign
+                    && input.epoch < d.epoch + rp.no_move_back_epochs));
+                if let MoveReason::Improvement { incumbent, challenger } = m.reason {
+                    prop_assert!(challenger.raw() >= incumbent.raw() + rp.hysteresis.raw());
+                }
+            }
+            let prior_in = |n: &NodeId| input.deployments.iter().filter(|d| &d.node_id == n && d.assigned_epoch == input.epoch).count() as u32;
+            let prior_out = |n: &NodeId| input.departures.iter().filter(|d| &d.node_id == n && d.epoch == input.epoch).count() as u32;
+            for (n, c) in &ins {
+                prop_assert!(c + prior_in(n) <= rp.max_in_per_node.max(prior_in(n)));
+            }
+            for (n, c) in &outs {
+                prop_assert!(c + prior_out(n) <= rp.max_out_per_node.max(prior_out(n)));
+            }
+
+            // Make before break: no model loses a replica; replicas stay on distinct nodes.
+            let next = apply(&input, &plan1);
+            for m in &input.models {
+                let before = input.deployments.iter().filter(|d| d.model_id == m.model_id).count();
+                let after: BTreeSet<&NodeId> = next.deployments.iter().filter(|d| d.model_id == m.model_id).map(|d| &d.node_id).collect();
+                let after_n = next.deployments.iter().filter(|d| d.model_id == m.model_id).count();
+                prop_assert_eq!(after.len(), after_n);
+                prop_assert!(after_n >= before.min(2));
+            }
+
+            // Planning again on the applied state makes zero moves.
+            let plan2 = plan(&next, &rp, &pp);
+            prop_assert!(plan2.moves.is_empty(), "second plan moved: {:?}", plan2.moves);
+
+            // Phase-out never touches an immune node.
+            for p in &plan1.phase_out {
+                let n = input.nodes.iter().find(|n| n.node_id == p.node_id).unwrap();
+                prop_assert!(!is_immune(n, input.now, &rp));
+            }
+        }
+    }
+
+    // Property 3 (rotation half): every probation node gets a growth slot within
+    // ⌈growth tier size / slots per redraw⌉ redraws.
+    #[test]
+    fn every_probation_node_gets_a_turn() {
+        let (rp, pp) = (RotationPolicy::default(), PlacementPolicy::default());
+        let models = 4;
+        let top = 2;
+        let probation = 9;
+        let mut nodes: Vec<PlacementNode> = (0..top).map(|i| rnode(i, 9_500, 500)).collect();
+        nodes.extend((top..top + probation).map(|i| {
+            let mut n = rnode(i, 5_000, 3);
+            n.status = NodeStatus::Probation;
+            n
+        }));
+        let mut deployments = Vec::new();
+        for m in 0..models {
+            deployments.push(Deployment {
+                model_id: mid(m),
+                node_id: nid(m % top),
+                tier: Tier::Top,
+                assigned_epoch: 0,
+            });
+            deployments.push(Deployment {
+                model_id: mid(m),
+                node_id: nid(top + m),
+                tier: Tier::Lower,
+                assigned_epoch: 0,
+            });
+        }
+        let mut state = RotationInput {
+            epoch: 0,
+            seed: 9,
+            now: t0(),
+            stake_domains: vec![],
+            median_stake_micros: vec![],
+            models: (0..models)
+                .map(|m| ModelSpec {
+                    model_id: mid(m),
+                    domain: "llm".to_owned(),
+                })
+                .collect(),
+            nodes,
+            deployments,
+            departures: vec![],
+        };
+        state = apply(
+            &state,
+            &RotationPlan {
+                epoch: 0,
+                cap: 0,
+                already_moved: 0,
+                redraw: false,
+                moves: vec![],
+                phase_out: vec![],
+                held: vec![],
+            },
+        );
+        let mut served: BTreeSet<NodeId> = state
+            .deployments
+            .iter()
+            .filter(|d| d.tier == Tier::Lower)
+            .map(|d| d.node_id.clone())
+            .collect();
+        let cap = u32::try_from(state.deployments.len() * 5 / 100)
+            .unwrap()
+            .max(1);
+        let slots_per_redraw = (models as u32).min(cap);
+        let bound = (probation as u32).div_ceil(slots_per_redraw);
+        let mut redraws = 0;
+        for epoch in 1..200u64 {
+            state.epoch = epoch;
+            let p = plan(&state, &rp, &pp);
+            assert!(p.moves.len() as u32 <= p.cap);
+            if p.redraw {
+                redraws += 1;
+            }
+            state = apply(&state, &p);
+            served.extend(
+                state
+                    .deployments
+                    .iter()
+                    .filter(|d| d.tier == Tier::Lower)
+                    .map(|d| d.node_id.clone()),
+            );
+            for m in 0..models {
+                assert_eq!(
+                    state
+                        .deployments
+                        .iter()
+                        .filter(|d| d.model_id == mid(m))
+                        .count(),
+                    2
+                );
+            }
+            if served.len() == probation {
+                break;
+            }
+        }
+        assert_eq!(
+            served.len(),
+            probation,
+            "not every probation node was served"
+        );
+        assert!(redraws <= bound, "took {redraws} redraws, bound {bound}");
+    }
+
+    #[test]
+    fn hard_rule_moves_even_within_residency_and_phase_out_respects_immunity() {
+        let (rp, pp) = (RotationPolicy::default(), PlacementPolicy::default());
+        let mut nodes: Vec<PlacementNode> = (0..4).map(|i| rnode(i, 8_000, 200)).collect();
+        nodes[0].status = NodeStatus::Jailed;
+        nodes[3].reputation = Bps::saturating(1_000);
+        let mut young = rnode(4, 1_000, 200);
+        young.registered_at = t0() - chrono::Duration::hours(2);
+        nodes.push(young);
+        let input = RotationInput {
+            epoch: 3,
+            seed: 1,
+            now: t0(),
+            stake_domains: vec![],
+            median_stake_micros: vec![],
+            models: vec![ModelSpec {
+                model_id: mid(0),
+                domain: "llm".to_owned(),
+            }],
+            nodes,
+            deployments: vec![
+                Deployment {
+                    model_id: mid(0),
+                    node_id: nid(0),
+                    tier: Tier::Top,
+                    assigned_epoch: 3,
+                },
+                Deployment {
+                    model_id: mid(0),
+                    node_id: nid(1),
+                    tier: Tier::Lower,
+                    assigned_epoch: 0,
+                },
+            ],
+            departures: vec![],
+        };
+        let p = plan(&input, &rp, &pp);
+        assert_eq!(p.moves.len(), 1);
+        assert_eq!(p.moves[0].revoke, nid(0));
+        assert!(matches!(p.moves[0].reason, MoveReason::HardRule { .. }));
+        assert_eq!(
+            p.phase_out
+                .iter()
+                .map(|p| p.node_id.clone())
+                .collect::<Vec<_>>(),
+            vec![nid(3)]
+        );
+    }
+}

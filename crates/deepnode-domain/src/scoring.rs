@@ -585,9 +585,9 @@ mod tests {
                     ][st];
                     CandidateSnapshot {
                         node_id: node(i),
-                        deployed: deployed || i % 2 == 0,
+                        deployed: deployed || i.is_multiple_of(2),
                         status,
-                        ejected: ejected && i % 3 == 0,
+                        ejected: ejected && i.is_multiple_of(3),
                         in_flight,
                         capacity,
                         reputation: Bps::saturating(u64::from(r)),

@@ -83,32 +83,8 @@ impl Default for RoutingPolicy {
     }
 }
 
-/// A node's lifecycle status as the policy sees it (CONTRACT §5 `node_reputation.status`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NodeStatus {
-    /// Serving normally.
-    Active,
-    /// New or re-admitted; serves, with a boosted growth-slot weight.
-    Probation,
-    /// Jailed for downtime; not eligible until released.
-    Jailed,
-    /// Missed heartbeats; not eligible until it beats again.
-    Offline,
-    /// Phased out for poor reputation.
-    PhasedOut,
-    /// Phased out for good (repeated invalid output).
-    Tombstoned,
-    /// Left the network.
-    Deregistered,
-}
-
-impl NodeStatus {
-    /// Whether a node in this status may be routed to or placed on (active or probation).
-    pub fn is_eligible(self) -> bool {
-        matches!(self, NodeStatus::Active | NodeStatus::Probation)
-    }
-}
+/// A node's lifecycle status; the one shared with the events (CONTRACT §5).
+pub use crate::events::NodeStatus;
 
 /// Why a node was left out of a routing decision. Every filtered node carries exactly one (the first
 /// check it failed, in the order listed here).

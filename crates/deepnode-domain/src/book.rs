@@ -124,7 +124,11 @@ impl NodeState {
     }
 
     fn set_status(&mut self, to: NodeStatus, at: DateTime<Utc>) {
-        if to == NodeStatus::Probation && self.status != NodeStatus::Probation {
+        // A new probation (after a jail, a phase-out reversal or a re-registration) restarts the
+        // clock; a node coming back from `offline` resumes the probation it was serving.
+        if to == NodeStatus::Probation
+            && !matches!(self.status, NodeStatus::Probation | NodeStatus::Offline)
+        {
             self.probation_since = at;
             self.observations_at_probation = self.reputation.observations();
         }

@@ -212,6 +212,8 @@ impl RecordedEvent {
 
     /// The canonical bytes of the row (everything but the two hashes), see [`canonical_bytes`].
     pub fn canonical_bytes(&self) -> Vec<u8> {
+        let payload = to_json_bytes(&self.payload);
+        let metadata = to_json_bytes(&self.metadata);
         canonical_bytes(&CanonicalRow {
             global_position: self.global_position,
             event_id: self.event_id,
@@ -219,15 +221,16 @@ impl RecordedEvent {
             stream_version: self.stream_version,
             event_type: &self.event_type,
             schema_version: self.schema_version,
-            payload: &self.payload,
-            metadata: &self.metadata,
+            payload_json: &payload,
+            metadata_json: &metadata,
             occurred_at: self.occurred_at,
             recorded_at: self.recorded_at,
         })
     }
 }
 
-/// The fields of a row that the hash chain covers.
+/// The fields of a row that the hash chain covers, with the JSON bodies already serialised by
+/// [`to_json_bytes`] (the writer needs those bytes anyway, to send them to the database).
 #[derive(Debug, Clone, Copy)]
 pub struct CanonicalRow<'a> {
     pub global_position: i64,
@@ -236,33 +239,54 @@ pub struct CanonicalRow<'a> {
     pub stream_version: i64,
     pub event_type: &'a str,
     pub schema_version: i32,
-    pub payload: &'a Value,
-    pub metadata: &'a Value,
+    pub payload_json: &'a [u8],
+    pub metadata_json: &'a [u8],
     pub occurred_at: DateTime<Utc>,
     pub recorded_at: DateTime<Utc>,
 }
 
-/// The canonical byte encoding of a row: fixed-width big-endian integers, length-prefixed UTF-8 strings,
-/// JSON as serde_json writes a `Value` (object keys sorted, numbers in shortest round-trip form, which
-/// PostgreSQL's jsonb gives back unchanged), and timestamps as microseconds since the Unix epoch (the
+/// serde_json's serialisation of a `Value`: object keys sorted (serde_json's map is ordered), numbers
+/// in shortest round-trip form, which PostgreSQL's jsonb gives back unchanged.
+pub fn to_json_bytes(value: &Value) -> Vec<u8> {
+    // Serialising a `Value` cannot fail: its keys are strings and it has no custom Serialize impls.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// Rewrites the one JSON value jsonb does not give back unchanged: `-0.0`, which `numeric` stores as
+/// `0.0`. Appenders normalise bodies with this before hashing so a read-back row hashes the same.
+pub fn normalize_json(value: &mut Value) {
+    match value {
+        Value::Number(n) if n.as_f64() == Some(0.0) && n.is_f64() => {
+            if let Some(zero) = serde_json::Number::from_f64(0.0) {
+                *n = zero;
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(normalize_json),
+        Value::Object(map) => map.values_mut().for_each(normalize_json),
+        _ => {}
+    }
+}
+
+/// The canonical byte encoding of a row: a version tag, fixed-width big-endian integers,
+/// length-prefixed UTF-8 strings and JSON, and timestamps as microseconds since the Unix epoch (the
 /// precision of `timestamptz`).
 pub fn canonical_bytes(row: &CanonicalRow<'_>) -> Vec<u8> {
-    fn put_str(out: &mut Vec<u8>, s: &[u8]) {
-        out.extend_from_slice(&(s.len() as u64).to_be_bytes());
-        out.extend_from_slice(s);
+    fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+        out.extend_from_slice(bytes);
     }
-    let payload = serde_json::to_vec(row.payload).unwrap_or_default();
-    let metadata = serde_json::to_vec(row.metadata).unwrap_or_default();
-    let mut out = Vec::with_capacity(96 + row.stream_id.len() + payload.len() + metadata.len());
+    let mut out = Vec::with_capacity(
+        128 + row.stream_id.len() + row.payload_json.len() + row.metadata_json.len(),
+    );
     out.extend_from_slice(b"deepnode-event-v1");
     out.extend_from_slice(&row.global_position.to_be_bytes());
     out.extend_from_slice(row.event_id.as_bytes());
-    put_str(&mut out, row.stream_id.as_bytes());
+    put(&mut out, row.stream_id.as_bytes());
     out.extend_from_slice(&row.stream_version.to_be_bytes());
-    put_str(&mut out, row.event_type.as_bytes());
+    put(&mut out, row.event_type.as_bytes());
     out.extend_from_slice(&row.schema_version.to_be_bytes());
-    put_str(&mut out, &payload);
-    put_str(&mut out, &metadata);
+    put(&mut out, row.payload_json);
+    put(&mut out, row.metadata_json);
     out.extend_from_slice(&row.occurred_at.timestamp_micros().to_be_bytes());
     out.extend_from_slice(&row.recorded_at.timestamp_micros().to_be_bytes());
     out
@@ -316,6 +340,16 @@ mod tests {
     }
 
     #[test]
+    fn negative_zero_is_normalised_like_jsonb_does() {
+        let mut v = json!({"a": [-0.0, 1.5], "b": {"c": -0.0}, "d": 0});
+        normalize_json(&mut v);
+        assert_eq!(
+            String::from_utf8(to_json_bytes(&v)).unwrap(),
+            r#"{"a":[0.0,1.5],"b":{"c":0.0},"d":0}"#
+        );
+    }
+
+    #[test]
     fn bodies_are_checked() {
         assert_eq!(
             event(json!([1])).validate(),
@@ -342,7 +376,8 @@ mod tests {
         let b: Value = serde_json::from_str(r#"{"a":0.1,"b":1}"#).unwrap();
         let c: Value = serde_json::from_str(r#"{"a":0.2,"b":1}"#).unwrap();
         let row = |p: &Value| {
-            let meta = json!({});
+            let meta = to_json_bytes(&json!({}));
+            let p = to_json_bytes(p);
             canonical_bytes(&CanonicalRow {
                 global_position: 1,
                 event_id: Uuid::nil(),
@@ -350,8 +385,8 @@ mod tests {
                 stream_version: 1,
                 event_type: "T",
                 schema_version: 1,
-                payload: p,
-                metadata: &meta,
+                payload_json: &p,
+                metadata_json: &meta,
                 occurred_at: DateTime::UNIX_EPOCH,
                 recorded_at: DateTime::UNIX_EPOCH,
             })

@@ -1,1 +1,171 @@
-//! x
+//! The deepnode event log in PostgreSQL: append (group commit, optimistic concurrency, idempotent by
+//! event id), read (one stream, pages of the global order, a flat-memory stream of the whole log, a
+//! live subscription), hash-chain verification, the projection runner and migrations.
+//!
+//! It stores events as data (type, version, JSON) and does not interpret them: turning a
+//! [`RecordedEvent`] into a domain event (and upcasting old versions) is `deepnode-domain`'s job.
+
+mod append;
+mod chain;
+mod error;
+mod migrate;
+mod projection;
+mod read;
+
+use std::collections::HashSet;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+
+pub use append::AppendResult;
+pub use chain::{verify_chain, verify_chain_with, BreakKind, ChainBreak, ChainReport};
+pub use deepnode_domain::log::{ExpectedVersion, NewEvent, RecordedEvent, StreamId};
+pub use error::Error;
+pub use migrate::{create_database_if_missing, latest_known_version, migrate};
+pub use projection::{checkpoint, Projection, ProjectionRunner};
+pub use read::Subscription;
+
+/// Default `DATABASE_URL` (CONTRACT §1).
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/deepnode";
+
+/// A handle on the event log. Cheap to clone; all clones share one pool and one group-commit writer.
+#[derive(Clone)]
+pub struct EventStore {
+    pool: PgPool,
+    writer: mpsc::Sender<append::AppendRequest>,
+}
+
+impl EventStore {
+    /// Creates the database if missing, migrates it, and opens a pool of `max_connections`.
+    pub async fn connect(database_url: &str, max_connections: u32) -> Result<EventStore, Error> {
+        migrate(database_url).await?;
+        let options = PgConnectOptions::from_str(database_url)
+            .map_err(|e| Error::Migration(format!("invalid DATABASE_URL: {e}")))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(2))
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        Ok(EventStore::from_pool(pool))
+    }
+
+    /// Wraps an existing pool (of a migrated database). Must be called inside a Tokio runtime: it
+    /// starts the group-commit writer task, which ends when the last clone is dropped.
+    pub fn from_pool(pool: PgPool) -> EventStore {
+        let (writer, rx) = mpsc::channel(4_096);
+        tokio::spawn(append::run_writer(pool.clone(), rx));
+        EventStore { pool, writer }
+    }
+
+    /// The connection pool, for projections and admin queries.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Appends `events` to `stream` atomically if the stream is at `expected`.
+    ///
+    /// Idempotent by event id: appending ids that are all already in the log with the same bodies
+    /// returns the original positions (`duplicate: true`) and writes nothing; an id reused with a
+    /// different body, or only some ids of an append already present, is [`Error::EventIdReused`].
+    pub async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, Error> {
+        let events = prepare_all(events)?;
+        let (reply, answer) = oneshot::channel();
+        let request = append::AppendRequest {
+            stream: stream.clone(),
+            expected,
+            events,
+            reply,
+        };
+        self.writer.send(request).await.map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Appends inside the caller's transaction, so events and other writes commit (or roll back)
+    /// together. The log's head stays locked until that transaction ends, so keep it short; this
+    /// bypasses group commit.
+    pub async fn append_in(
+        conn: &mut sqlx::PgConnection,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, Error> {
+        let events = prepare_all(events)?;
+        let (reply, _) = oneshot::channel();
+        let request = append::AppendRequest {
+            stream: stream.clone(),
+            expected,
+            events,
+            reply,
+        };
+        append::append_in(conn, &request).await
+    }
+
+    /// Events of one stream from `from_version` (1 = the start), in order.
+    pub async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from_version: i64,
+    ) -> Result<Vec<RecordedEvent>, Error> {
+        read::read_stream(&self.pool, stream, from_version).await
+    }
+
+    /// A page of at most `limit` events after position `after`, in global order.
+    pub async fn read_all(&self, after: i64, limit: i64) -> Result<Vec<RecordedEvent>, Error> {
+        read::read_all(&self.pool, after, limit).await
+    }
+
+    /// The log after `after` up to `until` (inclusive; `None` = the head when the read starts), as
+    /// pages from a background reader. Flat memory whatever the length of the log.
+    pub fn stream_all(
+        &self,
+        after: i64,
+        until: Option<i64>,
+    ) -> mpsc::Receiver<Result<Vec<RecordedEvent>, Error>> {
+        read::stream_all(self.pool.clone(), after, until)
+    }
+
+    /// Every event after `after`: catch-up, then live (LISTEN/NOTIFY, polling every `poll` as the
+    /// safety net, reconnecting after errors).
+    pub fn subscribe_all(&self, after: i64, poll: Duration) -> Subscription {
+        Subscription::new(self.pool.clone(), after, poll)
+    }
+
+    /// The position of the last committed event (0 for an empty log).
+    pub async fn head_position(&self) -> Result<i64, Error> {
+        Ok(sqlx::query_scalar("SELECT position FROM log_head")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Verifies the hash chain over `from..=to`; see [`verify_chain`].
+    pub async fn verify_chain(&self, from: i64, to: Option<i64>) -> Result<ChainReport, Error> {
+        chain::verify_chain(&self.pool, from, to).await
+    }
+}
+
+/// Validates an append's events (non-empty, distinct ids, each valid) and serialises their bodies.
+fn prepare_all(events: Vec<NewEvent>) -> Result<Vec<append::PreparedEvent>, Error> {
+    if events.is_empty() {
+        return Err(Error::EmptyAppend);
+    }
+    let mut seen = HashSet::with_capacity(events.len());
+    for event in &events {
+        if !seen.insert(event.event_id) {
+            return Err(Error::DuplicateInAppend {
+                event_id: event.event_id,
+            });
+        }
+    }
+    events
+        .into_iter()
+        .map(append::PreparedEvent::prepare)
+        .collect()
+}

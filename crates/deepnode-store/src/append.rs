@@ -1,0 +1,417 @@
+//! Appending to the log with group commit.
+//!
+//! Every append in this process goes through one writer task. The writer takes whatever appends are
+//! waiting, opens one transaction, locks the single `log_head` row (which serialises all appenders,
+//! in this process and in others), decides each append in memory — idempotent replay by event id,
+//! expected-version check, position and stream-version assignment, hash chain — writes all new rows
+//! with one `INSERT … SELECT FROM unnest(…)`, moves the head and commits. Concurrent callers thus share
+//! one commit (one WAL flush), while positions stay contiguous and commit order equals position order.
+//!
+//! A rejected append (conflict, reused id) does not abort the batch: it is decided before any SQL is
+//! sent. Should the database still refuse a batch (a constraint the in-memory checks missed), each
+//! append of it is retried alone, so one bad append never fails its neighbours.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use deepnode_domain::log::{
+    canonical_bytes, chain_hash, normalize_json, to_json_bytes, to_micros, CanonicalRow,
+    ExpectedVersion, NewEvent, StreamId,
+};
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::Error;
+
+/// Most events written by one group-commit transaction.
+const MAX_BATCH_EVENTS: usize = 2_000;
+
+/// The outcome of a successful append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendResult {
+    /// Global positions of the appended events, in order.
+    pub positions: Vec<i64>,
+    /// The stream's version after its last event of this append.
+    pub stream_version: i64,
+    /// True when every event id had been appended before: nothing was written and the original
+    /// positions are returned.
+    pub duplicate: bool,
+}
+
+impl AppendResult {
+    /// Position of the last event of this append.
+    pub fn last_position(&self) -> i64 {
+        self.positions.last().copied().unwrap_or(0)
+    }
+}
+
+pub(crate) struct AppendRequest {
+    pub stream: StreamId,
+    pub expected: ExpectedVersion,
+    pub events: Vec<PreparedEvent>,
+    pub reply: oneshot::Sender<Result<AppendResult, Error>>,
+}
+
+/// A validated event with its bodies serialised once, for both the hash and the database.
+pub(crate) struct PreparedEvent {
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub schema_version: i32,
+    pub payload: Value,
+    pub payload_json: String,
+    pub metadata_json: String,
+    pub occurred_at: DateTime<Utc>,
+}
+
+impl PreparedEvent {
+    pub(crate) fn prepare(mut event: NewEvent) -> Result<PreparedEvent, Error> {
+        event.validate()?;
+        normalize_json(&mut event.payload);
+        normalize_json(&mut event.metadata);
+        // serde_json only ever writes UTF-8.
+        let json = |v: &Value| String::from_utf8(to_json_bytes(v)).unwrap_or_default();
+        Ok(PreparedEvent {
+            event_id: event.event_id,
+            event_type: event.event_type,
+            schema_version: event.schema_version,
+            payload_json: json(&event.payload),
+            metadata_json: json(&event.metadata),
+            payload: event.payload,
+            occurred_at: to_micros(event.occurred_at),
+        })
+    }
+}
+
+/// Runs until every sender is dropped, committing waiting appends in batches.
+pub(crate) async fn run_writer(pool: PgPool, mut rx: mpsc::Receiver<AppendRequest>) {
+    while let Some(first) = rx.recv().await {
+        let mut events = first.events.len();
+        let mut batch = vec![first];
+        while events < MAX_BATCH_EVENTS {
+            match rx.try_recv() {
+                Ok(next) => {
+                    events += next.events.len();
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        write_and_reply(&pool, batch).await;
+    }
+}
+
+async fn write_and_reply(pool: &PgPool, batch: Vec<AppendRequest>) {
+    let size = batch.len();
+    let requests: Vec<&AppendRequest> = batch.iter().collect();
+    match write_batch(pool, &requests).await {
+        Ok(results) => reply_all(batch, results),
+        Err(e) if size > 1 && !e.is_transient() => {
+            tracing::warn!(error = %e, size, "group commit refused; retrying its appends one by one");
+            for request in batch {
+                let result = match write_batch(pool, &[&request]).await {
+                    Ok(mut results) => results.pop().unwrap_or(Err(Error::Closed)),
+                    Err(e) => Err(e),
+                };
+                let _ = request.reply.send(result);
+            }
+        }
+        Err(e) => {
+            for request in batch {
+                let _ = request.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+fn reply_all(batch: Vec<AppendRequest>, results: Vec<Result<AppendResult, Error>>) {
+    for (request, result) in batch.into_iter().zip(results) {
+        // The caller may have given up waiting; its append is committed all the same.
+        let _ = request.reply.send(result);
+    }
+}
+
+/// An event already in the log (or earlier in this batch), for idempotency checks.
+struct Prior {
+    position: i64,
+    stream_id: String,
+    stream_version: i64,
+    event_type: String,
+    schema_version: i32,
+    payload: Value,
+}
+
+impl Prior {
+    fn same_body(&self, stream: &StreamId, event: &PreparedEvent) -> bool {
+        self.stream_id == stream.as_str()
+            && self.event_type == event.event_type
+            && self.schema_version == event.schema_version
+            && self.payload == event.payload
+    }
+}
+
+/// Columns of the rows to insert, as arrays for one `unnest` insert.
+#[derive(Default)]
+struct Rows {
+    position: Vec<i64>,
+    event_id: Vec<Uuid>,
+    stream_id: Vec<String>,
+    stream_version: Vec<i64>,
+    event_type: Vec<String>,
+    schema_version: Vec<i32>,
+    payload: Vec<String>,
+    metadata: Vec<String>,
+    occurred_at: Vec<DateTime<Utc>>,
+    prev_hash: Vec<Vec<u8>>,
+    hash: Vec<Vec<u8>>,
+}
+
+/// Writes one batch in one transaction. `Ok` carries one result per request (some may be rejections);
+/// `Err` means the transaction failed and nothing of the batch was written.
+async fn write_batch(
+    pool: &PgPool,
+    requests: &[&AppendRequest],
+) -> Result<Vec<Result<AppendResult, Error>>, Error> {
+    let mut tx = pool.begin().await?;
+    let (results, wrote) = write_in(&mut tx, requests).await?;
+    if wrote {
+        tx.commit().await?;
+    } else {
+        tx.rollback().await?;
+    }
+    Ok(results)
+}
+
+/// Appends one request inside the caller's transaction (see `EventStore::append_in`).
+pub(crate) async fn append_in(
+    conn: &mut PgConnection,
+    request: &AppendRequest,
+) -> Result<AppendResult, Error> {
+    let (mut results, _) = write_in(conn, &[request]).await?;
+    results.pop().unwrap_or(Err(Error::Closed))
+}
+
+/// Decides and writes `requests` on `conn`, which must be inside a transaction: locks the head (until
+/// that transaction ends), writes the accepted events and moves the head. Returns one result per
+/// request and whether anything was written.
+async fn write_in(
+    conn: &mut PgConnection,
+    requests: &[&AppendRequest],
+) -> Result<(Vec<Result<AppendResult, Error>>, bool), Error> {
+    let (head_position, head_hash): (i64, Vec<u8>) =
+        sqlx::query_as("SELECT position, hash FROM log_head WHERE id FOR UPDATE")
+            .fetch_one(&mut *conn)
+            .await?;
+
+    let mut versions = current_versions(conn, requests).await?;
+    let mut priors = existing_events(conn, requests).await?;
+
+    let recorded_at = to_micros(Utc::now());
+    let mut position = head_position;
+    let mut prev_hash = head_hash;
+    let mut rows = Rows::default();
+    let mut results = Vec::with_capacity(requests.len());
+
+    for request in requests {
+        let stream = &request.stream;
+        if let Some(replayed) = replay(request, &priors) {
+            results.push(replayed);
+            continue;
+        }
+        let actual = versions.get(stream.as_str()).copied().unwrap_or(0);
+        if !request.expected.matches(actual) {
+            results.push(Err(Error::Conflict {
+                stream: stream.to_string(),
+                expected: request.expected,
+                actual,
+            }));
+            continue;
+        }
+        let mut version = actual;
+        let mut positions = Vec::with_capacity(request.events.len());
+        for event in &request.events {
+            position += 1;
+            version += 1;
+            let hash = chain_hash(
+                &prev_hash,
+                &canonical_bytes(&CanonicalRow {
+                    global_position: position,
+                    event_id: event.event_id,
+                    stream_id: stream.as_str(),
+                    stream_version: version,
+                    event_type: &event.event_type,
+                    schema_version: event.schema_version,
+                    payload_json: event.payload_json.as_bytes(),
+                    metadata_json: event.metadata_json.as_bytes(),
+                    occurred_at: event.occurred_at,
+                    recorded_at,
+                }),
+            )
+            .to_vec();
+            rows.position.push(position);
+            rows.event_id.push(event.event_id);
+            rows.stream_id.push(stream.to_string());
+            rows.stream_version.push(version);
+            rows.event_type.push(event.event_type.clone());
+            rows.schema_version.push(event.schema_version);
+            rows.payload.push(event.payload_json.clone());
+            rows.metadata.push(event.metadata_json.clone());
+            rows.occurred_at.push(event.occurred_at);
+            rows.prev_hash
+                .push(std::mem::replace(&mut prev_hash, hash.clone()));
+            rows.hash.push(hash);
+            priors.insert(
+                event.event_id,
+                Prior {
+                    position,
+                    stream_id: stream.to_string(),
+                    stream_version: version,
+                    event_type: event.event_type.clone(),
+                    schema_version: event.schema_version,
+                    payload: event.payload.clone(),
+                },
+            );
+            positions.push(position);
+        }
+        versions.insert(stream.to_string(), version);
+        results.push(Ok(AppendResult {
+            positions,
+            stream_version: version,
+            duplicate: false,
+        }));
+    }
+
+    let wrote = position > head_position;
+    if wrote {
+        insert_rows(conn, rows, recorded_at).await?;
+        sqlx::query("UPDATE log_head SET position = $1, hash = $2 WHERE id")
+            .bind(position)
+            .bind(&prev_hash)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok((results, wrote))
+}
+
+/// If the request's event ids were appended before, the original result (or why it is refused).
+fn replay(
+    request: &AppendRequest,
+    priors: &HashMap<Uuid, Prior>,
+) -> Option<Result<AppendResult, Error>> {
+    let found: Vec<Option<&Prior>> = request
+        .events
+        .iter()
+        .map(|e| priors.get(&e.event_id))
+        .collect();
+    if found.iter().all(Option::is_none) {
+        return None;
+    }
+    let mut positions = Vec::with_capacity(found.len());
+    let mut stream_version = 0;
+    for (event, prior) in request.events.iter().zip(found) {
+        match prior {
+            Some(prior) if prior.same_body(&request.stream, event) => {
+                positions.push(prior.position);
+                stream_version = stream_version.max(prior.stream_version);
+            }
+            _ => {
+                return Some(Err(Error::EventIdReused {
+                    event_id: event.event_id,
+                }))
+            }
+        }
+    }
+    Some(Ok(AppendResult {
+        positions,
+        stream_version,
+        duplicate: true,
+    }))
+}
+
+async fn current_versions(
+    conn: &mut PgConnection,
+    requests: &[&AppendRequest],
+) -> Result<BTreeMap<String, i64>, Error> {
+    let streams: Vec<&str> = {
+        let mut s: Vec<&str> = requests.iter().map(|r| r.stream.as_str()).collect();
+        s.sort_unstable();
+        s.dedup();
+        s
+    };
+    // One index probe per stream (max over the (stream_id, stream_version) unique index).
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT s.id, COALESCE((SELECT max(e.stream_version) FROM events e WHERE e.stream_id = s.id), 0)
+           FROM unnest($1::text[]) AS s(id)",
+    )
+    .bind(&streams)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+async fn existing_events(
+    conn: &mut PgConnection,
+    requests: &[&AppendRequest],
+) -> Result<HashMap<Uuid, Prior>, Error> {
+    let ids: Vec<Uuid> = requests
+        .iter()
+        .flat_map(|r| r.events.iter().map(|e| e.event_id))
+        .collect();
+    let rows: Vec<(Uuid, i64, String, i64, String, i32, Value)> = sqlx::query_as(
+        "SELECT event_id, global_position, stream_id, stream_version, event_type, schema_version, payload
+           FROM events WHERE event_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(id, position, stream_id, stream_version, event_type, schema_version, payload)| {
+                (
+                    id,
+                    Prior {
+                        position,
+                        stream_id,
+                        stream_version,
+                        event_type,
+                        schema_version,
+                        payload,
+                    },
+                )
+            },
+        )
+        .collect())
+}
+
+async fn insert_rows(
+    conn: &mut PgConnection,
+    rows: Rows,
+    recorded_at: DateTime<Utc>,
+) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO events (global_position, event_id, stream_id, stream_version, event_type,
+                             schema_version, payload, metadata, occurred_at, recorded_at,
+                             prev_hash, hash)
+         SELECT p, id, s, v, t, sv, pl::jsonb, md::jsonb, o, $12, ph, h
+           FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::int[],
+                       $7::text[], $8::text[], $9::timestamptz[], $10::bytea[], $11::bytea[])
+                AS r(p, id, s, v, t, sv, pl, md, o, ph, h)",
+    )
+    .bind(rows.position)
+    .bind(rows.event_id)
+    .bind(rows.stream_id)
+    .bind(rows.stream_version)
+    .bind(rows.event_type)
+    .bind(rows.schema_version)
+    .bind(rows.payload)
+    .bind(rows.metadata)
+    .bind(rows.occurred_at)
+    .bind(rows.prev_hash)
+    .bind(rows.hash)
+    .bind(recorded_at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}

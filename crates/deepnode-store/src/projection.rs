@@ -1,0 +1,224 @@
+//! The projection runner: folds the log into SQL tables, writing each batch of rows and the
+//! projection's checkpoint in one transaction, so a crash at any instant leaves the tables equal to
+//! the fold of the log up to the stored checkpoint — never an event applied twice or skipped.
+//!
+//! The checkpoint row is locked (`FOR UPDATE`) for the duration of a batch, so several copies of a
+//! service may run the same projection: they take turns and each continues from where the last
+//! committed. A projection may keep in-memory state (for example a whole `NodeBook`); the runner
+//! feeds it the events other copies applied (`observe`) and resets it after a failed transaction.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deepnode_domain::log::RecordedEvent;
+use sqlx::{PgConnection, PgPool};
+
+use crate::read::{read_all, Waker};
+use crate::Error;
+
+/// A read model kept by the [`ProjectionRunner`].
+#[async_trait]
+pub trait Projection: Send {
+    /// Stable name: the key in `projection_checkpoints`.
+    fn name(&self) -> &str;
+
+    /// Applies a batch inside the runner's transaction (rows only; the runner writes the checkpoint).
+    /// A stateful projection folds the events into its state here too.
+    async fn apply(
+        &mut self,
+        conn: &mut PgConnection,
+        events: &[RecordedEvent],
+    ) -> Result<(), Error>;
+
+    /// Folds events that another copy already wrote into in-memory state (nothing to write).
+    fn observe(&mut self, _events: &[RecordedEvent]) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// Forgets in-memory state: called at start and after a failed transaction, before the runner
+    /// re-observes the log up to the stored checkpoint.
+    fn reset(&mut self) {}
+
+    /// Deletes every row of the projection's tables (for a rebuild from position 0).
+    async fn clear(&mut self, conn: &mut PgConnection) -> Result<(), Error>;
+}
+
+/// Drives one projection: catch up, then follow new commits.
+pub struct ProjectionRunner<P> {
+    pool: PgPool,
+    projection: P,
+    /// Position the projection's in-memory state reflects.
+    memory_position: i64,
+    batch: i64,
+    poll: Duration,
+}
+
+impl<P: Projection> ProjectionRunner<P> {
+    /// A runner with default batch size (500 events) and poll interval (1 s).
+    pub fn new(pool: PgPool, mut projection: P) -> Self {
+        projection.reset();
+        ProjectionRunner {
+            pool,
+            projection,
+            memory_position: 0,
+            batch: 500,
+            poll: Duration::from_secs(1),
+        }
+    }
+
+    /// Sets how many events one transaction applies at most.
+    pub fn with_batch(mut self, batch: i64) -> Self {
+        self.batch = batch.max(1);
+        self
+    }
+
+    /// The projection, e.g. to read its in-memory state in tests.
+    pub fn projection(&self) -> &P {
+        &self.projection
+    }
+
+    /// The stored checkpoint of this projection (0 when it has none yet).
+    pub async fn checkpoint(&self) -> Result<i64, Error> {
+        checkpoint(&self.pool, self.projection.name()).await
+    }
+
+    /// Applies batches until the projection has reached the head of the log; returns the checkpoint.
+    pub async fn run_to_head(&mut self) -> Result<i64, Error> {
+        loop {
+            match self.step().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return self.checkpoint().await,
+                Err(e) => {
+                    self.projection.reset();
+                    self.memory_position = 0;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Runs until `shutdown` resolves, retrying transient errors with backoff.
+    pub async fn run(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), Error> {
+        tokio::pin!(shutdown);
+        let mut waker = Waker::new(self.pool.clone(), self.poll);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            waker.arm().await;
+            let step = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                step = self.run_to_head() => step,
+            };
+            match step {
+                Ok(_) => {
+                    backoff = Duration::from_millis(100);
+                    tokio::select! {
+                        _ = &mut shutdown => return Ok(()),
+                        _ = waker.wait() => {}
+                    }
+                }
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(projection = self.projection.name(), error = %e, "projection paused; retrying");
+                    tokio::select! {
+                        _ = &mut shutdown => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Deletes the projection's rows, resets its checkpoint to 0 and replays the whole log.
+    pub async fn rebuild(&mut self) -> Result<i64, Error> {
+        let mut tx = self.pool.begin().await?;
+        lock_checkpoint(&mut tx, self.projection.name()).await?;
+        self.projection.clear(&mut tx).await?;
+        sqlx::query("UPDATE projection_checkpoints SET global_position = 0 WHERE projection = $1")
+            .bind(self.projection.name())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.projection.reset();
+        self.memory_position = 0;
+        self.run_to_head().await
+    }
+
+    /// One transaction: lock the checkpoint, apply the next batch, move the checkpoint, commit.
+    /// Returns the new checkpoint, or `None` when there was nothing to apply.
+    async fn step(&mut self) -> Result<Option<i64>, Error> {
+        // Catch the in-memory state up to the stored checkpoint before taking the lock, so a long
+        // catch-up (a fresh process) does not hold other copies up.
+        let stored = self.checkpoint().await?;
+        self.observe_until(stored).await?;
+
+        let mut tx = self.pool.begin().await?;
+        let position = lock_checkpoint(&mut tx, self.projection.name()).await?;
+        self.observe_until(position).await?;
+        let events = read_all(&self.pool, position, self.batch).await?;
+        let Some(last) = events.last().map(|e| e.global_position) else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        self.memory_position = last;
+        self.projection.apply(&mut tx, &events).await?;
+        sqlx::query("UPDATE projection_checkpoints SET global_position = $2 WHERE projection = $1")
+            .bind(self.projection.name())
+            .bind(last)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(last))
+    }
+
+    /// Folds `(memory_position, until]` into in-memory state without writing.
+    async fn observe_until(&mut self, until: i64) -> Result<(), Error> {
+        if self.memory_position > until {
+            // Our state is ahead of the table (a rebuild elsewhere): start again from scratch.
+            self.projection.reset();
+            self.memory_position = 0;
+        }
+        while self.memory_position < until {
+            let limit = (until - self.memory_position).min(5_000);
+            let events = read_all(&self.pool, self.memory_position, limit).await?;
+            let Some(last) = events.last().map(|e| e.global_position) else {
+                break;
+            };
+            self.projection.observe(&events)?;
+            self.memory_position = last;
+        }
+        Ok(())
+    }
+}
+
+/// The stored checkpoint of a projection (0 when it has none yet).
+pub async fn checkpoint(pool: &PgPool, projection: &str) -> Result<i64, Error> {
+    let position: Option<i64> = sqlx::query_scalar(
+        "SELECT global_position FROM projection_checkpoints WHERE projection = $1",
+    )
+    .bind(projection)
+    .fetch_optional(pool)
+    .await?;
+    Ok(position.unwrap_or(0))
+}
+
+/// Creates the checkpoint row if needed and locks it for this transaction; returns its position.
+async fn lock_checkpoint(conn: &mut PgConnection, projection: &str) -> Result<i64, Error> {
+    sqlx::query(
+        "INSERT INTO projection_checkpoints (projection, global_position) VALUES ($1, 0)
+         ON CONFLICT (projection) DO NOTHING",
+    )
+    .bind(projection)
+    .execute(&mut *conn)
+    .await?;
+    let position: i64 = sqlx::query_scalar(
+        "SELECT global_position FROM projection_checkpoints WHERE projection = $1 FOR UPDATE",
+    )
+    .bind(projection)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(position)
+}

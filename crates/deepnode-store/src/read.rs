@@ -1,0 +1,224 @@
+//! Reading the log: one stream, a page of the global order, the whole log as a flat-memory stream, and
+//! a subscription that catches up and then follows live appends.
+//!
+//! Readers follow `global_position` only. Because positions are assigned under the head lock and
+//! committed in order (see `append`), "everything after the last position I saw" is always complete.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use deepnode_domain::log::{RecordedEvent, StreamId};
+use futures::TryStreamExt;
+use sqlx::postgres::{PgListener, PgRow};
+use sqlx::{PgPool, Row};
+use tokio::sync::mpsc;
+
+use crate::Error;
+
+/// Channel on which the `events_notify` trigger announces commits.
+pub(crate) const NOTIFY_CHANNEL: &str = "deepnode_events";
+
+pub(crate) const SELECT_EVENTS: &str = "SELECT global_position, event_id, stream_id, stream_version, \
+     event_type, schema_version, payload, metadata, occurred_at, recorded_at, prev_hash, hash FROM events";
+
+pub(crate) fn from_row(row: &PgRow) -> Result<RecordedEvent, sqlx::Error> {
+    Ok(RecordedEvent {
+        global_position: row.try_get(0)?,
+        event_id: row.try_get(1)?,
+        stream_id: row.try_get(2)?,
+        stream_version: row.try_get(3)?,
+        event_type: row.try_get(4)?,
+        schema_version: row.try_get(5)?,
+        payload: row.try_get(6)?,
+        metadata: row.try_get(7)?,
+        occurred_at: row.try_get(8)?,
+        recorded_at: row.try_get(9)?,
+        prev_hash: row.try_get(10)?,
+        hash: row.try_get(11)?,
+    })
+}
+
+/// Events of one stream with `stream_version >= from_version`, in version order.
+pub async fn read_stream(
+    pool: &PgPool,
+    stream: &StreamId,
+    from_version: i64,
+) -> Result<Vec<RecordedEvent>, Error> {
+    let sql = format!(
+        "{SELECT_EVENTS} WHERE stream_id = $1 AND stream_version >= $2 ORDER BY stream_version"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(stream.as_str())
+        .bind(from_version)
+        .fetch_all(pool)
+        .await?;
+    rows.iter()
+        .map(|r| from_row(r).map_err(Error::from))
+        .collect()
+}
+
+/// At most `limit` events with `global_position > after`, in global order.
+pub async fn read_all(pool: &PgPool, after: i64, limit: i64) -> Result<Vec<RecordedEvent>, Error> {
+    let sql =
+        format!("{SELECT_EVENTS} WHERE global_position > $1 ORDER BY global_position LIMIT $2");
+    let rows = sqlx::query(&sql)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
+    rows.iter()
+        .map(|r| from_row(r).map_err(Error::from))
+        .collect()
+}
+
+/// Pages of the log after `after` up to `until` (inclusive), read by one streaming query on a
+/// background task so decoding overlaps with the consumer's work. Memory stays flat: at most a few
+/// pages are buffered whatever the log's length.
+pub fn stream_all(
+    pool: PgPool,
+    after: i64,
+    until: Option<i64>,
+) -> mpsc::Receiver<Result<Vec<RecordedEvent>, Error>> {
+    const PAGE: usize = 1_000;
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let sql = format!(
+            "{SELECT_EVENTS} WHERE global_position > $1 AND global_position <= $2 ORDER BY global_position"
+        );
+        let mut rows = sqlx::query(&sql)
+            .bind(after)
+            .bind(until.unwrap_or(i64::MAX))
+            .fetch(&pool);
+        let mut page = Vec::with_capacity(PAGE);
+        loop {
+            match rows.try_next().await {
+                Ok(Some(row)) => match from_row(&row) {
+                    Ok(event) => {
+                        page.push(event);
+                        if page.len() == PAGE
+                            && tx.send(Ok(std::mem::take(&mut page))).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                },
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            }
+        }
+        if !page.is_empty() {
+            let _ = tx.send(Ok(page)).await;
+        }
+    });
+    rx
+}
+
+/// Wakes a follower when the log may have grown: a LISTEN on the commit channel, with a poll timer as
+/// the safety net for missed notifications and dropped connections.
+pub(crate) struct Waker {
+    pool: PgPool,
+    listener: Option<PgListener>,
+    poll: Duration,
+}
+
+impl Waker {
+    pub(crate) fn new(pool: PgPool, poll: Duration) -> Waker {
+        Waker {
+            pool,
+            listener: None,
+            poll,
+        }
+    }
+
+    /// Makes sure a listener is connected (best effort; polling covers failures). Call before reading,
+    /// so a commit between the read and the wait still wakes the next wait.
+    pub(crate) async fn arm(&mut self) {
+        if self.listener.is_some() {
+            return;
+        }
+        match PgListener::connect_with(&self.pool).await {
+            Ok(mut listener) => match listener.listen(NOTIFY_CHANNEL).await {
+                Ok(()) => self.listener = Some(listener),
+                Err(e) => tracing::debug!(error = %e, "LISTEN failed; polling"),
+            },
+            Err(e) => tracing::debug!(error = %e, "listener connection failed; polling"),
+        }
+    }
+
+    /// Waits for a notification or the poll interval, whichever comes first.
+    pub(crate) async fn wait(&mut self) {
+        let Some(listener) = self.listener.as_mut() else {
+            tokio::time::sleep(self.poll).await;
+            return;
+        };
+        tokio::select! {
+            received = listener.try_recv() => match received {
+                Ok(Some(_)) => {}
+                // The connection was lost: notifications may have been missed, so read now and
+                // reconnect on the next arm().
+                Ok(None) | Err(_) => self.listener = None,
+            },
+            _ = tokio::time::sleep(self.poll) => {}
+        }
+    }
+}
+
+/// A follower of the global order: yields every event after a position exactly once, in order, first
+/// catching up from the table, then following new commits. Transient database errors are retried with
+/// backoff, so a subscription survives a dropped connection or a database restart.
+pub struct Subscription {
+    pool: PgPool,
+    position: i64,
+    buffer: VecDeque<RecordedEvent>,
+    waker: Waker,
+    page: i64,
+}
+
+impl Subscription {
+    pub(crate) fn new(pool: PgPool, after: i64, poll: Duration) -> Subscription {
+        Subscription {
+            waker: Waker::new(pool.clone(), poll),
+            pool,
+            position: after,
+            buffer: VecDeque::new(),
+            page: 1_000,
+        }
+    }
+
+    /// The position of the last event yielded.
+    pub fn position(&self) -> i64 {
+        self.position
+    }
+
+    /// The next event in global order, waiting for it if the log has none yet.
+    pub async fn next(&mut self) -> Result<RecordedEvent, Error> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if let Some(event) = self.buffer.pop_front() {
+                self.position = event.global_position;
+                return Ok(event);
+            }
+            self.waker.arm().await;
+            match read_all(&self.pool, self.position, self.page).await {
+                Ok(events) if events.is_empty() => self.waker.wait().await,
+                Ok(events) => {
+                    backoff = Duration::from_millis(50);
+                    self.buffer.extend(events);
+                }
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, position = self.position, "subscription read failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! Appending against a real PostgreSQL: atomicity, optimistic concurrency, idempotency by event id,
+//! refusal of bad input, and the database-enforced immutability of the log.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use deepnode_store::{Error, EventStore, ExpectedVersion, StreamId};
+use deepnode_testkit::{event, TestDb};
+use serde_json::json;
+use uuid::Uuid;
+
+fn stream(s: &str) -> StreamId {
+    StreamId::parse(s).unwrap()
+}
+
+async fn count(store: &EventStore) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn appends_are_atomic_ordered_and_versioned() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let s = stream("node-n1");
+
+    let first = store
+        .append(
+            &s,
+            ExpectedVersion::NoStream,
+            vec![
+                event("NodeRegistered", json!({"n": 1})),
+                event("NodeRegistered", json!({"n": 2})),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.positions, vec![1, 2]);
+    assert_eq!(first.stream_version, 2);
+    assert!(!first.duplicate);
+
+    let second = store
+        .append(
+            &s,
+            ExpectedVersion::Exact(2),
+            vec![event("NodeDeregistered", json!({}))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(second.positions, vec![3]);
+    assert_eq!(second.stream_version, 3);
+
+    let other = store
+        .append(
+            &stream("node-n2"),
+            ExpectedVersion::Any,
+            vec![event("NodeRegistered", json!({}))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (other.positions.clone(), other.stream_version),
+        (vec![4], 1)
+    );
+
+    let events = store.read_stream(&s, 1).await.unwrap();
+    assert_eq!(
+        events.iter().map(|e| e.stream_version).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(events[1].payload, json!({"n": 2}));
+    assert_eq!(store.read_stream(&s, 3).await.unwrap().len(), 1);
+    assert_eq!(store.head_position().await.unwrap(), 4);
+}
+
+#[tokio::test]
+async fn wrong_expected_version_is_a_typed_conflict_naming_both_versions() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let s = stream("model-m1");
+    store
+        .append(
+            &s,
+            ExpectedVersion::NoStream,
+            vec![event("ModelDeployed", json!({}))],
+        )
+        .await
+        .unwrap();
+
+    let err = store
+        .append(
+            &s,
+            ExpectedVersion::Exact(5),
+            vec![event("ModelDeployed", json!({}))],
+        )
+        .await
+        .unwrap_err();
+    match err {
+        Error::Conflict {
+            stream,
+            expected,
+            actual,
+        } => {
+            assert_eq!(stream, "model-m1");
+            assert_eq!(expected, ExpectedVersion::Exact(5));
+            assert_eq!(actual, 1);
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let err = store
+        .append(
+            &s,
+            ExpectedVersion::NoStream,
+            vec![event("ModelDeployed", json!({}))],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict { actual: 1, .. }), "{err}");
+    assert!(
+        err.to_string().contains("expected no stream, actual 1"),
+        "{err}"
+    );
+    assert_eq!(count(&store).await, 1, "a refused append writes nothing");
+
+    // Two writers racing on the same expected version: exactly one wins.
+    let (a, b) = tokio::join!(
+        store.append(
+            &s,
+            ExpectedVersion::Exact(1),
+            vec![event("DeploymentAssigned", json!({"w": "a"}))]
+        ),
+        store.append(
+            &s,
+            ExpectedVersion::Exact(1),
+            vec![event("DeploymentAssigned", json!({"w": "b"}))]
+        ),
+    );
+    assert_eq!([a.is_ok(), b.is_ok()].iter().filter(|ok| **ok).count(), 1);
+    assert_eq!(count(&store).await, 2);
+}
+
+#[tokio::test]
+async fn reappending_the_same_ids_returns_the_original_positions_and_writes_nothing() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let s = stream("exec-r1");
+    let batch = vec![
+        event("ExecutionRequested", json!({"a": 1})),
+        event("AttemptDispatched", json!({"b": [1, 2]})),
+    ];
+    let original = store
+        .append(&s, ExpectedVersion::NoStream, batch.clone())
+        .await
+        .unwrap();
+    store
+        .append(
+            &stream("exec-r2"),
+            ExpectedVersion::Any,
+            vec![event("ExecutionRequested", json!({}))],
+        )
+        .await
+        .unwrap();
+
+    // Even with an expectation that would now conflict, the replay is recognised first.
+    let again = store
+        .append(&s, ExpectedVersion::NoStream, batch.clone())
+        .await
+        .unwrap();
+    assert_eq!(again.positions, original.positions);
+    assert_eq!(again.stream_version, 2);
+    assert!(again.duplicate);
+    assert_eq!(count(&store).await, 3);
+
+    // Same id, different body: refused.
+    let mut altered = batch[0].clone();
+    altered.payload = json!({"a": 2});
+    let err = store
+        .append(&s, ExpectedVersion::Any, vec![altered])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::EventIdReused { event_id } if event_id == batch[0].event_id),
+        "{err}"
+    );
+
+    // Same id on another stream: refused.
+    let err = store
+        .append(
+            &stream("exec-r9"),
+            ExpectedVersion::Any,
+            vec![batch[0].clone()],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::EventIdReused { .. }), "{err}");
+
+    // Some ids old, some new: refused as a whole.
+    let err = store
+        .append(
+            &s,
+            ExpectedVersion::Any,
+            vec![batch[1].clone(), event("AttemptSucceeded", json!({}))],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::EventIdReused { .. }), "{err}");
+
+    // The same id twice in one append.
+    let e = event("AttemptSucceeded", json!({}));
+    let err = store
+        .append(&s, ExpectedVersion::Any, vec![e.clone(), e])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::DuplicateInAppend { .. }), "{err}");
+    assert_eq!(count(&store).await, 3);
+}
+
+#[tokio::test]
+async fn concurrent_duplicates_in_one_group_commit_are_written_once() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let e = event("ExecutionReported", json!({"x": 1}));
+    let s = stream("report-a");
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let store = store.clone();
+            let (s, e) = (s.clone(), e.clone());
+            tokio::spawn(async move { store.append(&s, ExpectedVersion::Any, vec![e]).await })
+        })
+        .collect();
+    let mut positions = Vec::new();
+    for t in tasks {
+        positions.push(t.await.unwrap().unwrap().positions);
+    }
+    assert!(positions.iter().all(|p| p == &vec![1]), "{positions:?}");
+    assert_eq!(count(&store).await, 1);
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_a_typed_error_and_nothing_is_written() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let s = stream("node-n1");
+
+    let mut huge = event("NodeRegistered", json!({"blob": "x".repeat(1024 * 1024)}));
+    let err = store
+        .append(&s, ExpectedVersion::Any, vec![huge.clone()])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Invalid(deepnode_domain::log::LogError::TooLarge { .. })
+        ),
+        "{err}"
+    );
+
+    huge.payload = json!(["not", "an", "object"]);
+    let err = store
+        .append(&s, ExpectedVersion::Any, vec![huge.clone()])
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("payload must be a JSON object"),
+        "{err}"
+    );
+
+    huge.payload = json!({"nul": "a\u{0}b"});
+    assert!(store
+        .append(&s, ExpectedVersion::Any, vec![huge.clone()])
+        .await
+        .is_err());
+
+    huge.payload = json!({});
+    huge.event_type = "not pascal".into();
+    assert!(store
+        .append(&s, ExpectedVersion::Any, vec![huge])
+        .await
+        .is_err());
+
+    assert!(store
+        .append(&s, ExpectedVersion::Any, vec![])
+        .await
+        .is_err());
+    assert!(StreamId::parse("").is_err());
+    assert!(StreamId::parse(&"s".repeat(201)).is_err());
+    assert!(StreamId::parse("node n1").is_err());
+
+    // A good append in the same breath is unaffected.
+    store
+        .append(
+            &s,
+            ExpectedVersion::Any,
+            vec![event("NodeRegistered", json!({}))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(count(&store).await, 1);
+}
+
+#[tokio::test]
+async fn negative_zero_round_trips_through_jsonb_without_breaking_the_chain() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    store
+        .append(
+            &stream("s-1"),
+            ExpectedVersion::Any,
+            vec![event(
+                "Numbers",
+                json!({"z": -0.0, "f": 0.1, "big": 1e21, "tiny": 5e-324, "i": -7}),
+            )],
+        )
+        .await
+        .unwrap();
+    let report = store.verify_chain(1, None).await.unwrap();
+    assert_eq!(report.first_break, None);
+    assert_eq!(report.verified, 1);
+}
+
+#[tokio::test]
+async fn the_database_refuses_update_delete_and_truncate_on_events() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    store
+        .append(
+            &stream("node-n1"),
+            ExpectedVersion::Any,
+            vec![event("NodeRegistered", json!({"a": 1}))],
+        )
+        .await
+        .unwrap();
+    let pool = store.pool();
+
+    for sql in [
+        "UPDATE events SET payload = '{\"a\": 2}' WHERE global_position = 1",
+        "DELETE FROM events WHERE global_position = 1",
+        "TRUNCATE events",
+        "TRUNCATE log_head",
+        "DELETE FROM log_head",
+    ] {
+        let err = sqlx::query(sql).execute(pool).await.unwrap_err();
+        let db_err = err.as_database_error().expect("a database error");
+        assert_eq!(db_err.code().as_deref(), Some("42501"), "{sql}: {db_err}");
+        assert!(db_err.message().contains("append-only"), "{sql}: {db_err}");
+    }
+
+    // The service role has no such grants in the first place, but may insert and read.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL ROLE deepnode_service")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    for sql in [
+        "UPDATE events SET event_type = 'X'",
+        "DELETE FROM events",
+        "TRUNCATE events",
+    ] {
+        sqlx::query("SAVEPOINT s").execute(&mut *tx).await.unwrap();
+        let err = sqlx::query(sql).execute(&mut *tx).await.unwrap_err();
+        let db_err = err.as_database_error().expect("a database error");
+        assert!(
+            db_err
+                .message()
+                .contains("permission denied for table events"),
+            "{sql}: {db_err}"
+        );
+        sqlx::query("ROLLBACK TO SAVEPOINT s")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.rollback().await.unwrap();
+
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL ROLE deepnode_reader")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let err = sqlx::query("INSERT INTO log_head (id, position, hash) VALUES (false, 0, '')")
+        .execute(&mut *tx)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("permission denied"), "{err}");
+    tx.rollback().await.unwrap();
+
+    assert_eq!(count(&store).await, 1);
+}
+
+#[tokio::test]
+async fn appending_inside_a_caller_transaction_commits_or_rolls_back_with_it() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let s = stream("node-n1");
+
+    let mut tx = store.pool().begin().await.unwrap();
+    EventStore::append_in(
+        &mut tx,
+        &s,
+        ExpectedVersion::NoStream,
+        vec![event("NodeRegistered", json!({}))],
+    )
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(count(&store).await, 0);
+
+    let mut tx = store.pool().begin().await.unwrap();
+    let r = EventStore::append_in(
+        &mut tx,
+        &s,
+        ExpectedVersion::NoStream,
+        vec![event("NodeRegistered", json!({}))],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(r.positions, vec![1], "a rolled-back append leaves no gap");
+    assert_eq!(store.verify_chain(1, None).await.unwrap().first_break, None);
+    let _ = Uuid::nil();
+}

@@ -1,0 +1,151 @@
+//! Test support shared by every crate's integration tests: a fresh, migrated PostgreSQL database per
+//! test (dropped again when the test ends), unique NATS subject prefixes, and event builders.
+//!
+//! Tests run against the real servers named by `DATABASE_URL` and `NATS_URL`; nothing here mocks them.
+//! Each test owns its database, so tests run in parallel and never see each other's rows.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, TimeZone, Utc};
+use deepnode_domain::log::NewEvent;
+use deepnode_store::EventStore;
+use serde_json::Value;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+use uuid::Uuid;
+
+/// The server tests use: `DATABASE_URL` (its database name is replaced per test).
+pub fn base_database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| deepnode_store::DEFAULT_DATABASE_URL.to_owned())
+}
+
+/// The NATS server tests use: `NATS_URL`.
+pub fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+/// A short random token, for database names, subject prefixes and stream names.
+pub fn unique_token() -> String {
+    Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+/// A fresh, migrated database that is dropped when this value is dropped.
+pub struct TestDb {
+    name: String,
+    url: String,
+    admin: PgConnectOptions,
+}
+
+impl TestDb {
+    /// Creates and migrates a database named `deepnode_test_<random>`.
+    pub async fn new() -> TestDb {
+        let base = PgConnectOptions::from_str(&base_database_url()).expect("DATABASE_URL parses");
+        let name = format!("deepnode_test_{}", unique_token());
+        let url = with_database(&base_database_url(), &name);
+        deepnode_store::migrate(&url)
+            .await
+            .expect("test database migrates");
+        TestDb {
+            name,
+            url,
+            admin: base.database("postgres"),
+        }
+    }
+
+    /// A name for a database that does not exist yet (dropped, if created, when this value drops).
+    pub fn unmigrated() -> TestDb {
+        let base = PgConnectOptions::from_str(&base_database_url()).expect("DATABASE_URL parses");
+        let name = format!("deepnode_test_{}", unique_token());
+        let url = with_database(&base_database_url(), &name);
+        TestDb {
+            name,
+            url,
+            admin: base.database("postgres"),
+        }
+    }
+
+    /// Terminates every other connection to this database (a simulated crash or network cut).
+    pub async fn kill_connections(&self) -> u64 {
+        let mut conn = self.admin.connect().await.expect("admin connection");
+        let killed: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&self.name)
+        .fetch_all(&mut conn)
+        .await
+        .expect("terminate backends");
+        killed.into_iter().filter(|k| *k).count() as u64
+    }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A `DATABASE_URL` for this database (to hand to child processes).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A new pool on this database.
+    pub async fn pool(&self) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(20)
+            .connect(&self.url)
+            .await
+            .expect("connect to test database")
+    }
+
+    /// An event store on this database.
+    pub async fn store(&self) -> EventStore {
+        EventStore::from_pool(self.pool().await)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let admin = self.admin.clone();
+        // Drop runs outside async context guarantees; use a private runtime on a plain thread.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async move {
+                let mut conn = admin.connect().await.ok()?;
+                let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+                sqlx::query(&sql).execute(&mut conn).await.ok()?;
+                conn.close().await.ok()
+            })
+        });
+        let _ = dropped.join();
+    }
+}
+
+/// `base` with its database name replaced.
+pub fn with_database(base: &str, name: &str) -> String {
+    let mut url = url::Url::parse(base).expect("DATABASE_URL is a URL");
+    url.set_path(&format!("/{name}"));
+    url.to_string()
+}
+
+/// A fixed instant plus `seconds`, so tests never depend on the wall clock.
+pub fn at(seconds: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(1_767_225_600 + seconds, 0)
+        .single()
+        .unwrap_or_default()
+}
+
+/// A new event with a random id, empty metadata and `occurred_at = at(0)`.
+pub fn event(event_type: &str, payload: Value) -> NewEvent {
+    NewEvent {
+        event_id: Uuid::new_v4(),
+        event_type: event_type.to_owned(),
+        schema_version: 1,
+        payload,
+        metadata: serde_json::json!({"correlation_id": "test", "causation_id": null, "producer": "test"}),
+        occurred_at: at(0),
+    }
+}

@@ -43,6 +43,9 @@ pub enum Error {
     /// A stored event could not be understood (unknown type, newer schema, corrupt row).
     #[error("event at position {position}: {reason}")]
     Decode { position: i64, reason: String },
+    /// A follower's state did not reach a position in time (it is behind or the database is slow).
+    #[error("the local view has not reached position {position} yet")]
+    Lagging { position: i64 },
     /// The store's background writer is gone (the store is shutting down).
     #[error("the event store is shutting down")]
     Closed,
@@ -51,7 +54,7 @@ pub enum Error {
 impl Error {
     /// Whether retrying the same operation later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Unavailable(_))
+        matches!(self, Error::Unavailable(_) | Error::Lagging { .. })
     }
 }
 

@@ -8,6 +8,7 @@
 mod append;
 mod chain;
 mod error;
+mod follower;
 mod migrate;
 mod projection;
 mod read;
@@ -24,6 +25,7 @@ pub use append::AppendResult;
 pub use chain::{verify_chain, verify_chain_with, BreakKind, ChainBreak, ChainReport};
 pub use deepnode_domain::log::{ExpectedVersion, NewEvent, RecordedEvent, StreamId};
 pub use error::Error;
+pub use follower::{Follower, FollowerHandle};
 pub use migrate::{create_database_if_missing, latest_known_version, migrate};
 pub use projection::{checkpoint, Projection, ProjectionRunner};
 pub use read::Subscription;

@@ -197,6 +197,19 @@ impl Subscription {
         self.position
     }
 
+    /// Every event already read and not yet yielded (at least one), waiting if there is none yet.
+    /// Followers that fold under a lock use this to take the lock once per page, not per event.
+    pub async fn next_batch(&mut self) -> Result<Vec<RecordedEvent>, Error> {
+        let first = self.next().await?;
+        let mut batch = Vec::with_capacity(1 + self.buffer.len());
+        batch.push(first);
+        batch.extend(self.buffer.drain(..));
+        if let Some(last) = batch.last() {
+            self.position = last.global_position;
+        }
+        Ok(batch)
+    }
+
     /// The next event in global order, waiting for it if the log has none yet.
     pub async fn next(&mut self) -> Result<RecordedEvent, Error> {
         let mut backoff = Duration::from_millis(50);

@@ -1,0 +1,56 @@
+//! [`ServiceContext`]: the connections every service holds — the event store (migrated on connect),
+//! the NATS client and its JetStream context, the subject names and the policy in force.
+
+use std::sync::Arc;
+
+use async_nats::jetstream;
+use deepnode_bus::subjects::Subjects;
+use deepnode_domain::config::PolicyConfig;
+use deepnode_store::EventStore;
+
+use crate::Settings;
+
+/// Why a service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connecting to the event store: {0}")]
+    Store(#[from] deepnode_store::Error),
+    #[error("connecting to NATS: {0}")]
+    Nats(#[from] deepnode_bus::connect::Error),
+    #[error("setting up JetStream: {0}")]
+    JetStream(#[from] deepnode_bus::jetstream::Error),
+}
+
+/// What a running service is connected to.
+#[derive(Clone)]
+pub struct ServiceContext {
+    pub store: EventStore,
+    pub nats: async_nats::Client,
+    pub js: jetstream::Context,
+    pub subjects: Subjects,
+    pub policy: Arc<PolicyConfig>,
+    /// This process's name, recorded as `metadata.producer` on the events it appends.
+    pub producer: String,
+}
+
+impl ServiceContext {
+    /// Connects (migrating the database first, CONTRACT §1) and makes sure the JetStream streams exist.
+    pub async fn connect(
+        settings: &Settings,
+        producer: &str,
+        subjects: Subjects,
+    ) -> Result<ServiceContext, ConnectError> {
+        let store = EventStore::connect(&settings.database_url, 16).await?;
+        let nats = deepnode_bus::connect::connect(&settings.nats_url, producer).await?;
+        let js = jetstream::new(nats.clone());
+        deepnode_bus::jetstream::ensure_streams(&js, &subjects).await?;
+        Ok(ServiceContext {
+            store,
+            nats,
+            js,
+            subjects,
+            policy: Arc::new(settings.policy.clone()),
+            producer: producer.to_owned(),
+        })
+    }
+}

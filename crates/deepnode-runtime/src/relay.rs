@@ -1,0 +1,171 @@
+//! The outbox relay: publishes every committed event, in global order, to JetStream
+//! (`deepnode.events.<event_type>`, `Nats-Msg-Id = event_id`), resuming from its stored position.
+//!
+//! - Nothing is published before it commits: the relay reads the log, never the appenders' intent.
+//! - Nothing is lost between commit and publish: the position (`projection_checkpoints`, key
+//!   `relay`) only moves after JetStream acked every event up to it. After a crash the relay
+//!   republishes from there and the stream's duplicate window drops what it already has.
+//! - Exactly one relay publishes at a time: the holder keeps a session-level Postgres advisory lock
+//!   on a dedicated connection. Other copies wait on standby; if the holder dies its connection (and
+//!   lock) goes with it and a standby takes over within the retry interval.
+
+use std::time::Duration;
+
+use async_nats::jetstream::context::Publish;
+use async_nats::jetstream::Context;
+use deepnode_bus::jetstream::ensure_streams;
+use deepnode_bus::subjects::Subjects;
+use deepnode_store::{EventStore, RecordedEvent};
+use sqlx::{Connection, PgConnection};
+
+use crate::shutdown::Shutdown;
+use crate::wire;
+
+/// Advisory lock key of the relay lease ("relay" in ASCII).
+const RELAY_LOCK_KEY: i64 = 0x72_656c_6179;
+
+/// The checkpoint row the relay keeps its position in.
+pub const RELAY_CHECKPOINT: &str = "relay";
+
+/// Why the relay stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("setting up JetStream streams: {0}")]
+    Streams(#[from] deepnode_bus::jetstream::Error),
+}
+
+/// Tunables of the relay.
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    /// How often a standby tries to take the lease.
+    pub lease_retry: Duration,
+    /// Poll interval of the log subscription (LISTEN/NOTIFY wakes it earlier).
+    pub poll: Duration,
+}
+
+impl Default for RelayOptions {
+    fn default() -> Self {
+        RelayOptions {
+            lease_retry: Duration::from_secs(1),
+            poll: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Runs the relay (standby or active) until `shutdown` fires.
+pub async fn run(
+    store: EventStore,
+    js: Context,
+    subjects: Subjects,
+    options: RelayOptions,
+    shutdown: Shutdown,
+) -> Result<(), RelayError> {
+    ensure_streams(&js, &subjects).await?;
+    let mut backoff = options.lease_retry;
+    while !shutdown.is_triggered() {
+        match take_lease(&store).await {
+            Ok(Some(lease)) => {
+                tracing::info!("relay lease taken; publishing the log");
+                match publish_while_leased(&store, &js, &subjects, lease, &options, &shutdown).await
+                {
+                    Ok(()) => return Ok(()),
+                    Err(reason) => tracing::warn!(%reason, "relay lost its footing; retrying"),
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "relay lease unavailable"),
+        }
+        tokio::select! {
+            _ = shutdown.wait() => break,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = options.lease_retry;
+    }
+    Ok(())
+}
+
+/// A dedicated connection holding the relay lock, or `None` if another relay holds it.
+async fn take_lease(store: &EventStore) -> Result<Option<PgConnection>, sqlx::Error> {
+    let mut conn = store.pool().acquire().await?.detach();
+    let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(RELAY_LOCK_KEY)
+        .fetch_one(&mut conn)
+        .await?;
+    if taken {
+        Ok(Some(conn))
+    } else {
+        let _ = conn.close().await;
+        Ok(None)
+    }
+}
+
+async fn publish_while_leased(
+    store: &EventStore,
+    js: &Context,
+    subjects: &Subjects,
+    mut lease: PgConnection,
+    options: &RelayOptions,
+    shutdown: &Shutdown,
+) -> Result<(), String> {
+    let from = deepnode_store::checkpoint(store.pool(), RELAY_CHECKPOINT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut subscription = store.subscribe_all(from, options.poll);
+    loop {
+        let batch = tokio::select! {
+            _ = shutdown.wait() => {
+                let _ = lease.close().await;
+                return Ok(());
+            }
+            batch = subscription.next_batch() => batch.map_err(|e| e.to_string())?,
+        };
+        // Still holding the lease? (If this connection died, so did the lock.)
+        lease
+            .ping()
+            .await
+            .map_err(|e| format!("lease connection lost: {e}"))?;
+        let last = publish_batch(js, subjects, &batch).await?;
+        save_position(store, last)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+}
+
+/// Publishes a batch in order, then waits for every ack; returns the last position.
+async fn publish_batch(
+    js: &Context,
+    subjects: &Subjects,
+    batch: &[RecordedEvent],
+) -> Result<i64, String> {
+    let mut acks = Vec::with_capacity(batch.len());
+    for event in batch {
+        let publish = Publish::build()
+            .message_id(event.event_id.to_string())
+            .payload(wire::to_bytes(event).into());
+        let ack = js
+            .send_publish(subjects.events(&event.event_type), publish)
+            .await
+            .map_err(|e| format!("publishing position {}: {e}", event.global_position))?;
+        acks.push((event.global_position, ack));
+    }
+    let mut last = 0;
+    for (position, ack) in acks {
+        ack.await
+            .map_err(|e| format!("ack for position {position}: {e}"))?;
+        last = position;
+    }
+    Ok(last)
+}
+
+async fn save_position(store: &EventStore, position: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO projection_checkpoints (projection, global_position) VALUES ($1, $2)
+         ON CONFLICT (projection) DO UPDATE
+           SET global_position = GREATEST(projection_checkpoints.global_position, EXCLUDED.global_position)",
+    )
+    .bind(RELAY_CHECKPOINT)
+    .bind(position)
+    .execute(store.pool())
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,21 @@
+//! Tracing set-up: `RUST_LOG` filters (default `info`), `DEEPNODE_LOG_FORMAT=json` switches to JSON
+//! lines for log shippers. Logs go to stderr so stdout stays for a command's own output.
+
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global subscriber once; later calls are no-ops (tests start many services).
+pub fn init(service: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("DEEPNODE_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let installed = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.compact().try_init()
+    };
+    if installed.is_ok() {
+        tracing::debug!(service, "tracing initialised");
+    }
+}

@@ -425,3 +425,44 @@ async fn appending_inside_a_caller_transaction_commits_or_rolls_back_with_it() {
     assert_eq!(store.verify_chain(1, None).await.unwrap().first_break, None);
     let _ = Uuid::nil();
 }
+
+#[tokio::test]
+async fn an_old_schema_version_is_upcast_when_read_back_and_unknown_types_are_named() {
+    use deepnode_domain::events::{DecodeError, DomainEvent};
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let s = stream("node-n1");
+    // A NodeRegistered written by an older binary, before `capacity` existed.
+    let mut v1 = event(
+        "NodeRegistered",
+        json!({"node_id": "n1", "domain": "text", "stake": 2.5}),
+    );
+    v1.schema_version = 1;
+    let mut unknown = event("NodeTeleported", json!({"node_id": "n1"}));
+    unknown.schema_version = 1;
+    store
+        .append(&s, ExpectedVersion::NoStream, vec![v1, unknown])
+        .await
+        .unwrap();
+
+    let stored = store.read_stream(&s, 1).await.unwrap();
+    assert_eq!(
+        stored[0].schema_version, 1,
+        "the log keeps what was written"
+    );
+    match DomainEvent::decode(&stored[0]).unwrap() {
+        DomainEvent::NodeRegistered(e) => {
+            assert_eq!(
+                (e.node_id.as_str(), e.domain.as_str(), e.stake, e.capacity),
+                ("n1", "text", 2.5, 1)
+            );
+        }
+        other => panic!("expected NodeRegistered, got {other:?}"),
+    }
+    let err = DomainEvent::decode(&stored[1]).unwrap_err();
+    assert!(
+        matches!(err, DecodeError::UnknownEventType { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("NodeTeleported"), "{err}");
+}

@@ -1,0 +1,45 @@
+//! What every subcommand needs from the environment: a migrated, connected event store (CONTRACT §1:
+//! every binary applies pending migrations at start) and the effective policy config.
+
+use anyhow::Context as _;
+use deepnode_domain::config::PolicyConfig;
+use deepnode_store::EventStore;
+
+use crate::cli::Cli;
+
+/// Connects to `DATABASE_URL`, creating and migrating the database if needed.
+pub async fn connect(cli: &Cli) -> anyhow::Result<EventStore> {
+    EventStore::connect(&cli.database_url, 6)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to the database at {}",
+                redact(&cli.database_url)
+            )
+        })
+}
+
+/// The policy: defaults, overridden by the TOML file named by `DEEPNODE_CONFIG` if set.
+pub fn load_config(cli: &Cli) -> anyhow::Result<PolicyConfig> {
+    let Some(path) = &cli.config else {
+        return Ok(PolicyConfig::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading DEEPNODE_CONFIG {}", path.display()))?;
+    PolicyConfig::from_toml_str(&text)
+        .with_context(|| format!("parsing DEEPNODE_CONFIG {}", path.display()))
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((user, host)) => {
+                let user = user.split(':').next().unwrap_or(user);
+                format!("{scheme}://{user}@{host}")
+            }
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}

@@ -1,0 +1,289 @@
+//! The `deepnode` binary end to end against a real PostgreSQL: exit codes (0 clean, 1 difference,
+//! 2 usage or connection error with one line), audit naming tampered rows and events, replay of the
+//! past (by position and by instant, as JSON), replay refusing an unknown event type with its
+//! position, and the admin views.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::process::{Command, Output};
+
+use deepnode_domain::config::PolicyConfig;
+use deepnode_projections::synthetic::{History, Spec};
+use deepnode_projections::{replay, BookProjection, Until};
+use deepnode_store::{EventStore, ExpectedVersion, ProjectionRunner, StreamId};
+use deepnode_testkit::{at, event, TestDb};
+use serde_json::{json, Value};
+
+fn deepnode(url: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_deepnode"))
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env_remove("DEEPNODE_CONFIG")
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A usage or connection error: exit 2, exactly one line on stderr, nothing on stdout.
+fn assert_one_line_error(o: &Output) {
+    assert_eq!(o.status.code(), Some(2), "stderr: {}", stderr(o));
+    assert_eq!(stderr(o).trim_end().lines().count(), 1, "{:?}", stderr(o));
+    assert!(stdout(o).is_empty());
+}
+
+async fn history(store: &EventStore, executions: usize) {
+    let spec = Spec {
+        nodes: 8,
+        models: 4,
+        executions,
+        seed: 11,
+        start: at(0),
+    };
+    for append in History::new(spec).unwrap() {
+        let append = append.unwrap();
+        store
+            .append(&append.stream, ExpectedVersion::Any, append.events)
+            .await
+            .unwrap();
+    }
+    ProjectionRunner::new(
+        store.pool().clone(),
+        BookProjection::new(&PolicyConfig::default()),
+    )
+    .run_to_head()
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn audit_exits_0_on_an_untouched_log_and_1_naming_a_tampered_row() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    history(&store, 200).await;
+
+    let clean = deepnode(db.url(), &["audit"]);
+    assert_eq!(clean.status.code(), Some(0), "{}", stdout(&clean));
+    assert!(stdout(&clean).contains("audit: ok"));
+
+    sqlx::query("UPDATE node_reputation SET score = 0.123 WHERE node_id = 'n00001'")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let tampered = deepnode(db.url(), &["audit"]);
+    assert_eq!(tampered.status.code(), Some(1));
+    let out = stdout(&tampered);
+    assert!(
+        out.contains("node_reputation key=n00001 column=score: stored 0.123 vs recomputed"),
+        "{out}"
+    );
+
+    let json_out = deepnode(db.url(), &["audit", "--json"]);
+    assert_eq!(json_out.status.code(), Some(1));
+    let report: Value = serde_json::from_str(&stdout(&json_out)).unwrap();
+    assert_eq!(report["ok"], json!(false));
+    assert_eq!(report["differences"][0]["table"], json!("node_reputation"));
+    assert_eq!(report["differences"][0]["key"], json!("n00001"));
+    assert_eq!(report["differences"][0]["column"], json!("score"));
+}
+
+#[tokio::test]
+async fn audit_exits_1_naming_the_position_of_a_tampered_event() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    history(&store, 100).await;
+    let mut conn = store.pool().acquire().await.unwrap();
+    for sql in [
+        "ALTER TABLE events DISABLE TRIGGER events_no_update_delete",
+        "UPDATE events SET occurred_at = occurred_at + interval '1 second' WHERE global_position = 25",
+        "ALTER TABLE events ENABLE TRIGGER events_no_update_delete",
+    ] {
+        sqlx::query(sql).execute(&mut *conn).await.unwrap();
+    }
+    drop(conn);
+
+    let o = deepnode(db.url(), &["audit"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o).contains("BROKEN at position 25"),
+        "{}",
+        stdout(&o)
+    );
+    let o = deepnode(db.url(), &["audit", "--json"]);
+    let report: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(report["chain"]["first_break"]["position"], json!(25));
+}
+
+#[tokio::test]
+async fn replay_shows_the_past_by_position_and_by_instant() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    history(&store, 150).await;
+    let config = PolicyConfig::default();
+    let head = store.head_position().await.unwrap();
+    let middle = head / 2;
+
+    let o = deepnode(
+        db.url(),
+        &["replay", "--until-position", &middle.to_string(), "--json"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let past: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let expected = replay(&store, Until::Position(middle), &config, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(past["position"], json!(middle));
+    let nodes = past["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), expected.nodes().len());
+    for (shown, row) in nodes.iter().zip(expected.node_rows()) {
+        assert_eq!(shown["node_id"], json!(row.node_id));
+        assert_eq!(
+            shown["score"].as_f64().unwrap().to_bits(),
+            row.score.to_bits()
+        );
+        assert_eq!(shown["successes"], json!(row.successes));
+    }
+    assert_eq!(
+        past["deployments"].as_array().unwrap().len(),
+        expected.deployment_rows().count()
+    );
+
+    // by instant: the first 3 registrations happened in the first few hundred ms
+    let events = store.read_all(0, 3).await.unwrap();
+    let t = events[2].occurred_at.to_rfc3339();
+    let o = deepnode(db.url(), &["replay", "--until-time", &t, "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let early: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(early["nodes"].as_array().unwrap().len(), 3);
+    assert_eq!(early["position"], json!(3));
+
+    // the table view works too
+    let o = deepnode(db.url(), &["replay", "--until-position", "2"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).contains("state as of position 2"));
+    assert!(stdout(&o).contains("n00001"));
+}
+
+#[tokio::test]
+async fn replay_exits_non_zero_naming_the_position_of_an_unknown_event_type() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    history(&store, 10).await;
+    let appended = store
+        .append(
+            &StreamId::parse("node-z").unwrap(),
+            ExpectedVersion::Any,
+            vec![event("NodeTeleported", json!({"node_id": "z"}))],
+        )
+        .await
+        .unwrap();
+    let position = appended.positions[0];
+
+    let o = deepnode(db.url(), &["replay"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains(&format!("position {position}")), "{err}");
+    assert!(err.contains("NodeTeleported"), "{err}");
+    assert!(
+        stdout(&o).is_empty(),
+        "no state is shown past an unreadable event"
+    );
+}
+
+#[tokio::test]
+async fn admin_views_and_migrate() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    history(&store, 50).await;
+
+    let o = deepnode(db.url(), &["migrate"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).contains("up to date"));
+
+    let o = deepnode(db.url(), &["nodes", "--json"]);
+    assert_eq!(o.status.code(), Some(0));
+    let nodes: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(nodes.as_array().unwrap().len(), 8);
+
+    let o = deepnode(db.url(), &["deployments"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).contains("m0000"));
+
+    let o = deepnode(
+        db.url(),
+        &["events", "--from", "2", "--limit", "3", "--json"],
+    );
+    assert_eq!(o.status.code(), Some(0));
+    let lines: Vec<Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["global_position"], json!(2));
+
+    let o = deepnode(db.url(), &["events", "--stream", "node-n00000"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).contains("NodeRegistered"));
+
+    // a fresh database is created and migrated on first use
+    let fresh = TestDb::unmigrated();
+    let o = deepnode(fresh.url(), &["nodes"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("(0 nodes)"));
+}
+
+#[test]
+fn usage_errors_exit_2_with_one_line() {
+    let url = "postgres://postgres@127.0.0.1:1/never";
+    assert_one_line_error(&deepnode(url, &["frobnicate"]));
+    assert_one_line_error(&deepnode(url, &["replay", "--until-position", "abc"]));
+    assert_one_line_error(&deepnode(url, &["replay", "--until-time", "yesterday"]));
+    assert_one_line_error(&deepnode(
+        url,
+        &[
+            "replay",
+            "--until-position",
+            "1",
+            "--until-time",
+            "2026-01-01T00:00:00Z",
+        ],
+    ));
+    assert_one_line_error(&deepnode(url, &[]));
+    let help = deepnode(url, &["--help"]);
+    assert_eq!(help.status.code(), Some(0));
+}
+
+#[test]
+fn connection_refused_exits_2_with_one_line() {
+    let url = "postgres://postgres@127.0.0.1:1/deepnode";
+    for args in [&["audit"][..], &["replay"], &["nodes"], &["migrate"]] {
+        let o = deepnode(url, args);
+        assert_one_line_error(&o);
+        assert!(stderr(&o).starts_with("deepnode: "), "{}", stderr(&o));
+    }
+}
+
+#[tokio::test]
+async fn a_bad_policy_file_is_a_usage_error() {
+    let db = TestDb::new().await;
+    let dir =
+        std::env::temp_dir().join(format!("deepnode-cli-{}", deepnode_testkit::unique_token()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("policy.toml");
+    std::fs::write(&path, "[reputation]\nhalf_life_sec = 5\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_deepnode"))
+        .args(["replay"])
+        .env("DATABASE_URL", db.url())
+        .env("DEEPNODE_CONFIG", &path)
+        .output()
+        .unwrap();
+    assert_one_line_error(&o);
+    assert!(stderr(&o).contains("DEEPNODE_CONFIG"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

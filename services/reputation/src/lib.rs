@@ -1,0 +1,230 @@
+//! The deepnode reputation service, runnable in-process ([`run`]): it owns node membership
+//! (`cmd.node.register` / `cmd.node.deregister`), ingests outside execution reports from JetStream
+//! into the log, turns attempt and report outcomes into penalty decisions (jail, slash, tombstone,
+//! phase-out, probation promotion — decided by `deepnode_domain::penalties`), watches heartbeats to
+//! move nodes offline and back, and hosts the SQL projection of node reputation.
+//!
+//! Every decision is taken against a [`view::View`] folded live from the log and appended with
+//! `ExpectedVersion::Exact` on the node's stream and deterministic event ids, so several copies of
+//! the service can run side by side without taking one decision twice. The wall clock is read here
+//! (jail releases, liveness), never in the domain. This crate does not publish events to the bus:
+//! the relay (`deepnode_runtime::relay`) does, from the log.
+
+mod commands;
+mod decide;
+mod ingest;
+mod liveness;
+mod outcomes;
+pub mod view;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deepnode_domain::config::PolicyConfig;
+use deepnode_projections::BookProjection;
+use deepnode_runtime::{ServiceContext, Shutdown};
+use deepnode_store::{Follower, FollowerHandle, ProjectionRunner};
+use tokio::task::JoinSet;
+
+use crate::view::View;
+
+/// The queue group the command handlers share across copies.
+pub const QUEUE_GROUP: &str = "deepnode-reputation";
+
+/// Why the service stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Serving a command subject failed (subscribing).
+    #[error("serving commands: {0}")]
+    Rpc(#[from] deepnode_bus::rpc::Error),
+    /// Ensuring a JetStream consumer failed.
+    #[error("setting up JetStream: {0}")]
+    JetStream(#[from] deepnode_bus::jetstream::Error),
+    /// Pulling from a JetStream consumer failed for good.
+    #[error("consuming {consumer}: {message}")]
+    Consume {
+        /// The durable consumer's name.
+        consumer: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Subscribing to heartbeats failed.
+    #[error("subscribing to heartbeats: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+    /// The event store failed in a way retrying does not fix (e.g. the live view stopped).
+    #[error("event store: {0}")]
+    Store(#[from] deepnode_store::Error),
+    /// A task of the service panicked.
+    #[error("a service task failed: {0}")]
+    Task(String),
+}
+
+/// Tunables of the service. [`ReputationOptions::from_policy`] gives production values; tests
+/// shorten the intervals so they run in seconds.
+#[derive(Debug, Clone)]
+pub struct ReputationOptions {
+    /// Silence after which a node is declared offline (policy: 2 × 30 s). Also the grace period every
+    /// node gets after this service starts (and after it first sees a node) before that can happen.
+    pub offline_after: Duration,
+    /// How often liveness and jail releases are checked against the wall clock.
+    pub tick: Duration,
+    /// Longest wait for the live view to reach a position before a message is retried.
+    pub view_timeout: Duration,
+    /// Redelivery delay of a message that failed for a transient reason.
+    pub nak_delay: Duration,
+    /// Durable consumer name on the ingest stream (shared by every copy).
+    pub ingest_consumer: String,
+    /// Durable consumer name on the events stream for outcomes (shared by every copy).
+    pub outcome_consumer: String,
+    /// Ingest messages handled at once by one copy.
+    pub ingest_concurrency: usize,
+    /// Counters, readable while the service runs (clone the `Arc` before passing the options).
+    pub stats: Arc<Stats>,
+}
+
+impl ReputationOptions {
+    /// Production values: offline after the policy's liveness silence, 1 s ticks.
+    pub fn from_policy(policy: &PolicyConfig) -> ReputationOptions {
+        let secs = u64::try_from(policy.liveness.offline_after_secs().max(1)).unwrap_or(60);
+        ReputationOptions {
+            offline_after: Duration::from_secs(secs),
+            tick: Duration::from_secs(1),
+            view_timeout: Duration::from_secs(10),
+            nak_delay: Duration::from_secs(1),
+            ingest_consumer: "reputation-ingest".to_owned(),
+            outcome_consumer: "reputation-outcomes".to_owned(),
+            ingest_concurrency: 32,
+            stats: Arc::new(Stats::default()),
+        }
+    }
+}
+
+impl Default for ReputationOptions {
+    fn default() -> Self {
+        ReputationOptions::from_policy(&PolicyConfig::default())
+    }
+}
+
+/// What the service has done, as counters (exported as typed metrics later).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Ingest messages appended as new `ExecutionReported` events.
+    pub ingested: AtomicU64,
+    /// Ingest messages whose event id was already in the log (nothing appended).
+    pub ingest_duplicates: AtomicU64,
+    /// Ingest messages terminated (malformed, unknown node, id reused with another body).
+    pub ingest_terminated: AtomicU64,
+    /// Ingest messages handed back for redelivery after a transient failure.
+    pub ingest_retried: AtomicU64,
+    /// Outcome events assessed for penalties.
+    pub outcomes_assessed: AtomicU64,
+    /// Penalty events (slashes, status changes) appended by this copy.
+    pub penalty_events: AtomicU64,
+    /// Nodes this copy declared offline.
+    pub went_offline: AtomicU64,
+    /// Offline nodes this copy brought back after a heartbeat.
+    pub came_back: AtomicU64,
+    /// Jails this copy released.
+    pub jails_released: AtomicU64,
+}
+
+impl Stats {
+    /// Reads one counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What every task of the service shares.
+pub(crate) struct Shared {
+    pub ctx: ServiceContext,
+    pub options: ReputationOptions,
+    pub view: FollowerHandle<View>,
+    pub stop: Shutdown,
+}
+
+impl Shared {
+    pub fn stats(&self) -> &Stats {
+        &self.options.stats
+    }
+}
+
+/// Runs the service until `shutdown` fires: serves the node commands (queue group
+/// [`QUEUE_GROUP`]), consumes ingest reports and outcome events (durable consumers shared by every
+/// copy), watches heartbeats (every copy sees every beat), ticks liveness and jail releases, and
+/// hosts the SQL projection. On shutdown it stops taking work, finishes what is in flight and
+/// returns; the caller drains the NATS client. If one part fails for good, the others are stopped
+/// and the error is returned.
+pub async fn run(
+    ctx: ServiceContext,
+    options: ReputationOptions,
+    shutdown: Shutdown,
+) -> Result<(), Error> {
+    let view = Follower::start(&ctx.store, View::new(&ctx.policy), |view, event| {
+        view.evolve(event)
+    });
+    // An internal stop signal, so a failing part can stop its siblings without firing the caller's.
+    let stop = Shutdown::new();
+    {
+        let (outer, inner) = (shutdown.clone(), stop.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = outer.wait() => inner.trigger(),
+                () = inner.wait() => {}
+            }
+        });
+    }
+    let shared = Arc::new(Shared {
+        ctx,
+        options,
+        view: view.clone(),
+        stop: stop.clone(),
+    });
+
+    // Set up everything that can fail at start before taking any work.
+    let ingest = ingest::consumer(&shared).await?;
+    let outcomes = outcomes::consumer(&shared).await?;
+    let heartbeats = liveness::subscribe(&shared).await?;
+
+    let mut tasks: JoinSet<Result<(), Error>> = JoinSet::new();
+    tasks.spawn(commands::serve_register(shared.clone()));
+    tasks.spawn(commands::serve_deregister(shared.clone()));
+    tasks.spawn(ingest::run(shared.clone(), ingest));
+    tasks.spawn(outcomes::run(shared.clone(), outcomes));
+    tasks.spawn(liveness::run(shared.clone(), heartbeats));
+    tasks.spawn(host_projection(shared.clone()));
+    tracing::info!(
+        prefix = shared.ctx.subjects.prefix(),
+        "reputation service running"
+    );
+
+    let mut failure = None;
+    while let Some(done) = tasks.join_next().await {
+        let result = done.unwrap_or_else(|e| Err(Error::Task(e.to_string())));
+        if let Err(e) = result {
+            tracing::error!(error = %e, "reputation service part failed; stopping the others");
+            stop.trigger();
+            failure.get_or_insert(e);
+        }
+    }
+    view.stop();
+    tracing::info!("reputation service stopped");
+    failure.map_or(Ok(()), Err)
+}
+
+/// Hosts the SQL projection of `node_reputation`, `deployments` and `executions`
+/// (`deepnode_projections::BookProjection`). Several copies may host it: the runner's checkpoint
+/// lock makes them take turns, each continuing from the last committed batch.
+async fn host_projection(shared: Arc<Shared>) -> Result<(), Error> {
+    let projection = BookProjection::new(&shared.ctx.policy);
+    let stop = shared.stop.clone();
+    ProjectionRunner::new(shared.ctx.store.pool().clone(), projection)
+        .run(async move { stop.wait().await })
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! Outcomes → penalties: a durable consumer on the events stream (shared by every copy), filtered to
+//! `AttemptSucceeded`, `AttemptFailed` and `ExecutionReported`. For each event it waits until the
+//! live view has folded that event's position, runs `penalties::assess(node, event.occurred_at,
+//! policy)` and appends what the policy says (slash, jail, tombstone, phase-out, probation
+//! promotion) to the node's stream, each with the triggering event as `causation_id`; then acks.
+//!
+//! Event ids are UUID v5 of (triggering event id, node stream version decided against, index) and the
+//! append expects exactly that version (see [`crate::decide`]): a redelivered or concurrently handled
+//! trigger either finds its identical decision already logged or re-decides against the newer state.
+//! Time comes from the event, never the wall clock, so the decision is a replayable function of the log.
+
+use std::sync::Arc;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::message::Message;
+use async_nats::jetstream::AckKind;
+use deepnode_bus::jetstream::{durable_pull_config, ensure_pull_consumer};
+use deepnode_domain::events::{DomainEvent, Metadata};
+use deepnode_domain::penalties;
+use deepnode_runtime::wire;
+use futures::StreamExt;
+
+use crate::decide::{decide_and_append, Decision};
+use crate::{Error, Shared, Stats};
+
+/// The event types whose outcomes can trigger a penalty decision.
+pub(crate) const TRIGGERS: [&str; 3] = ["AttemptSucceeded", "AttemptFailed", "ExecutionReported"];
+
+/// Ensures the durable outcome consumer (idempotent; every copy shares it).
+pub(crate) async fn consumer(shared: &Shared) -> Result<PullConsumer, Error> {
+    let s = &shared.ctx.subjects;
+    let mut config = durable_pull_config(&shared.options.outcome_consumer, None);
+    config.filter_subjects = TRIGGERS.iter().map(|t| s.events(t)).collect();
+    Ok(ensure_pull_consumer(&shared.ctx.js, &s.events_stream(), config).await?)
+}
+
+/// Assesses outcome events one at a time (in stream order) until the service stops.
+pub(crate) async fn run(shared: Arc<Shared>, consumer: PullConsumer) -> Result<(), Error> {
+    let name = shared.options.outcome_consumer.clone();
+    while !shared.stop.is_triggered() {
+        let messages = match consumer.messages().await {
+            Ok(messages) => messages,
+            Err(e) => {
+                tracing::warn!(consumer = %name, error = %e, "cannot pull outcome events; retrying");
+                tokio::select! {
+                    () = shared.stop.wait() => break,
+                    () = tokio::time::sleep(shared.options.nak_delay) => continue,
+                }
+            }
+        };
+        let stop = shared.stop.clone();
+        let messages = messages.take_until(async move { stop.wait().await });
+        tokio::pin!(messages);
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(message) => handle(&shared, message).await,
+                Err(e) => tracing::warn!(error = %e, "outcome pull failed"),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn handle(shared: &Shared, message: Message) {
+    let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+    let ack = match assess(shared, &message.payload).await {
+        Ok(()) => AckKind::Ack,
+        Err(Next::Skip(reason)) => {
+            tracing::warn!(sequence, %reason, "outcome event skipped");
+            AckKind::Term
+        }
+        Err(Next::Retry(reason)) => {
+            tracing::warn!(sequence, %reason, "outcome event will be retried");
+            AckKind::Nak(Some(shared.options.nak_delay))
+        }
+    };
+    if let Err(e) = message.ack_with(ack).await {
+        tracing::warn!(sequence, error = %e, "could not acknowledge outcome event");
+    }
+}
+
+/// Why an event was not (yet) assessed.
+enum Next {
+    /// It cannot be understood; never again.
+    Skip(String),
+    /// Later (the view lags, the store is down, conflicts persisted).
+    Retry(String),
+}
+
+async fn assess(shared: &Shared, payload: &[u8]) -> Result<(), Next> {
+    let recorded = wire::from_slice(payload).map_err(|e| Next::Skip(e.to_string()))?;
+    let event = DomainEvent::decode(&recorded).map_err(|e| {
+        Next::Skip(format!(
+            "event at position {}: {e}",
+            recorded.global_position
+        ))
+    })?;
+    let node = match &event {
+        DomainEvent::AttemptSucceeded(e) => e.node_id.clone(),
+        DomainEvent::AttemptFailed(e) => e.node_id.clone(),
+        DomainEvent::ExecutionReported(e) => e.node_id.clone(),
+        _ => return Ok(()),
+    };
+    shared
+        .view
+        .wait_for(recorded.global_position, shared.options.view_timeout)
+        .await
+        .map_err(|e| Next::Retry(e.to_string()))?;
+    Stats::bump(&shared.stats().outcomes_assessed);
+
+    let at = recorded.occurred_at;
+    let trigger = recorded.event_id;
+    let correlation = recorded
+        .metadata
+        .get("correlation_id")
+        .and_then(|c| c.as_str())
+        .map_or_else(|| trigger.to_string(), str::to_owned);
+    let policy = shared.ctx.policy.clone();
+    let producer = shared.ctx.producer.clone();
+    let decided = decide_and_append(shared, &node, |view, version| {
+        let state = view.book.node(&node)?;
+        Some(Decision {
+            events: penalties::assess(state, at, &policy),
+            id_seed: format!("penalty:{trigger}:{version}"),
+            metadata: Metadata::new(&producer, &correlation).caused_by(trigger),
+            occurred_at: at,
+        })
+    })
+    .await
+    .map_err(|e| Next::Retry(format!("deciding on node {node}: {e}")))?;
+    if let Some(result) = decided.filter(|r| !r.duplicate) {
+        for _ in &result.positions {
+            Stats::bump(&shared.stats().penalty_events);
+        }
+        tracing::info!(
+            node_id = %node,
+            cause = %trigger,
+            positions = ?result.positions,
+            "penalty decision appended"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,551 @@
+//! `cmd.exec`: one inference request with failover, recorded before it is answered.
+//!
+//! Steps, all on stream `exec-<request_id>`:
+//! 1. append `[ExecutionRequested, AttemptDispatched(primary)]` with `NoStream` — a conflict means
+//!    the request id was seen: answer from the log instead (waiting, bounded, for an in-flight one).
+//!    The primary is asked at the same time (the append and the node's work overlap); if the append
+//!    conflicts or fails the attempt is abandoned and not counted.
+//! 2. on failure, if the decision has a backup (never the same node) and the retry budget allows:
+//!    append `[AttemptFailed, AttemptDispatched(backup)]` while the backup is asked.
+//! 3. append the end — `[AttemptSucceeded, ExecutionCompleted]` (charged) or
+//!    `[AttemptFailed, ExecutionFailed]` (not charged) — with the exact expected version, then reply.
+//!
+//! `ExecutionCompleted`'s payload carries the node's `output` and `ExecutionFailed`'s the reply
+//! `message` as additional fields (the typed domain structs ignore them), so a repeated request id is
+//! answered with the original answer byte for byte, by any scheduler copy.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use chrono::Utc;
+use deepnode_bus::envelope::{parse_command, ErrorBody, ErrorCode, Reply};
+use deepnode_bus::rpc::{Request, CORRELATION_HEADER};
+use deepnode_domain::events::{
+    AttemptDispatched, AttemptFailed, AttemptSucceeded, DomainEvent, ExecutionCompleted,
+    ExecutionFailed, ExecutionRequested, Failure, Metadata, Outcome, Role,
+};
+use deepnode_domain::ids::{ModelId, NodeId, RequestId};
+use deepnode_domain::log::{ExpectedVersion, NewEvent, RecordedEvent, StreamId};
+use deepnode_store::Error as StoreError;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::classify::{classify, Classified, Transport};
+use crate::Scheduler;
+
+/// `cmd.exec` body.
+#[derive(Debug, Deserialize)]
+struct ExecCommand {
+    request_id: RequestId,
+    model_id: ModelId,
+    input: Value,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+/// One attempt as the reply lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct AttemptView {
+    node_id: NodeId,
+    role: Role,
+    outcome: Outcome,
+    latency_ms: u64,
+}
+
+/// The result of one dispatched attempt.
+type AttemptResult = (Classified, u64);
+
+/// Handles one `cmd.exec` request.
+pub(crate) async fn handle(s: Arc<Scheduler>, request: Request) -> Reply {
+    let cmd: ExecCommand = match parse_command(&request.payload) {
+        Ok(cmd) => cmd,
+        Err(e) => return Reply::err(e),
+    };
+    let timeout_ms = match cmd.timeout_ms {
+        None => s.ctx.policy.exec.default_timeout_ms,
+        Some(t) if t == 0 || t > s.options.max_timeout_ms => {
+            return Reply::err(ErrorBody::bad_request(format!(
+                "field \"timeout_ms\": must be between 1 and {} milliseconds",
+                s.options.max_timeout_ms
+            )))
+        }
+        Some(t) => t,
+    };
+    let span = tracing::info_span!(
+        "exec",
+        request_id = %cmd.request_id,
+        model_id = %cmd.model_id,
+        correlation_id = %request.correlation_id,
+    );
+    execute(s, cmd, timeout_ms, request.correlation_id)
+        .instrument(span)
+        .await
+}
+
+fn new_event(event: DomainEvent, meta: Metadata) -> NewEvent {
+    event.to_new_event(Uuid::new_v4(), meta, Utc::now())
+}
+
+fn with_field(mut event: NewEvent, key: &str, value: Value) -> NewEvent {
+    if let Value::Object(map) = &mut event.payload {
+        map.insert(key.to_owned(), value);
+    }
+    event
+}
+
+/// Maps a store error to the reply: conflicts as `conflict`, the store being away as `unavailable`.
+fn store_failure(e: &StoreError) -> Reply {
+    tracing::warn!(error = %e, "event store refused an execution record");
+    Reply::err(match e {
+        StoreError::Conflict { .. } => ErrorBody::new(ErrorCode::Conflict, e.to_string()),
+        StoreError::Unavailable(_)
+        | StoreError::Closed
+        | StoreError::Database(_)
+        | StoreError::Lagging { .. } => {
+            ErrorBody::unavailable(format!("the event store is unavailable; retry: {e}"))
+        }
+        _ => ErrorBody::internal(e.to_string()),
+    })
+}
+
+fn success_reply(
+    request_id: &RequestId,
+    node_id: &NodeId,
+    output: Value,
+    attempts: &[AttemptView],
+) -> Reply {
+    Reply::ok(&json!({
+        "request_id": request_id,
+        "output": output,
+        "node_id": node_id,
+        "charged": true,
+        "attempts": attempts,
+    }))
+}
+
+fn failure_reply(request_id: &RequestId, message: String, attempts: &[AttemptView]) -> Reply {
+    Reply::err_with(
+        ErrorBody::new(ErrorCode::AllReplicasFailed, message),
+        &json!({"request_id": request_id, "charged": false, "attempts": attempts}),
+    )
+}
+
+fn failure_message(attempts: &[AttemptView], why_no_retry: Option<&str>) -> String {
+    let list: Vec<String> = attempts
+        .iter()
+        .map(|a| {
+            let role = if a.role == Role::Primary { "primary" } else { "backup" };
+            format!("{role} {} {}", a.node_id, a.outcome.as_str())
+        })
+        .collect();
+    match why_no_retry {
+        Some(why) => format!("{}; {why}; not charged", list.join(", ")),
+        None => format!("every replica failed ({}); not charged", list.join(", ")),
+    }
+}
+
+impl Scheduler {
+    /// Asks `node` with the request body, counting it in flight until the answer or the timeout.
+    fn spawn_attempt(
+        &self,
+        node: &NodeId,
+        body: Bytes,
+        correlation_id: &str,
+        timeout: Duration,
+    ) -> JoinHandle<AttemptResult> {
+        self.live.start_probe_if_due(node, Utc::now());
+        let guard = self.live.begin(node);
+        let client = self.ctx.nats.clone();
+        let subject = self.ctx.subjects.node_infer(node);
+        let mut headers = HeaderMap::new();
+        headers.insert(CORRELATION_HEADER, correlation_id);
+        tokio::spawn(
+            async move {
+                let _in_flight = guard;
+                let started = Instant::now();
+                let request = async_nats::Request::new()
+                    .payload(body)
+                    .headers(headers)
+                    .timeout(Some(timeout));
+                let result = client.send_request(subject, request).await;
+                let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                let classified = match result {
+                    Ok(msg) => classify(Transport::Answer(&msg.payload)),
+                    Err(e) => classify(match e.kind() {
+                        async_nats::RequestErrorKind::TimedOut => Transport::TimedOut,
+                        async_nats::RequestErrorKind::NoResponders => Transport::NoResponders,
+                        async_nats::RequestErrorKind::Other => Transport::Broken(e.to_string()),
+                    }),
+                };
+                (classified, latency_ms)
+            }
+            .in_current_span(),
+        )
+    }
+
+    /// Waits for an attempt and feeds its outcome to the outlier tracker.
+    async fn finish_attempt(&self, node: &NodeId, task: JoinHandle<AttemptResult>) -> AttemptResult {
+        let (classified, latency_ms) = match task.await {
+            Ok(result) => result,
+            Err(e) => (
+                Classified::Failed(Failure::Error, format!("attempt task failed: {e}")),
+                0,
+            ),
+        };
+        let failure = match &classified {
+            Classified::Success(_) => None,
+            Classified::Failed(f, _) => Some(*f),
+        };
+        {
+            let book = self.book.read();
+            self.live.record_outcome(node, failure, Utc::now(), &book);
+        }
+        (classified, latency_ms)
+    }
+
+    /// Appends after the first record (the stream is ours): transient failures are retried with
+    /// the same event ids, which the store deduplicates.
+    async fn append_more(
+        &self,
+        stream: &StreamId,
+        version: i64,
+        events: Vec<NewEvent>,
+    ) -> Result<(), StoreError> {
+        let mut backoff = Duration::from_millis(50);
+        for attempt in 1..=3 {
+            match self
+                .ctx
+                .store
+                .append(stream, ExpectedVersion::Exact(version), events.clone())
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(e) if e.is_transient() && attempt < 3 => {
+                    tracing::warn!(error = %e, "append failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 4;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Closed)
+    }
+
+    /// Answers a repeated request id from the log, waiting (bounded) for one still in flight.
+    async fn recorded_answer(&self, stream: &StreamId, request_id: &RequestId) -> Reply {
+        let started = Instant::now();
+        let mut limit = self.options.duplicate_grace;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let events = match self.ctx.store.read_stream(stream, 1).await {
+                Ok(events) => events,
+                Err(e) => return store_failure(&e),
+            };
+            if let Some(reply) = answer_from_log(&events) {
+                tracing::debug!("repeated request id answered from the log");
+                return reply;
+            }
+            if let Some(Ok(DomainEvent::ExecutionRequested(r))) =
+                events.first().map(DomainEvent::decode)
+            {
+                limit = Duration::from_millis(r.timeout_ms.saturating_mul(2))
+                    + self.options.duplicate_grace;
+            }
+            if started.elapsed() >= limit {
+                return Reply::err(ErrorBody::new(
+                    ErrorCode::Conflict,
+                    format!("request {request_id} is still being executed; retry later"),
+                ));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Rebuilds the reply of a finished execution from its stream; `None` while it is in flight.
+fn answer_from_log(events: &[RecordedEvent]) -> Option<Reply> {
+    let mut attempts: Vec<(NodeId, Role, Option<(Outcome, u64)>)> = Vec::new();
+    fn settle(
+        attempts: &mut [(NodeId, Role, Option<(Outcome, u64)>)],
+        node: &NodeId,
+        outcome: Outcome,
+        latency: u64,
+    ) {
+        if let Some(slot) = attempts
+            .iter_mut()
+            .find(|(n, _, done)| n == node && done.is_none())
+        {
+            slot.2 = Some((outcome, latency));
+        }
+    }
+    let mut end = None;
+    for event in events {
+        match DomainEvent::decode(event) {
+            Ok(DomainEvent::AttemptDispatched(d)) => attempts.push((d.node_id, d.role, None)),
+            Ok(DomainEvent::AttemptSucceeded(a)) => settle(&mut attempts, &a.node_id, Outcome::Success, a.latency_ms),
+            Ok(DomainEvent::AttemptFailed(a)) => settle(&mut attempts, &a.node_id, a.outcome.into(), a.latency_ms),
+            Ok(e @ (DomainEvent::ExecutionCompleted(_) | DomainEvent::ExecutionFailed(_))) => {
+                end = Some((e, &event.payload));
+            }
+            _ => {}
+        }
+    }
+    let (end, payload) = end?;
+    let views: Vec<AttemptView> = attempts
+        .into_iter()
+        .filter_map(|(node_id, role, done)| {
+            done.map(|(outcome, latency_ms)| AttemptView {
+                node_id,
+                role,
+                outcome,
+                latency_ms,
+            })
+        })
+        .collect();
+    Some(match end {
+        DomainEvent::ExecutionCompleted(c) => success_reply(
+            &c.request_id,
+            &c.node_id,
+            payload.get("output").cloned().unwrap_or(Value::Null),
+            &views,
+        ),
+        DomainEvent::ExecutionFailed(f) => {
+            let message = payload
+                .get("message")
+                .and_then(Value::as_str)
+                .map_or_else(|| failure_message(&views, None), str::to_owned);
+            failure_reply(&f.request_id, message, &views)
+        }
+        _ => return None,
+    })
+}
+
+/// The whole execution of one valid request.
+async fn execute(s: Arc<Scheduler>, cmd: ExecCommand, timeout_ms: u64, correlation_id: String) -> Reply {
+    let ExecCommand {
+        request_id,
+        model_id,
+        input,
+        ..
+    } = cmd;
+    let requested = DomainEvent::ExecutionRequested(ExecutionRequested {
+        request_id: request_id.clone(),
+        model_id: model_id.clone(),
+        timeout_ms,
+    });
+    let stream = requested.stream_id();
+    let decision = match s.route(&model_id, &request_id, Utc::now()).await {
+        Ok(d) => d,
+        Err(e) => {
+            // A repeated request whose model has gone since still gets its recorded answer.
+            if let Ok(events) = s.ctx.store.read_stream(&stream, 1).await {
+                if !events.is_empty() {
+                    return s.recorded_answer(&stream, &request_id).await;
+                }
+            }
+            return Reply::err(e);
+        }
+    };
+    let decision_json = serde_json::to_value(&decision).unwrap_or_default();
+    let timeout = Duration::from_millis(timeout_ms);
+    let meta = Metadata::new(s.ctx.producer.clone(), correlation_id.clone());
+    let body = Bytes::from(
+        json!({"request_id": request_id, "model_id": model_id, "input": input}).to_string(),
+    );
+    drop(input);
+    s.live.count_request();
+
+    let dispatched = |node: &NodeId, role: Role, attempt: u8, cause: Uuid| {
+        new_event(
+            DomainEvent::AttemptDispatched(AttemptDispatched {
+                request_id: request_id.clone(),
+                model_id: model_id.clone(),
+                node_id: node.clone(),
+                role,
+                attempt,
+                decision: decision_json.clone(),
+            }),
+            meta.clone().caused_by(cause),
+        )
+    };
+    let failed = |node: &NodeId, outcome: Failure, latency_ms: u64, detail: String, cause: Uuid| {
+        new_event(
+            DomainEvent::AttemptFailed(AttemptFailed {
+                request_id: request_id.clone(),
+                node_id: node.clone(),
+                outcome,
+                latency_ms,
+                detail,
+            }),
+            meta.clone().caused_by(cause),
+        )
+    };
+
+    // Attempt 1, overlapping the first append.
+    let primary = decision.primary.clone();
+    let requested = new_event(requested, meta.clone());
+    let dispatched_1 = dispatched(&primary, Role::Primary, 1, requested.event_id);
+    let cause_1 = dispatched_1.event_id;
+    let task_1 = s.spawn_attempt(&primary, body.clone(), &correlation_id, timeout);
+    if let Err(e) = s
+        .ctx
+        .store
+        .append(&stream, ExpectedVersion::NoStream, vec![requested, dispatched_1])
+        .await
+    {
+        task_1.abort();
+        return match e {
+            StoreError::Conflict { .. } => s.recorded_answer(&stream, &request_id).await,
+            e => store_failure(&e),
+        };
+    }
+    let (result_1, latency_1) = s.finish_attempt(&primary, task_1).await;
+    let mut attempts = Vec::with_capacity(2);
+    let (failure_1, detail_1) = match result_1 {
+        Classified::Success(output) => {
+            attempts.push(AttemptView {
+                node_id: primary.clone(),
+                role: Role::Primary,
+                outcome: Outcome::Success,
+                latency_ms: latency_1,
+            });
+            return complete(&s, &stream, 2, &request_id, &model_id, &primary, output, attempts, &meta, cause_1, latency_1).await;
+        }
+        Classified::Failed(f, detail) => (f, detail),
+    };
+    attempts.push(AttemptView {
+        node_id: primary.clone(),
+        role: Role::Primary,
+        outcome: failure_1.into(),
+        latency_ms: latency_1,
+    });
+    tracing::info!(node_id = %primary, outcome = Outcome::from(failure_1).as_str(), %detail_1, "primary attempt failed");
+    let failed_1 = failed(&primary, failure_1, latency_1, detail_1, cause_1);
+    let cause_fail_1 = failed_1.event_id;
+
+    // Attempt 2: the other replica, if there is one and the retry budget allows.
+    let backup = decision.backup.clone().filter(|b| *b != primary);
+    let refusal = match &backup {
+        None => Some("no other replica to retry on"),
+        Some(_) if !s.live.try_retry() => Some("retry budget exhausted, backup not tried"),
+        Some(_) => None,
+    };
+    let Some(backup) = backup.filter(|_| refusal.is_none()) else {
+        let message = failure_message(&attempts, refusal);
+        let end = with_field(
+            new_event(
+                DomainEvent::ExecutionFailed(ExecutionFailed {
+                    request_id: request_id.clone(),
+                    model_id: model_id.clone(),
+                    attempts: 1,
+                    charged: false,
+                    error_code: ErrorCode::AllReplicasFailed.as_str().to_owned(),
+                }),
+                meta.clone().caused_by(cause_fail_1),
+            ),
+            "message",
+            Value::String(message.clone()),
+        );
+        return match s.append_more(&stream, 2, vec![failed_1, end]).await {
+            Ok(()) => failure_reply(&request_id, message, &attempts),
+            Err(e) => store_failure(&e),
+        };
+    };
+    let dispatched_2 = dispatched(&backup, Role::Backup, 2, cause_fail_1);
+    let cause_2 = dispatched_2.event_id;
+    let task_2 = s.spawn_attempt(&backup, body, &correlation_id, timeout);
+    if let Err(e) = s.append_more(&stream, 2, vec![failed_1, dispatched_2]).await {
+        task_2.abort();
+        return store_failure(&e);
+    }
+    let (result_2, latency_2) = s.finish_attempt(&backup, task_2).await;
+    match result_2 {
+        Classified::Success(output) => {
+            attempts.push(AttemptView {
+                node_id: backup.clone(),
+                role: Role::Backup,
+                outcome: Outcome::Success,
+                latency_ms: latency_2,
+            });
+            complete(&s, &stream, 4, &request_id, &model_id, &backup, output, attempts, &meta, cause_2, latency_2).await
+        }
+        Classified::Failed(failure_2, detail_2) => {
+            attempts.push(AttemptView {
+                node_id: backup.clone(),
+                role: Role::Backup,
+                outcome: failure_2.into(),
+                latency_ms: latency_2,
+            });
+            tracing::info!(node_id = %backup, outcome = Outcome::from(failure_2).as_str(), %detail_2, "backup attempt failed");
+            let failed_2 = failed(&backup, failure_2, latency_2, detail_2, cause_2);
+            let message = failure_message(&attempts, None);
+            let end = with_field(
+                new_event(
+                    DomainEvent::ExecutionFailed(ExecutionFailed {
+                        request_id: request_id.clone(),
+                        model_id: model_id.clone(),
+                        attempts: 2,
+                        charged: false,
+                        error_code: ErrorCode::AllReplicasFailed.as_str().to_owned(),
+                    }),
+                    meta.clone().caused_by(failed_2.event_id),
+                ),
+                "message",
+                Value::String(message.clone()),
+            );
+            match s.append_more(&stream, 4, vec![failed_2, end]).await {
+                Ok(()) => failure_reply(&request_id, message, &attempts),
+                Err(e) => store_failure(&e),
+            }
+        }
+    }
+}
+
+/// Records `[AttemptSucceeded, ExecutionCompleted{charged}]` at `version` and answers.
+#[allow(clippy::too_many_arguments)]
+async fn complete(
+    s: &Scheduler,
+    stream: &StreamId,
+    version: i64,
+    request_id: &RequestId,
+    model_id: &ModelId,
+    node: &NodeId,
+    output: Value,
+    attempts: Vec<AttemptView>,
+    meta: &Metadata,
+    cause: Uuid,
+    latency_ms: u64,
+) -> Reply {
+    let succeeded = new_event(
+        DomainEvent::AttemptSucceeded(AttemptSucceeded {
+            request_id: request_id.clone(),
+            node_id: node.clone(),
+            latency_ms,
+        }),
+        meta.clone().caused_by(cause),
+    );
+    let completed = with_field(
+        new_event(
+            DomainEvent::ExecutionCompleted(ExecutionCompleted {
+                request_id: request_id.clone(),
+                model_id: model_id.clone(),
+                node_id: node.clone(),
+                attempts: u8::try_from(attempts.len()).unwrap_or(u8::MAX),
+                charged: true,
+            }),
+            meta.clone().caused_by(succeeded.event_id),
+        ),
+        "output",
+        output.clone(),
+    );
+    match s.append_more(stream, version, vec![succeeded, completed]).await {
+        Ok(()) => success_reply(request_id, node, output, &attempts),
+        Err(e) => store_failure(&e),
+    }
+}

@@ -1,0 +1,220 @@
+//! The scheduler service: answers `cmd.schedule` (which replica would serve a model, with every
+//! factor and score) and `cmd.exec` (run one inference request with failover), as a NATS queue group
+//! so several copies share the load. Decisions are the pure `deepnode_domain::scoring::route` over a
+//! snapshot of the log-folded `NodeBook` plus this process's live in-flight counts and ejections;
+//! every step of an execution is recorded in the log (stream `exec-<request_id>`) before the reply.
+//!
+//! It does not register nodes, place models or compute reputation (the reputation and rotation
+//! services do); it only reads their events. It does not publish events to the bus itself: the
+//! outbox relay (`deepnode_runtime::relay`, started by the binary) does that after commit.
+
+mod budget;
+mod classify;
+mod exec;
+mod live;
+mod route;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use deepnode_bus::envelope::{parse_command, ErrorBody, Reply};
+use deepnode_bus::rpc::{self, Request};
+use deepnode_domain::book::NodeBook;
+use deepnode_domain::ids::{ModelId, RequestId};
+use deepnode_domain::scoring::RouteDecision;
+use deepnode_runtime::{ServiceContext, Shutdown};
+use deepnode_store::{Follower, FollowerHandle};
+use serde::Deserialize;
+
+pub use budget::RetryBudget;
+pub use classify::{classify, Classified, Transport};
+
+use live::Live;
+use route::{NoRoute, SnapshotParams};
+
+/// The NATS queue group every scheduler copy joins.
+pub const QUEUE_GROUP: &str = "deepnode-scheduler";
+
+/// Tunables of one scheduler process (the policy numbers come from `ServiceContext::policy`).
+#[derive(Debug, Clone)]
+pub struct SchedulerOptions {
+    /// Requests handled at once per subject; further ones wait in NATS.
+    pub max_in_flight: usize,
+    /// Seed of routing tie-break hashes.
+    pub seed: u64,
+    /// Domains whose routing weighs stake (others renormalise the three other weights).
+    pub stake_domains: Vec<String>,
+    /// Largest accepted `timeout_ms` of an exec request.
+    pub max_timeout_ms: u64,
+    /// How long to wait for the local view to catch up with the log at start.
+    pub catch_up_timeout: Duration,
+    /// A repeated `request_id` still in flight is awaited for `2 × its attempt timeout` plus this.
+    pub duplicate_grace: Duration,
+}
+
+impl Default for SchedulerOptions {
+    fn default() -> Self {
+        SchedulerOptions {
+            max_in_flight: 1_024,
+            seed: 0,
+            stake_domains: Vec::new(),
+            max_timeout_ms: 120_000,
+            catch_up_timeout: Duration::from_secs(60),
+            duplicate_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Why the scheduler stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The log could not be read up to its head at start.
+    #[error("catching up with the event log: {0}")]
+    CatchUp(#[source] deepnode_store::Error),
+    /// Subscribing to a command subject failed.
+    #[error("serving commands: {0}")]
+    Serve(#[from] rpc::Error),
+}
+
+/// Shared state of one scheduler process.
+pub(crate) struct Scheduler {
+    ctx: ServiceContext,
+    book: FollowerHandle<NodeBook>,
+    live: Live,
+    params: SnapshotParams,
+    options: SchedulerOptions,
+}
+
+/// `cmd.schedule` body.
+#[derive(Debug, Deserialize)]
+struct ScheduleCommand {
+    model_id: ModelId,
+    /// Optional: the request whose seeded traffic share to preview (default `schedule`).
+    #[serde(default)]
+    request_id: Option<RequestId>,
+}
+
+/// Runs the scheduler until `shutdown` fires: follows the log into a `NodeBook`, waits until it has
+/// caught up with the head, then serves `cmd.schedule` and `cmd.exec` in queue group
+/// [`QUEUE_GROUP`]. On shutdown it stops taking requests, finishes those in flight and returns.
+pub async fn run(
+    ctx: ServiceContext,
+    options: SchedulerOptions,
+    shutdown: Shutdown,
+) -> Result<(), Error> {
+    let book = Follower::start(&ctx.store, NodeBook::new(&ctx.policy), |book, event| {
+        book.evolve(event).map(|_| ())
+    });
+    let head = ctx.store.head_position().await.map_err(Error::CatchUp)?;
+    book.wait_for(head, options.catch_up_timeout)
+        .await
+        .map_err(Error::CatchUp)?;
+    tracing::info!(position = head, "scheduler caught up with the log");
+    let exec_policy = &ctx.policy.exec;
+    let live = Live::new(
+        ctx.policy.ejection.clone(),
+        RetryBudget::new(
+            exec_policy.retry_budget_ratio.raw(),
+            exec_policy.retry_budget_per_sec,
+        ),
+    );
+    let params = SnapshotParams {
+        seed: options.seed,
+        config_hash: ctx.policy.config_hash(),
+        stake_domains: options.stake_domains.clone(),
+    };
+    let nats = ctx.nats.clone();
+    let subjects = ctx.subjects.clone();
+    let limit = options.max_in_flight;
+    let (exec_subject, schedule_subject) = (subjects.cmd_exec(), subjects.cmd_schedule());
+    let scheduler = Arc::new(Scheduler {
+        ctx,
+        book: book.clone(),
+        live,
+        params,
+        options,
+    });
+    let on_exec = scheduler.clone();
+    let on_schedule = scheduler;
+    let stop_exec = shutdown.clone();
+    let stop_schedule = shutdown;
+    let served = tokio::try_join!(
+        rpc::serve_with_limit(
+            &nats,
+            &exec_subject,
+            QUEUE_GROUP,
+            limit,
+            move |request| exec::handle(on_exec.clone(), request),
+            async move { stop_exec.wait().await },
+        ),
+        rpc::serve_with_limit(
+            &nats,
+            &schedule_subject,
+            QUEUE_GROUP,
+            limit,
+            move |request| {
+                let scheduler = on_schedule.clone();
+                async move { scheduler.schedule(request).await }
+            },
+            async move { stop_schedule.wait().await },
+        ),
+    );
+    book.stop();
+    served.map(|_| ()).map_err(Error::from)
+}
+
+impl Scheduler {
+    /// Routes one request against the current local view.
+    fn route_now(
+        &self,
+        model_id: &ModelId,
+        request_id: &RequestId,
+        now: DateTime<Utc>,
+    ) -> Result<RouteDecision, NoRoute> {
+        let input = {
+            let book = self.book.read();
+            route::snapshot(&book, &self.live, &self.params, model_id, request_id, now)?
+        };
+        route::decide(&input, &self.ctx.policy.routing)
+    }
+
+    /// Routes one request; an unknown model is retried once after catching up with the log's head
+    /// (read-your-writes for a model deployed just before the request).
+    async fn route(
+        &self,
+        model_id: &ModelId,
+        request_id: &RequestId,
+        now: DateTime<Utc>,
+    ) -> Result<RouteDecision, ErrorBody> {
+        match self.route_now(model_id, request_id, now) {
+            Err(NoRoute::UnknownModel) => {
+                if let Ok(head) = self.ctx.store.head_position().await {
+                    let _ = self.book.wait_for(head, Duration::from_secs(2)).await;
+                }
+                self.route_now(model_id, request_id, now)
+                    .map_err(|e| e.to_error(model_id))
+            }
+            other => other.map_err(|e| e.to_error(model_id)),
+        }
+    }
+
+    /// `cmd.schedule {model_id}`: the decision a request would get now, without executing it.
+    async fn schedule(&self, request: Request) -> Reply {
+        let cmd: ScheduleCommand = match parse_command(&request.payload) {
+            Ok(cmd) => cmd,
+            Err(e) => return Reply::err(e),
+        };
+        let request_id = match cmd.request_id {
+            Some(id) => id,
+            None => match RequestId::parse("schedule") {
+                Ok(id) => id,
+                Err(e) => return Reply::err(ErrorBody::internal(e.to_string())),
+            },
+        };
+        match self.route(&cmd.model_id, &request_id, Utc::now()).await {
+            Ok(decision) => Reply::ok(&route::schedule_reply(&decision)),
+            Err(e) => Reply::err(e),
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! This process's live view of the fleet, beside the log-folded [`NodeBook`]: requests in flight
+//! per node (the load L the score sees), the outlier tracker fed by attempt outcomes (ejection,
+//! probes) and the retry budget.
+//!
+//! It is deliberately per process and not in the log: with several scheduler copies each sees its own
+//! in-flight counts and ejections (as Envoy's outlier detection does per proxy). Reputation and
+//! failure rate, which must agree across copies and on replay, come from the log instead.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use deepnode_domain::book::NodeBook;
+use deepnode_domain::ejection::{may_eject, EjectionPolicy, NodeHealth, Outcome, Transition};
+use deepnode_domain::events::Failure;
+use deepnode_domain::ids::NodeId;
+
+use crate::budget::RetryBudget;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock means a holder panicked mid-update of plain counters; the data is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// In-flight counts, node health and the retry budget of one scheduler process.
+#[derive(Debug)]
+pub struct Live {
+    in_flight: Arc<Mutex<HashMap<NodeId, u32>>>,
+    health: Mutex<BTreeMap<NodeId, NodeHealth>>,
+    budget: Mutex<RetryBudget>,
+    ejection: EjectionPolicy,
+}
+
+/// Decrements a node's in-flight count when dropped (the attempt ended, however it ended).
+#[derive(Debug)]
+pub struct InFlight {
+    map: Arc<Mutex<HashMap<NodeId, u32>>>,
+    node: NodeId,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut map = lock(&self.map);
+        if let Some(n) = map.get_mut(&self.node) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.node);
+            }
+        }
+    }
+}
+
+impl Live {
+    /// Fresh state with the given policies.
+    pub fn new(ejection: EjectionPolicy, budget: RetryBudget) -> Live {
+        Live {
+            in_flight: Arc::default(),
+            health: Mutex::default(),
+            budget: Mutex::new(budget),
+            ejection,
+        }
+    }
+
+    /// Requests in flight on `node` from this process.
+    pub fn in_flight(&self, node: &NodeId) -> u32 {
+        lock(&self.in_flight).get(node).copied().unwrap_or(0)
+    }
+
+    /// Counts one more request in flight on `node` until the guard drops.
+    pub fn begin(&self, node: &NodeId) -> InFlight {
+        *lock(&self.in_flight).entry(node.clone()).or_insert(0) += 1;
+        InFlight {
+            map: self.in_flight.clone(),
+            node: node.clone(),
+        }
+    }
+
+    /// Whether routing must treat `node` as ejected at `now`.
+    pub fn is_ejected(&self, node: &NodeId, now: DateTime<Utc>) -> bool {
+        lock(&self.health)
+            .get(node)
+            .is_some_and(|h| h.is_ejected(now))
+    }
+
+    /// Marks the probe of an ejected node as dispatched, if one is due.
+    pub fn start_probe_if_due(&self, node: &NodeId, now: DateTime<Utc>) {
+        if let Some(h) = lock(&self.health).get_mut(node) {
+            if h.start_probe(now) {
+                tracing::info!(node_id = %node, "probing an ejected node");
+            }
+        }
+    }
+
+    /// Feeds one attempt outcome to the outlier tracker. `book` supplies the replica sets, so the
+    /// last healthy replica of a model is never ejected.
+    pub fn record_outcome(
+        &self,
+        node: &NodeId,
+        failure: Option<Failure>,
+        now: DateTime<Utc>,
+        book: &NodeBook,
+    ) -> Transition {
+        let outcome = match failure {
+            None => Outcome::Success,
+            Some(Failure::InvalidOutput) => Outcome::InvalidOutput,
+            Some(Failure::Error | Failure::Timeout) => Outcome::Failure,
+        };
+        let mut health = lock(&self.health);
+        let allowed = outcome == Outcome::Success || {
+            // Replica sets holding this node, counting only replicas that could serve at all.
+            let sets: Vec<Vec<NodeId>> = book
+                .deployments()
+                .values()
+                .filter(|replicas| replicas.contains_key(node))
+                .map(|replicas| {
+                    replicas
+                        .keys()
+                        .filter(|n| {
+                            *n == node
+                                || book.node(n).is_some_and(|s| s.status.is_eligible())
+                        })
+                        .cloned()
+                        .collect()
+                })
+                .collect();
+            may_eject(node, &sets, &health, now)
+        };
+        let entry = health.entry(node.clone()).or_default();
+        let transition = entry.record(outcome, now, &self.ejection, allowed);
+        match transition {
+            Transition::Ejected { k, until } => {
+                tracing::warn!(node_id = %node, k, %until, "node ejected after consecutive failures");
+            }
+            Transition::Restored => tracing::info!(node_id = %node, "ejected node restored by its probe"),
+            Transition::KeptLastHealthy => tracing::warn!(
+                node_id = %node,
+                "node keeps failing but is the last healthy replica; an emergency re-placement is needed"
+            ),
+            Transition::None => {}
+        }
+        if *entry == NodeHealth::default() {
+            health.remove(node);
+        }
+        transition
+    }
+
+    /// Records a request in the retry budget.
+    pub fn count_request(&self) {
+        lock(&self.budget).on_request();
+    }
+
+    /// Takes one retry from the budget, if it allows.
+    pub fn try_retry(&self) -> bool {
+        lock(&self.budget).try_retry(Instant::now())
+    }
+}

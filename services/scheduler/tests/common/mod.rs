@@ -1,0 +1,231 @@
+//! Test harness for the scheduler: a fresh database, a random subject prefix, the log seeded
+//! directly with nodes and deployments (the reputation and rotation services are not needed),
+//! simulated nodes, and scheduler copies run in-process.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::Utc;
+use deepnode_bus::{rpc, Subjects};
+use deepnode_domain::config::PolicyConfig;
+use deepnode_domain::events::{
+    AttemptSucceeded, DeploymentAssigned, DomainEvent, Metadata, ModelDeployed, NodeDeregistered,
+    NodeRegistered, Tier,
+};
+use deepnode_domain::fixed::Bps;
+use deepnode_domain::ids::{ModelId, NodeId, RequestId};
+use deepnode_domain::log::ExpectedVersion;
+use deepnode_runtime::{ServiceContext, Shutdown};
+use deepnode_scheduler::{run, Error, SchedulerOptions};
+use deepnode_sim::{Sim, SimConfig, SimHandle, SimNode};
+use deepnode_store::EventStore;
+use deepnode_testkit::{nats_url, TestDb};
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+pub fn node(id: &str) -> NodeId {
+    NodeId::parse(id).unwrap()
+}
+
+/// The policy tests run with: the lower-ranked replica never takes primary traffic, so the
+/// better-ranked node is always attempt 1 and tests can choose it.
+pub fn test_policy() -> PolicyConfig {
+    let mut policy = PolicyConfig::default();
+    policy.routing.backup_min_share = Bps::ZERO;
+    policy.routing.backup_max_share = Bps::ZERO;
+    policy
+}
+
+pub struct Harness {
+    pub db: TestDb,
+    pub store: EventStore,
+    pub client: async_nats::Client,
+    pub subjects: Subjects,
+    pub sims: Vec<SimHandle>,
+    schedulers: Vec<(Shutdown, JoinHandle<Result<(), Error>>)>,
+}
+
+impl Harness {
+    pub async fn new() -> Harness {
+        let db = TestDb::new().await;
+        let store = db.store().await;
+        let client = async_nats::connect(nats_url()).await.expect("NATS is running");
+        Harness {
+            db,
+            store,
+            client,
+            subjects: Subjects::random(),
+            sims: Vec::new(),
+            schedulers: Vec::new(),
+        }
+    }
+
+    async fn append(&self, event: DomainEvent) {
+        let stream = event.stream_id();
+        let new = event.to_new_event(Uuid::new_v4(), Metadata::new("test", "seed"), Utc::now());
+        self.store
+            .append(&stream, ExpectedVersion::Any, vec![new])
+            .await
+            .expect("seed append");
+    }
+
+    pub async fn register(&self, id: &str, capacity: u32) {
+        self.append(DomainEvent::NodeRegistered(NodeRegistered {
+            node_id: node(id),
+            domain: "text".into(),
+            stake: 100.0,
+            capacity,
+        }))
+        .await;
+    }
+
+    pub async fn deregister(&self, id: &str) {
+        self.append(DomainEvent::NodeDeregistered(NodeDeregistered {
+            node_id: node(id),
+            reason: "test".into(),
+        }))
+        .await;
+    }
+
+    pub async fn deploy(&self, model: &str, nodes: &[&str]) {
+        let model_id = ModelId::parse(model).unwrap();
+        self.append(DomainEvent::ModelDeployed(ModelDeployed {
+            model_id: model_id.clone(),
+            domain: "text".into(),
+            replicas: u32::try_from(nodes.len()).unwrap(),
+        }))
+        .await;
+        for (i, n) in nodes.iter().enumerate() {
+            self.append(DomainEvent::DeploymentAssigned(DeploymentAssigned {
+                model_id: model_id.clone(),
+                node_id: node(n),
+                tier: if i == 0 { Tier::Top } else { Tier::Lower },
+                reason: "test".into(),
+            }))
+            .await;
+        }
+    }
+
+    /// Raises a node's reputation with `k` recorded successes (so it ranks first).
+    pub async fn boost(&self, id: &str, k: usize) {
+        for i in 0..k {
+            self.append(DomainEvent::AttemptSucceeded(AttemptSucceeded {
+                request_id: RequestId::parse(&format!("seed-{id}-{i}")).unwrap(),
+                node_id: node(id),
+                latency_ms: 1,
+            }))
+            .await;
+        }
+    }
+
+    pub async fn start_sim(&mut self, nodes: Vec<SimNode>) {
+        let config = SimConfig {
+            nodes,
+            seed: 7,
+            ..SimConfig::default()
+        };
+        let sim = Sim::start(self.client.clone(), self.subjects.clone(), config)
+            .await
+            .expect("sim starts");
+        self.sims.push(sim);
+    }
+
+    /// Starts one scheduler copy in-process and waits until it answers.
+    pub async fn start_scheduler(&mut self, policy: PolicyConfig, producer: &str) {
+        let nats = async_nats::connect(nats_url()).await.unwrap();
+        let ctx = ServiceContext {
+            store: self.db.store().await,
+            js: async_nats::jetstream::new(nats.clone()),
+            nats,
+            subjects: self.subjects.clone(),
+            policy: Arc::new(policy),
+            producer: producer.to_owned(),
+        };
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(run(ctx, SchedulerOptions::default(), shutdown.clone()));
+        self.schedulers.push((shutdown, task));
+        let subject = self.subjects.cmd_schedule();
+        for _ in 0..200 {
+            let asked = rpc::request_bytes(
+                &self.client,
+                &subject,
+                Bytes::from_static(b"{}"),
+                Duration::from_millis(200),
+            )
+            .await;
+            if asked.is_ok() && self.schedulers.len() == 1 {
+                return;
+            }
+            if asked.is_ok() {
+                // A second copy: give its subscription a moment to register with the server.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("scheduler did not start");
+    }
+
+    pub async fn request(&self, subject: &str, payload: Vec<u8>) -> Value {
+        let reply = rpc::request_bytes(
+            &self.client,
+            subject,
+            Bytes::from(payload),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("scheduler answers");
+        serde_json::from_slice(&reply).expect("reply is JSON")
+    }
+
+    pub async fn exec(&self, body: Value) -> Value {
+        self.request(&self.subjects.cmd_exec(), body.to_string().into_bytes())
+            .await
+    }
+
+    pub async fn schedule(&self, body: Value) -> Value {
+        self.request(&self.subjects.cmd_schedule(), body.to_string().into_bytes())
+            .await
+    }
+
+    /// Events of `event_type` in stream `exec-<request_id>`.
+    pub async fn count(&self, event_type: &str, request_id: &str) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM events WHERE event_type = $1 AND stream_id = $2",
+        )
+        .bind(event_type)
+        .bind(format!("exec-{request_id}"))
+        .fetch_one(self.store.pool())
+        .await
+        .unwrap()
+    }
+
+    /// Every event of stream `exec-<request_id>`: (type, payload, metadata).
+    pub async fn stream(&self, request_id: &str) -> Vec<(String, Value, Value)> {
+        let stream = deepnode_store::StreamId::parse(&format!("exec-{request_id}")).unwrap();
+        self.store
+            .read_stream(&stream, 1)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.event_type, e.payload, e.metadata))
+            .collect()
+    }
+
+    pub async fn head(&self) -> i64 {
+        self.store.head_position().await.unwrap()
+    }
+
+    pub async fn stop(mut self) {
+        for (shutdown, task) in self.schedulers.drain(..) {
+            shutdown.trigger();
+            task.await.unwrap().expect("scheduler stops cleanly");
+        }
+        for sim in self.sims.drain(..) {
+            sim.stop().await;
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! `cmd.exec` against real Postgres and NATS with simulated nodes: the happy path, failover for each
+//! kind of primary failure, both replicas failing, duplicate request ids, two scheduler copies in
+//! one queue group, late and duplicated node answers, ejection, and the store being away.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{node, test_policy, Harness};
+use deepnode_sim::{Behaviour, Latency, SimNode};
+use serde_json::{json, Value};
+
+fn sim(id: &str, behaviour: Behaviour) -> SimNode {
+    SimNode::new(node(id), "text").with_behaviour(behaviour)
+}
+
+fn healthy() -> Behaviour {
+    Behaviour::healthy(Latency::fixed_ms(0))
+}
+
+fn attempts(reply: &Value) -> Vec<(String, String, String)> {
+    reply["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["node_id"].as_str().unwrap().to_owned(),
+                a["role"].as_str().unwrap().to_owned(),
+                a["outcome"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn att(node: &str, role: &str, outcome: &str) -> (String, String, String) {
+    (node.into(), role.into(), outcome.into())
+}
+
+/// Two replicas of `model`: `first` ranks first (boosted), `second` is the backup.
+async fn pair(h: &Harness, model: &str, first: &str, second: &str) {
+    h.register(first, 64).await;
+    h.register(second, 64).await;
+    h.deploy(model, &[first, second]).await;
+    h.boost(first, 5).await;
+}
+
+#[tokio::test]
+async fn happy_path_is_charged_once_with_one_attempt() {
+    let mut h = Harness::new().await;
+    pair(&h, "m-1", "a", "b").await;
+    h.start_sim(vec![sim("a", healthy()), sim("b", healthy())]).await;
+    h.start_scheduler(test_policy(), "scheduler").await;
+
+    let reply = h
+        .exec(json!({"request_id": "r-1", "model_id": "m-1", "input": {"prompt": "hi"}}))
+        .await;
+    assert_eq!(reply["ok"], json!(true), "{reply}");
+    assert_eq!(reply["charged"], json!(true));
+    assert_eq!(reply["node_id"], json!("a"));
+    assert!(reply["output"].is_object());
+    assert_eq!(attempts(&reply), vec![att("a", "primary", "success")]);
+
+    let stream = h.stream("r-1").await;
+    let types: Vec<&str> = stream.iter().map(|(t, _, _)| t.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "ExecutionRequested",
+            "AttemptDispatched",
+            "AttemptSucceeded",
+            "ExecutionCompleted"
+        ]
+    );
+    let (_, completed, meta) = &stream[3];
+    assert_eq!(completed["charged"], json!(true));
+    assert_eq!(completed["attempts"], json!(1));
+    assert_eq!(meta["producer"], json!("scheduler"));
+    assert!(meta["correlation_id"].as_str().is_some_and(|c| !c.is_empty()));
+    // The dispatch carries the full, self-checking decision record.
+    let decision: deepnode_domain::scoring::RouteDecision =
+        serde_json::from_value(stream[1].1["decision"].clone()).unwrap();
+    assert!(decision.verify());
+    assert_eq!(decision.primary, node("a"));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_primary_is_served_by_the_backup() {
+    let mut h = Harness::new().await;
+    let cases = [
+        ("m-e", "bad-e", "good-e", Behaviour::always_error(), "error"),
+        ("m-t", "bad-t", "good-t", Behaviour::always_timeout(), "timeout"),
+        ("m-i", "bad-i", "good-i", Behaviour::always_invalid(), "invalid_output"),
+    ];
+    let mut nodes = Vec::new();
+    for (model, bad, good, behaviour, _) in &cases {
+        pair(&h, model, bad, good).await;
+        nodes.push(sim(bad, behaviour.clone()));
+        nodes.push(sim(good, healthy()));
+    }
+    h.start_sim(nodes).await;
+    h.start_scheduler(test_policy(), "scheduler").await;
+
+    for (model, bad, good, _, outcome) in &cases {
+        let request_id = format!("r-{model}");
+        let reply = h
+            .exec(json!({"request_id": request_id, "model_id": model, "input": "x", "timeout_ms": 300}))
+            .await;
+        assert_eq!(reply["ok"], json!(true), "{reply}");
+        assert_eq!(reply["charged"], json!(true));
+        assert_eq!(reply["node_id"], json!(good));
+        assert_eq!(
+            attempts(&reply),
+            vec![att(bad, "primary", outcome), att(good, "backup", "success")]
+        );
+        assert_eq!(h.count("AttemptDispatched", &request_id).await, 2);
+        assert_eq!(h.count("AttemptFailed", &request_id).await, 1);
+        assert_eq!(h.count("ExecutionCompleted", &request_id).await, 1);
+        assert_eq!(h.count("ExecutionFailed", &request_id).await, 0);
+        let stream = h.stream(&request_id).await;
+        let failed = stream.iter().find(|(t, _, _)| t == "AttemptFailed").unwrap();
+        assert_eq!(failed.1["outcome"], json!(outcome));
+    }
+    if let Some(latency) = h
+        .exec(json!({"request_id": "r-lat", "model_id": "m-t", "input": "x", "timeout_ms": 300}))
+        .await["attempts"][0]["latency_ms"]
+        .as_u64()
+    {
+        // The timed-out attempt took about its timeout, not the 5 s default.
+        assert!((300..1_000).contains(&latency), "{latency}");
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn both_replicas_failing_is_all_replicas_failed_and_not_charged() {
+    let mut h = Harness::new().await;
+    pair(&h, "m-1", "x", "y").await;
+    h.start_sim(vec![
+        sim("x", Behaviour::always_error()),
+        sim("y", Behaviour::always_timeout()),
+    ])
+    .await;
+    h.start_scheduler(test_policy(), "scheduler").await;
+
+    let reply = h
+        .exec(json!({"request_id": "r-1", "model_id": "m-1", "input": 1, "timeout_ms": 200}))
+        .await;
+    assert_eq!(reply["ok"], json!(false), "{reply}");
+    assert_eq!(reply["error"]["code"], json!("all_replicas_failed"));
+    assert_eq!(reply["charged"], json!(false));
+    assert_eq!(
+        attempts(&reply),
+        vec![att("x", "primary", "error"), att("y", "backup", "timeout")]
+    );
+    assert_eq!(h.count("AttemptFailed", "r-1").await, 2);
+    assert_eq!(h.count("ExecutionFailed", "r-1").await, 1);
+    assert_eq!(h.count("ExecutionCompleted", "r-1").await, 0);
+    let stream = h.stream("r-1").await;
+    let (_, failed, _) = stream.last().unwrap();
+    assert_eq!(failed["charged"], json!(false));
+    assert_eq!(failed["attempts"], json!(2));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_repeated_request_id_returns_the_recorded_answer_and_appends_nothing() {
+    let mut h = Harness::new().await;
+    pair(&h, "m-1", "a", "b").await;
+    pair(&h, "m-2", "x", "y").await;
+    h.start_sim(vec![
+        sim("a", healthy()),
+        sim("b", healthy()),
+        sim("x", Behaviour::always_error()),
+        sim("y", Behaviour::always_invalid()),
+    ])
+    .await;
+    h.start_scheduler(test_policy(), "scheduler").await;
+
+    for (request_id, model) in [("ok-1", "m-1"), ("fail-1", "m-2")] {
+        let body = json!({"request_id": request_id, "model_id": model, "input": {"n": 1}});
+        let first = h.exec(body.clone()).await;
+        let head = h.head().await;
+        let again = h.exec(body).await;
+        assert_eq!(first, again, "the repeat must return the original answer");
+        // Even with another model and input, the id is the key.
+        let other = h
+            .exec(json!({"request_id": request_id, "model_id": "m-1", "input": 2}))
+            .await;
+        assert_eq!(first, other);
+        assert_eq!(h.head().await, head, "a repeat appends nothing");
+        assert_eq!(h.count("ExecutionRequested", request_id).await, 1);
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn two_copies_in_one_queue_group_record_each_request_once() {
+    let mut h = Harness::new().await;
+    pair(&h, "m-1", "a", "b").await;
+    h.start_sim(vec![sim("a", healthy()), sim("b", healthy())]).await;
+    h.start_scheduler(test_policy(), "copy-1").await;
+    h.start_scheduler(test_policy(), "copy-2").await;
+
+    // 200 request ids, each sent twice at once: one of the pair executes, the other waits for it.
+    let replies = futures::future::join_all((0..400).map(|i| {
+        let h = &h;
+        async move {
+            let id = format!("r-{}", i / 2);
+            (id.clone(), h.exec(json!({"request_id": id, "model_id": "m-1", "input": i / 2})).await)
+        }
+    }))
+    .await;
+    for pair in replies.chunks(2) {
+        assert_eq!(pair[0].1["ok"], json!(true), "{}", pair[0].1);
+        assert_eq!(pair[0].1, pair[1].1, "both copies of {} got one answer", pair[0].0);
+    }
+    let per_stream: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT stream_id, count(*) FILTER (WHERE event_type = 'ExecutionRequested')
+           FROM events WHERE stream_id LIKE 'exec-r-%' GROUP BY stream_id",
+    )
+    .fetch_all(h.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(per_stream.len(), 200);
+    assert!(per_stream.iter().all(|(_, n)| *n == 1), "{per_stream:?}");
+    let completed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE event_type = 'ExecutionCompleted' AND stream_id LIKE 'exec-r-%'",
+    )
+    .fetch_one(h.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(completed, 200, "each request charged exactly once");
+    let producers: BTreeSet<String> = sqlx::query_scalar(
+        "SELECT DISTINCT metadata->>'producer' FROM events WHERE event_type = 'ExecutionRequested'",
+    )
+    .fetch_all(h.store.pool())
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    assert_eq!(producers.len(), 2, "both copies served: {producers:?}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn late_and_duplicated_answers_are_classified_once() {
+    let mut h = Harness::new().await;
+    pair(&h, "m-late", "late", "good-1").await;
+    pair(&h, "m-twice", "twice", "good-2").await;
+    let late = Behaviour {
+        answers_late: Some(Duration::from_millis(500)),
+        ..healthy()
+    };
+    let twice = Behaviour {
+        answers_twice: true,
+        ..healthy()
+    };
+    h.start_sim(vec![
+        sim("late", late),
+        sim("good-1", healthy()),
+        sim("twice", twice),
+        sim("good-2", healthy()),
+    ])
+    .await;
+    h.start_scheduler(test_policy(), "scheduler").await;
+
+    let reply = h
+        .exec(json!({"request_id": "r-late", "model_id": "m-late", "input": 1, "timeout_ms": 150}))
+        .await;
+    assert_eq!(
+        attempts(&reply),
+        vec![att("late", "primary", "timeout"), att("good-1", "backup", "success")]
+    );
+    let reply = h
+        .exec(json!({"request_id": "r-twice", "model_id": "m-twice", "input": 1}))
+        .await;
+    assert_eq!(attempts(&reply), vec![att("twice", "primary", "success")]);
+
+    // Let the late answer and the duplicate arrive, then check nothing more was recorded.
+    let late_counters = h.sims[0].counters(&node("late")).unwrap();
+    for _ in 0..100 {
+        if h.sims[0].counters(&node("late")).unwrap().late > late_counters.late
+            || late_counters.late > 0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(h.stream("r-late").await.len(), 6);
+    assert_eq!(h.stream("r-twice").await.len(), 4);
+    assert_eq!(h.count("AttemptSucceeded", "r-twice").await, 1);
+    assert_eq!(h.count("AttemptFailed", "r-late").await, 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_failing_every_request_is_ejected_and_the_backup_takes_over() {
+    let mut h = Harness::new().await;
+    pair(&h, "m-1", "bad", "good").await;
+    // Enough history that three failures do not yet drop `bad` below `good` by reputation.
+    h.boost("bad", 30).await;
+    h.start_sim(vec![sim("bad", Behaviour::always_error()), sim("good", healthy())])
+        .await;
+    h.start_scheduler(test_policy(), "scheduler").await;
+    for i in 0..3 {
+        let reply = h
+            .exec(json!({"request_id": format!("r-{i}"), "model_id": "m-1", "input": i}))
+            .await;
+        assert_eq!(attempts(&reply).len(), 2, "{reply}");
+    }
+    // Three consecutive failures eject `bad` (POLICY Ejection): the next request goes to `good`.
+    let reply = h
+        .exec(json!({"request_id": "r-3", "model_id": "m-1", "input": 3}))
+        .await;
+    assert_eq!(attempts(&reply), vec![att("good", "primary", "success")]);
+    let schedule = h.schedule(json!({"model_id": "m-1"})).await;
+    assert_eq!(schedule["filtered"], json!([{"node_id": "bad", "reason": "ejected"}]));
+    h.stop().await;
+}

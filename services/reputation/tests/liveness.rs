@@ -1,0 +1,99 @@
+//! Heartbeats with two service copies and short intervals: a silent node goes offline once (after
+//! the grace period, not before), a beating node never does, and the silent node comes back — once —
+//! when it beats again.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use deepnode_bus::Subjects;
+use deepnode_domain::config::PolicyConfig;
+use deepnode_domain::ids::NodeId;
+use deepnode_store::RecordedEvent;
+use deepnode_testkit::TestDb;
+
+fn changes(log: &[RecordedEvent], node: &str) -> Vec<(String, String)> {
+    log.iter()
+        .filter(|e| e.event_type == "NodeStatusChanged" && e.payload["node_id"] == node)
+        .map(|e| {
+            (
+                e.payload["from"].as_str().unwrap().to_owned(),
+                e.payload["to"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn silent_nodes_go_offline_and_come_back_when_they_beat() {
+    let db = TestDb::new().await;
+    let subjects = Subjects::random();
+    let policy = PolicyConfig::default();
+    let fast = || deepnode_reputation::ReputationOptions {
+        offline_after: Duration::from_millis(1500),
+        ..common::options()
+    };
+    let started = tokio::time::Instant::now();
+    let a = common::start(&db, &subjects, &policy, fast()).await;
+    let b = common::start(&db, &subjects, &policy, fast()).await;
+    common::register(&a.ctx, "alive").await;
+    common::register(&a.ctx, "quiet").await;
+
+    // "alive" beats every 200 ms throughout
+    let nats = a.ctx.nats.clone();
+    let alive = subjects.node_heartbeat(&NodeId::parse("alive").unwrap());
+    let beater = tokio::spawn(async move {
+        loop {
+            nats.publish(alive.clone(), r#"{"in_flight":0}"#.into())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+
+    let log = common::eventually(&a.ctx.store, Duration::from_secs(15), |log| {
+        !changes(log, "quiet").is_empty()
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "grace period honoured"
+    );
+    assert_eq!(
+        changes(&log, "quiet"),
+        vec![("probation".to_owned(), "offline".to_owned())]
+    );
+    let offline = log
+        .iter()
+        .find(|e| e.event_type == "NodeStatusChanged")
+        .unwrap();
+    assert_eq!(offline.payload["reason"], "missed heartbeats");
+
+    // when "quiet" beats again it comes back to where it was
+    let quiet = subjects.node_heartbeat(&NodeId::parse("quiet").unwrap());
+    for _ in 0..5 {
+        a.ctx
+            .nats
+            .publish(quiet.clone(), r#"{"in_flight":1}"#.into())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = common::eventually(&a.ctx.store, Duration::from_secs(10), |log| {
+        changes(log, "quiet").len() >= 2
+    })
+    .await;
+    assert_eq!(
+        changes(&log, "quiet"),
+        vec![
+            ("probation".to_owned(), "offline".to_owned()),
+            ("offline".to_owned(), "probation".to_owned())
+        ]
+    );
+    assert!(changes(&log, "alive").is_empty(), "a beating node stays up");
+
+    beater.abort();
+    a.stop().await;
+    b.stop().await;
+}

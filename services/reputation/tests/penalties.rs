@@ -1,0 +1,128 @@
+//! Outcomes → penalties with two service copies and the relay in-process: a node failing every
+//! attempt is slashed and jailed exactly once, with the triggering outcome as `causation_id`, and
+//! its (short, test-policy) jail is released exactly once by the wall-clock tick.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::Utc;
+use deepnode_bus::Subjects;
+use deepnode_domain::config::PolicyConfig;
+use deepnode_domain::events::{AttemptFailed, DomainEvent, Failure, Metadata};
+use deepnode_domain::ids::{NodeId, RequestId};
+use deepnode_reputation::Stats;
+use deepnode_store::{ExpectedVersion, RecordedEvent};
+use deepnode_testkit::TestDb;
+use uuid::Uuid;
+
+fn status_changes<'a>(log: &'a [RecordedEvent], to: &'a str) -> Vec<&'a RecordedEvent> {
+    log.iter()
+        .filter(|e| e.event_type == "NodeStatusChanged" && e.payload["to"] == to)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_node_is_jailed_and_slashed_once_across_two_copies() {
+    let db = TestDb::new().await;
+    let subjects = Subjects::random();
+    let mut policy = PolicyConfig::default();
+    policy.penalty.jail_base_secs = 2;
+    let (oa, ob) = (common::options(), common::options());
+    let (sa, sb) = (oa.stats.clone(), ob.stats.clone());
+    let a = common::start(&db, &subjects, &policy, oa).await;
+    let b = common::start(&db, &subjects, &policy, ob).await;
+    let (relay, relay_stop) = common::start_relay(&a.ctx);
+    common::register(&a.ctx, "n1").await;
+
+    // given 30 failed attempts on n1, logged by "the scheduler"
+    let node = NodeId::parse("n1").unwrap();
+    let mut failures = Vec::new();
+    for i in 0..30 {
+        let request_id = RequestId::parse(&format!("r{i}")).unwrap();
+        let event = DomainEvent::AttemptFailed(AttemptFailed {
+            request_id: request_id.clone(),
+            node_id: node.clone(),
+            outcome: Failure::Error,
+            latency_ms: 5,
+            detail: "boom".into(),
+        });
+        let id = Uuid::new_v4();
+        failures.push(id);
+        let new = event.to_new_event(
+            id,
+            Metadata::new("scheduler-test", request_id.as_str()),
+            Utc::now(),
+        );
+        a.ctx
+            .store
+            .append(&event.stream_id(), ExpectedVersion::Any, vec![new])
+            .await
+            .unwrap();
+    }
+
+    // then every outcome is assessed, by one copy or the other
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while Stats::get(&sa.outcomes_assessed) + Stats::get(&sb.outcomes_assessed) < 30
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(Stats::get(&sa.outcomes_assessed) + Stats::get(&sb.outcomes_assessed) >= 30);
+
+    // and the node is slashed once and jailed once, caused by one of the failures
+    let log = common::eventually(&a.ctx.store, Duration::from_secs(10), |log| {
+        !status_changes(log, "jailed").is_empty()
+    })
+    .await;
+    let slashes: Vec<_> = log
+        .iter()
+        .filter(|e| e.event_type == "NodeSlashed")
+        .collect();
+    assert_eq!(slashes.len(), 1, "one slash");
+    assert_eq!(slashes[0].payload["kind"], "downtime");
+    assert_eq!(slashes[0].payload["fault_id"], "downtime:n1:1");
+    let jails = status_changes(&log, "jailed");
+    assert_eq!(jails.len(), 1, "one jail");
+    for decision in [slashes[0], jails[0]] {
+        assert_eq!(decision.stream_id, "node-n1");
+        let cause: Uuid = decision.metadata["causation_id"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(failures.contains(&cause), "caused by a failed attempt");
+    }
+
+    // when the (2 s) jail ends, the wall-clock tick releases it to probation, once
+    let log = common::eventually(&a.ctx.store, Duration::from_secs(15), |log| {
+        log.iter()
+            .any(|e| e.event_type == "NodeStatusChanged" && e.payload["from"] == "jailed")
+    })
+    .await;
+    let releases: Vec<_> = log
+        .iter()
+        .filter(|e| e.event_type == "NodeStatusChanged" && e.payload["from"] == "jailed")
+        .collect();
+    assert_eq!(releases.len(), 1);
+    assert_eq!(releases[0].payload["to"], "probation");
+    // give a racing copy time to (wrongly) repeat any decision
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = common::log(&a.ctx.store).await;
+    assert_eq!(
+        log.iter().filter(|e| e.event_type == "NodeSlashed").count(),
+        1
+    );
+    assert_eq!(
+        log.iter()
+            .filter(|e| e.event_type == "NodeStatusChanged")
+            .count(),
+        2
+    );
+
+    a.stop().await;
+    b.stop().await;
+    relay_stop.trigger();
+    relay.await.unwrap();
+}

@@ -30,7 +30,7 @@ async fn main() {
     let (ctx, _settings) = match start().await {
         Ok(started) => started,
         Err(e) => {
-            eprintln!("deepnode-reputation: {e:#}");
+            eprintln!("deepnode-reputation: {e}: {}", e.root_cause());
             std::process::exit(2);
         }
     };

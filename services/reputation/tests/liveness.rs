@@ -1,6 +1,6 @@
 //! Heartbeats with two service copies and short intervals: a silent node goes offline once (after
 //! the grace period, not before), a beating node never does, and the silent node comes back — once —
-//! when it beats again.
+//! when it beats again; after a restart every node gets a full grace period again.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -93,7 +93,24 @@ async fn silent_nodes_go_offline_and_come_back_when_they_beat() {
     );
     assert!(changes(&log, "alive").is_empty(), "a beating node stays up");
 
-    beater.abort();
+    // a restart does not mark the fleet offline: "quiet" has been silent longer than the limit
+    // while no copy ran, yet the new copy gives it a full grace period first
     a.stop().await;
     b.stop().await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let restarted = tokio::time::Instant::now();
+    let c = common::start(&db, &subjects, &policy, fast()).await;
+    let log = common::eventually(&c.ctx.store, Duration::from_secs(15), |log| {
+        changes(log, "quiet").len() >= 3
+    })
+    .await;
+    assert!(
+        restarted.elapsed() >= Duration::from_millis(1500),
+        "grace after restart"
+    );
+    assert_eq!(changes(&log, "quiet").len(), 3);
+    assert!(changes(&log, "alive").is_empty());
+
+    beater.abort();
+    c.stop().await;
 }

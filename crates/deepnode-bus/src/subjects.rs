@@ -110,6 +110,11 @@ impl Subjects {
         self.sub("cmd.exec")
     }
 
+    /// `<prefix>.cmd.rotation.run`: run one rotation round now (an on-demand addition to §3).
+    pub fn cmd_rotation_run(&self) -> String {
+        self.sub("cmd.rotation.run")
+    }
+
     /// `<prefix>.node.<node_id>.infer`, answered by the node itself.
     pub fn node_infer(&self, node: &NodeId) -> String {
         self.sub(&format!("node.{node}.infer"))
@@ -197,6 +202,7 @@ mod tests {
         assert_eq!(s.cmd_model_deploy(), "deepnode.cmd.model.deploy");
         assert_eq!(s.cmd_schedule(), "deepnode.cmd.schedule");
         assert_eq!(s.cmd_exec(), "deepnode.cmd.exec");
+        assert_eq!(s.cmd_rotation_run(), "deepnode.cmd.rotation.run");
         assert_eq!(s.node_infer(&n), "deepnode.node.n1.infer");
         assert_eq!(s.node_heartbeat(&n), "deepnode.node.n1.heartbeat");
         assert_eq!(s.heartbeat_wildcard(), "deepnode.node.*.heartbeat");

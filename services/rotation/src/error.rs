@@ -1,0 +1,39 @@
+//! The rotation service's error type and its mapping onto the §2 reply codes. Store outages are
+//! `unavailable` (safe to retry); a conflict stays a conflict and is never swallowed.
+
+use deepnode_bus::envelope::{ErrorBody, ErrorCode};
+
+/// What can go wrong running the rotation service or one of its rounds.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The event store failed (or the local view could not catch up with it).
+    #[error("event store: {0}")]
+    Store(#[from] deepnode_store::Error),
+    /// A direct database call (the round lock) failed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Serving a subject failed.
+    #[error("serving requests: {0}")]
+    Serve(#[from] deepnode_bus::rpc::Error),
+    /// Another round completed this epoch first (the `rotation` stream moved under us).
+    #[error("epoch {epoch} was completed by another round")]
+    EpochTaken {
+        /// The epoch this round planned.
+        epoch: u64,
+    },
+}
+
+impl Error {
+    /// The reply error for this failure.
+    pub fn to_body(&self) -> ErrorBody {
+        match self {
+            Error::Store(e) if e.is_transient() => ErrorBody::unavailable(e.to_string()),
+            Error::Store(deepnode_store::Error::Closed) => ErrorBody::unavailable(self.to_string()),
+            Error::Store(deepnode_store::Error::Conflict { .. }) | Error::EpochTaken { .. } => {
+                ErrorBody::new(ErrorCode::Conflict, self.to_string())
+            }
+            Error::Database(_) => ErrorBody::unavailable(self.to_string()),
+            _ => ErrorBody::internal(self.to_string()),
+        }
+    }
+}

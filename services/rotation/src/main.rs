@@ -30,7 +30,8 @@ async fn main() -> ExitCode {
     let ctx = match connect().await {
         Ok(ctx) => ctx,
         Err(e) => {
-            eprintln!("deepnode-rotation: {e:#}");
+            // The context line plus the root cause: one line, without the repeated middle of the chain.
+            eprintln!("deepnode-rotation: {e}: {}", e.root_cause());
             return ExitCode::from(2);
         }
     };

@@ -19,7 +19,7 @@ use deepnode_domain::log::{
     ExpectedVersion, NewEvent, StreamId,
 };
 use serde_json::Value;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Executor, PgConnection, PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -86,42 +86,116 @@ impl PreparedEvent {
 
 /// Runs until every sender is dropped, committing waiting appends in batches.
 pub(crate) async fn run_writer(pool: PgPool, mut rx: mpsc::Receiver<AppendRequest>) {
+    let mut writer = Writer { pool, conn: None };
+    let mut last_size = 1;
     while let Some(first) = rx.recv().await {
-        let mut events = first.events.len();
         let mut batch = vec![first];
-        while events < MAX_BATCH_EVENTS {
-            match rx.try_recv() {
-                Ok(next) => {
-                    events += next.events.len();
-                    batch.push(next);
-                }
-                Err(_) => break,
+        let mut events = batch[0].events.len();
+        take_waiting(&mut rx, &mut batch, &mut events);
+        // Linger briefly when fewer appends wait than the last commit carried: the appenders it just
+        // answered are typically submitting their next append right now, and one commit should carry
+        // them all (as commit_delay does in PostgreSQL). A lone appender never waits.
+        if batch.len() < last_size {
+            let deadline = std::time::Instant::now() + LINGER;
+            while batch.len() < last_size
+                && events < MAX_BATCH_EVENTS
+                && std::time::Instant::now() < deadline
+            {
+                tokio::task::yield_now().await;
+                take_waiting(&mut rx, &mut batch, &mut events);
             }
         }
-        write_and_reply(&pool, batch).await;
+        last_size = batch.len();
+        writer.write_and_reply(batch).await;
     }
 }
 
-async fn write_and_reply(pool: &PgPool, batch: Vec<AppendRequest>) {
-    let size = batch.len();
-    let requests: Vec<&AppendRequest> = batch.iter().collect();
-    match write_batch(pool, &requests).await {
-        Ok(results) => reply_all(batch, results),
-        Err(e) if size > 1 && !e.is_transient() => {
-            tracing::warn!(error = %e, size, "group commit refused; retrying its appends one by one");
-            for request in batch {
-                let result = match write_batch(pool, &[&request]).await {
-                    Ok(mut results) => results.pop().unwrap_or(Err(Error::Closed)),
-                    Err(e) => Err(e),
-                };
-                let _ = request.reply.send(result);
+/// Longest a batch waits for appenders the previous commit answered.
+const LINGER: std::time::Duration = std::time::Duration::from_micros(150);
+
+fn take_waiting(
+    rx: &mut mpsc::Receiver<AppendRequest>,
+    batch: &mut Vec<AppendRequest>,
+    events: &mut usize,
+) {
+    while *events < MAX_BATCH_EVENTS {
+        match rx.try_recv() {
+            Ok(next) => {
+                *events += next.events.len();
+                batch.push(next);
+            }
+            Err(_) => break,
+        }
+    }
+}
+
+/// The group-commit writer's own connection: one long-lived session (no pool round trip per batch),
+/// with generic plans disabled so the lookups always see the table's real size (a generic plan made
+/// while the log was small would keep sequential-scanning it as it grows).
+struct Writer {
+    pool: PgPool,
+    conn: Option<PgConnection>,
+}
+
+impl Writer {
+    async fn connection(&mut self) -> Result<&mut PgConnection, Error> {
+        if self.conn.is_none() {
+            let mut conn = self.pool.acquire().await?.detach();
+            conn.execute("SET plan_cache_mode = force_custom_plan")
+                .await?;
+            self.conn = Some(conn);
+        }
+        self.conn.as_mut().ok_or(Error::Closed)
+    }
+
+    async fn write_and_reply(&mut self, batch: Vec<AppendRequest>) {
+        let size = batch.len();
+        let requests: Vec<&AppendRequest> = batch.iter().collect();
+        match self.write_batch(&requests).await {
+            Ok(results) => reply_all(batch, results),
+            Err(e) if size > 1 && !e.is_transient() => {
+                tracing::warn!(error = %e, size, "group commit refused; retrying its appends one by one");
+                for request in batch {
+                    let result = match self.write_batch(&[&request]).await {
+                        Ok(mut results) => results.pop().unwrap_or(Err(Error::Closed)),
+                        Err(e) => Err(e),
+                    };
+                    let _ = request.reply.send(result);
+                }
+            }
+            Err(e) => {
+                for request in batch {
+                    let _ = request.reply.send(Err(e.clone()));
+                }
             }
         }
-        Err(e) => {
-            for request in batch {
-                let _ = request.reply.send(Err(e.clone()));
+    }
+
+    /// Writes one batch in one transaction: `BEGIN` + head lock, one lookup, one insert (which also
+    /// moves the head), `COMMIT` — four round trips whatever the batch size. `Ok` carries one result
+    /// per request (some may be rejections); `Err` means nothing of the batch was written.
+    async fn write_batch(
+        &mut self,
+        requests: &[&AppendRequest],
+    ) -> Result<Vec<Result<AppendResult, Error>>, Error> {
+        let conn = self.connection().await?;
+        let outcome = match write_in(conn, requests, Begin::Here).await {
+            Ok((results, true)) => conn.execute("COMMIT").await.map(|_| results),
+            Ok((results, false)) => conn.execute("ROLLBACK").await.map(|_| results),
+            Err(e) => {
+                // Leave the session clean for the next batch; if even that fails, drop it.
+                if conn.execute("ROLLBACK").await.is_err() {
+                    self.conn = None;
+                }
+                return Err(e);
             }
-        }
+        };
+        outcome.map_err(|e| {
+            // The connection failed around COMMIT: the outcome is unknown to us, so report it as
+            // transient; a retry with the same event ids is answered from the log (idempotent).
+            self.conn = None;
+            Error::from(e)
+        })
     }
 }
 
@@ -167,45 +241,47 @@ struct Rows {
     hash: Vec<Vec<u8>>,
 }
 
-/// Writes one batch in one transaction. `Ok` carries one result per request (some may be rejections);
-/// `Err` means the transaction failed and nothing of the batch was written.
-async fn write_batch(
-    pool: &PgPool,
-    requests: &[&AppendRequest],
-) -> Result<Vec<Result<AppendResult, Error>>, Error> {
-    let mut tx = pool.begin().await?;
-    let (results, wrote) = write_in(&mut tx, requests).await?;
-    if wrote {
-        tx.commit().await?;
-    } else {
-        tx.rollback().await?;
-    }
-    Ok(results)
-}
-
 /// Appends one request inside the caller's transaction (see `EventStore::append_in`).
 pub(crate) async fn append_in(
     conn: &mut PgConnection,
     request: &AppendRequest,
 ) -> Result<AppendResult, Error> {
-    let (mut results, _) = write_in(conn, &[request]).await?;
+    let (mut results, _) = write_in(conn, &[request], Begin::Already).await?;
     results.pop().unwrap_or(Err(Error::Closed))
 }
 
-/// Decides and writes `requests` on `conn`, which must be inside a transaction: locks the head (until
-/// that transaction ends), writes the accepted events and moves the head. Returns one result per
-/// request and whether anything was written.
+/// Whether `write_in` opens the transaction itself (the writer's own connection) or runs inside the
+/// caller's.
+#[derive(Clone, Copy)]
+enum Begin {
+    Here,
+    Already,
+}
+
+/// Decides and writes `requests` on `conn` inside a transaction: locks the head (until that
+/// transaction ends), writes the accepted events and moves the head. Returns one result per request
+/// and whether anything was written; committing is the caller's.
 async fn write_in(
     conn: &mut PgConnection,
     requests: &[&AppendRequest],
+    begin: Begin,
 ) -> Result<(Vec<Result<AppendResult, Error>>, bool), Error> {
-    let (head_position, head_hash): (i64, Vec<u8>) =
-        sqlx::query_as("SELECT position, hash FROM log_head WHERE id FOR UPDATE")
-            .fetch_one(&mut *conn)
-            .await?;
+    const LOCK_HEAD: &str = "SELECT position, hash FROM log_head WHERE id FOR UPDATE";
+    let head = match begin {
+        // One round trip for both (simple-query protocol, statement by statement).
+        Begin::Here => {
+            conn.fetch_one(concat!(
+                "BEGIN; ",
+                "SELECT position, hash FROM log_head WHERE id FOR UPDATE"
+            ))
+            .await?
+        }
+        Begin::Already => sqlx::query(LOCK_HEAD).fetch_one(&mut *conn).await?,
+    };
+    let head_position: i64 = head.try_get(0)?;
+    let head_hash: Vec<u8> = head.try_get(1)?;
 
-    let mut versions = current_versions(conn, requests).await?;
-    let mut priors = existing_events(conn, requests).await?;
+    let (mut versions, mut priors) = lookup(conn, requests).await?;
 
     let recorded_at = to_micros(Utc::now());
     let mut position = head_position;
@@ -284,12 +360,7 @@ async fn write_in(
 
     let wrote = position > head_position;
     if wrote {
-        insert_rows(conn, rows, recorded_at).await?;
-        sqlx::query("UPDATE log_head SET position = $1, hash = $2 WHERE id")
-            .bind(position)
-            .bind(&prev_hash)
-            .execute(&mut *conn)
-            .await?;
+        insert_rows(conn, rows, recorded_at, (position, &prev_hash)).await?;
     }
     Ok((results, wrote))
 }
@@ -329,75 +400,74 @@ fn replay(
     }))
 }
 
-async fn current_versions(
+/// The current version of every stream of the batch and the events already stored under any of its
+/// event ids, in one statement (one index probe per stream and per id).
+async fn lookup(
     conn: &mut PgConnection,
     requests: &[&AppendRequest],
-) -> Result<BTreeMap<String, i64>, Error> {
-    let streams: Vec<&str> = {
-        let mut s: Vec<&str> = requests.iter().map(|r| r.stream.as_str()).collect();
-        s.sort_unstable();
-        s.dedup();
-        s
-    };
-    // One index probe per stream (max over the (stream_id, stream_version) unique index).
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT s.id, COALESCE((SELECT max(e.stream_version) FROM events e WHERE e.stream_id = s.id), 0)
-           FROM unnest($1::text[]) AS s(id)",
-    )
-    .bind(&streams)
-    .fetch_all(&mut *conn)
-    .await?;
-    Ok(rows.into_iter().collect())
-}
-
-async fn existing_events(
-    conn: &mut PgConnection,
-    requests: &[&AppendRequest],
-) -> Result<HashMap<Uuid, Prior>, Error> {
+) -> Result<(BTreeMap<String, i64>, HashMap<Uuid, Prior>), Error> {
+    let mut streams: Vec<&str> = requests.iter().map(|r| r.stream.as_str()).collect();
+    streams.sort_unstable();
+    streams.dedup();
     let ids: Vec<Uuid> = requests
         .iter()
         .flat_map(|r| r.events.iter().map(|e| e.event_id))
         .collect();
-    let rows: Vec<(Uuid, i64, String, i64, String, i32, Value)> = sqlx::query_as(
-        "SELECT event_id, global_position, stream_id, stream_version, event_type, schema_version, payload
-           FROM events WHERE event_id = ANY($1)",
+    let rows = sqlx::query(
+        "SELECT s.id, COALESCE((SELECT max(e.stream_version) FROM events e WHERE e.stream_id = s.id), 0),
+                NULL::uuid, NULL::bigint, NULL::text, NULL::int, NULL::jsonb
+           FROM unnest($1::text[]) AS s(id)
+         UNION ALL
+         SELECT stream_id, stream_version, event_id, global_position, event_type, schema_version, payload
+           FROM events WHERE event_id = ANY($2)",
     )
+    .bind(&streams)
     .bind(&ids)
     .fetch_all(&mut *conn)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(id, position, stream_id, stream_version, event_type, schema_version, payload)| {
-                (
-                    id,
-                    Prior {
-                        position,
-                        stream_id,
-                        stream_version,
-                        event_type,
-                        schema_version,
-                        payload,
-                    },
-                )
-            },
-        )
-        .collect())
+    let mut versions = BTreeMap::new();
+    let mut priors = HashMap::new();
+    for row in rows {
+        let stream_id: String = row.try_get(0)?;
+        let stream_version: i64 = row.try_get(1)?;
+        match row.try_get::<Option<Uuid>, _>(2)? {
+            None => {
+                versions.insert(stream_id, stream_version);
+            }
+            Some(id) => {
+                let prior = Prior {
+                    position: row.try_get(3)?,
+                    stream_id,
+                    stream_version,
+                    event_type: row.try_get(4)?,
+                    schema_version: row.try_get(5)?,
+                    payload: row.try_get(6)?,
+                };
+                priors.insert(id, prior);
+            }
+        }
+    }
+    Ok((versions, priors))
 }
 
+/// Inserts the rows and moves the head in one statement.
 async fn insert_rows(
     conn: &mut PgConnection,
     rows: Rows,
     recorded_at: DateTime<Utc>,
+    head: (i64, &[u8]),
 ) -> Result<(), Error> {
     sqlx::query(
-        "INSERT INTO events (global_position, event_id, stream_id, stream_version, event_type,
-                             schema_version, payload, metadata, occurred_at, recorded_at,
-                             prev_hash, hash)
-         SELECT p, id, s, v, t, sv, pl::jsonb, md::jsonb, o, $12, ph, h
-           FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::int[],
-                       $7::text[], $8::text[], $9::timestamptz[], $10::bytea[], $11::bytea[])
-                AS r(p, id, s, v, t, sv, pl, md, o, ph, h)",
+        "WITH inserted AS (
+             INSERT INTO events (global_position, event_id, stream_id, stream_version, event_type,
+                                 schema_version, payload, metadata, occurred_at, recorded_at,
+                                 prev_hash, hash)
+             SELECT p, id, s, v, t, sv, pl::jsonb, md::jsonb, o, $12, ph, h
+               FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::int[],
+                           $7::text[], $8::text[], $9::timestamptz[], $10::bytea[], $11::bytea[])
+                    AS r(p, id, s, v, t, sv, pl, md, o, ph, h)
+             RETURNING 1)
+         UPDATE log_head SET position = $13, hash = $14 WHERE id",
     )
     .bind(rows.position)
     .bind(rows.event_id)
@@ -411,6 +481,8 @@ async fn insert_rows(
     .bind(rows.prev_hash)
     .bind(rows.hash)
     .bind(recorded_at)
+    .bind(head.0)
+    .bind(head.1)
     .execute(&mut *conn)
     .await?;
     Ok(())

@@ -44,8 +44,11 @@ impl EventStore {
     /// Creates the database if missing, migrates it, and opens a pool of `max_connections`.
     pub async fn connect(database_url: &str, max_connections: u32) -> Result<EventStore, Error> {
         migrate(database_url).await?;
+        // Custom plans everywhere: the log grows from empty, and a generic plan cached while it was
+        // small would keep scanning it sequentially.
         let options = PgConnectOptions::from_str(database_url)
-            .map_err(|e| Error::Migration(format!("invalid DATABASE_URL: {e}")))?;
+            .map_err(|e| Error::Migration(format!("invalid DATABASE_URL: {e}")))?
+            .options([("plan_cache_mode", "force_custom_plan")]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(2))
             .acquire_timeout(Duration::from_secs(5))

@@ -38,7 +38,8 @@ impl RetryBudget {
 
     /// Records one request (a deposit).
     pub fn on_request(&mut self) {
-        self.balance_milli = (self.balance_milli + self.deposit_milli).min(MAX_BANKED_RETRIES * 1_000);
+        self.balance_milli =
+            (self.balance_milli + self.deposit_milli).min(MAX_BANKED_RETRIES * 1_000);
     }
 
     /// Takes one retry if the budget allows it at `now`.

@@ -87,8 +87,14 @@ mod tests {
 
     #[test]
     fn output_is_success_even_next_to_an_error_field() {
-        assert_eq!(answer(br#"{"output":{"a":1}}"#), Classified::Success(json!({"a":1})));
-        assert_eq!(answer(br#"{"output":null,"error":"x"}"#), Classified::Success(Value::Null));
+        assert_eq!(
+            answer(br#"{"output":{"a":1}}"#),
+            Classified::Success(json!({"a":1}))
+        );
+        assert_eq!(
+            answer(br#"{"output":null,"error":"x"}"#),
+            Classified::Success(Value::Null)
+        );
     }
 
     #[test]
@@ -103,7 +109,14 @@ mod tests {
 
     #[test]
     fn everything_else_is_invalid_output() {
-        for bad in [&b"not json"[..], b"[1,2]", b"\"output\"", b"{}", b"{\"result\":1}", b""] {
+        for bad in [
+            &b"not json"[..],
+            b"[1,2]",
+            b"\"output\"",
+            b"{}",
+            b"{\"result\":1}",
+            b"",
+        ] {
             assert!(
                 matches!(answer(bad), Classified::Failed(Failure::InvalidOutput, _)),
                 "{:?}",

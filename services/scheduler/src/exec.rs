@@ -57,6 +57,9 @@ struct AttemptView {
     latency_ms: u64,
 }
 
+/// An attempt read back from the log: node, role and (once settled) outcome and latency.
+type LoggedAttempt = (NodeId, Role, Option<(Outcome, u64)>);
+
 /// The result of one dispatched attempt.
 type AttemptResult = (Classified, u64);
 
@@ -139,7 +142,11 @@ fn failure_message(attempts: &[AttemptView], why_no_retry: Option<&str>) -> Stri
     let list: Vec<String> = attempts
         .iter()
         .map(|a| {
-            let role = if a.role == Role::Primary { "primary" } else { "backup" };
+            let role = if a.role == Role::Primary {
+                "primary"
+            } else {
+                "backup"
+            };
             format!("{role} {} {}", a.node_id, a.outcome.as_str())
         })
         .collect();
@@ -189,7 +196,11 @@ impl Scheduler {
     }
 
     /// Waits for an attempt and feeds its outcome to the outlier tracker.
-    async fn finish_attempt(&self, node: &NodeId, task: JoinHandle<AttemptResult>) -> AttemptResult {
+    async fn finish_attempt(
+        &self,
+        node: &NodeId,
+        task: JoinHandle<AttemptResult>,
+    ) -> AttemptResult {
         let (classified, latency_ms) = match task.await {
             Ok(result) => result,
             Err(e) => (
@@ -270,13 +281,8 @@ impl Scheduler {
 
 /// Rebuilds the reply of a finished execution from its stream; `None` while it is in flight.
 fn answer_from_log(events: &[RecordedEvent]) -> Option<Reply> {
-    let mut attempts: Vec<(NodeId, Role, Option<(Outcome, u64)>)> = Vec::new();
-    fn settle(
-        attempts: &mut [(NodeId, Role, Option<(Outcome, u64)>)],
-        node: &NodeId,
-        outcome: Outcome,
-        latency: u64,
-    ) {
+    let mut attempts: Vec<LoggedAttempt> = Vec::new();
+    fn settle(attempts: &mut [LoggedAttempt], node: &NodeId, outcome: Outcome, latency: u64) {
         if let Some(slot) = attempts
             .iter_mut()
             .find(|(n, _, done)| n == node && done.is_none())
@@ -288,8 +294,12 @@ fn answer_from_log(events: &[RecordedEvent]) -> Option<Reply> {
     for event in events {
         match DomainEvent::decode(event) {
             Ok(DomainEvent::AttemptDispatched(d)) => attempts.push((d.node_id, d.role, None)),
-            Ok(DomainEvent::AttemptSucceeded(a)) => settle(&mut attempts, &a.node_id, Outcome::Success, a.latency_ms),
-            Ok(DomainEvent::AttemptFailed(a)) => settle(&mut attempts, &a.node_id, a.outcome.into(), a.latency_ms),
+            Ok(DomainEvent::AttemptSucceeded(a)) => {
+                settle(&mut attempts, &a.node_id, Outcome::Success, a.latency_ms)
+            }
+            Ok(DomainEvent::AttemptFailed(a)) => {
+                settle(&mut attempts, &a.node_id, a.outcome.into(), a.latency_ms)
+            }
             Ok(e @ (DomainEvent::ExecutionCompleted(_) | DomainEvent::ExecutionFailed(_))) => {
                 end = Some((e, &event.payload));
             }
@@ -327,7 +337,12 @@ fn answer_from_log(events: &[RecordedEvent]) -> Option<Reply> {
 }
 
 /// The whole execution of one valid request.
-async fn execute(s: Arc<Scheduler>, cmd: ExecCommand, timeout_ms: u64, correlation_id: String) -> Reply {
+async fn execute(
+    s: Arc<Scheduler>,
+    cmd: ExecCommand,
+    timeout_ms: u64,
+    correlation_id: String,
+) -> Reply {
     let ExecCommand {
         request_id,
         model_id,
@@ -396,7 +411,11 @@ async fn execute(s: Arc<Scheduler>, cmd: ExecCommand, timeout_ms: u64, correlati
     if let Err(e) = s
         .ctx
         .store
-        .append(&stream, ExpectedVersion::NoStream, vec![requested, dispatched_1])
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            vec![requested, dispatched_1],
+        )
         .await
     {
         task_1.abort();
@@ -415,7 +434,20 @@ async fn execute(s: Arc<Scheduler>, cmd: ExecCommand, timeout_ms: u64, correlati
                 outcome: Outcome::Success,
                 latency_ms: latency_1,
             });
-            return complete(&s, &stream, 2, &request_id, &model_id, &primary, output, attempts, &meta, cause_1, latency_1).await;
+            return complete(
+                &s,
+                &stream,
+                2,
+                &request_id,
+                &model_id,
+                &primary,
+                output,
+                attempts,
+                &meta,
+                cause_1,
+                latency_1,
+            )
+            .await;
         }
         Classified::Failed(f, detail) => (f, detail),
     };
@@ -460,7 +492,10 @@ async fn execute(s: Arc<Scheduler>, cmd: ExecCommand, timeout_ms: u64, correlati
     let dispatched_2 = dispatched(&backup, Role::Backup, 2, cause_fail_1);
     let cause_2 = dispatched_2.event_id;
     let task_2 = s.spawn_attempt(&backup, body, &correlation_id, timeout);
-    if let Err(e) = s.append_more(&stream, 2, vec![failed_1, dispatched_2]).await {
+    if let Err(e) = s
+        .append_more(&stream, 2, vec![failed_1, dispatched_2])
+        .await
+    {
         task_2.abort();
         return store_failure(&e);
     }
@@ -473,7 +508,20 @@ async fn execute(s: Arc<Scheduler>, cmd: ExecCommand, timeout_ms: u64, correlati
                 outcome: Outcome::Success,
                 latency_ms: latency_2,
             });
-            complete(&s, &stream, 4, &request_id, &model_id, &backup, output, attempts, &meta, cause_2, latency_2).await
+            complete(
+                &s,
+                &stream,
+                4,
+                &request_id,
+                &model_id,
+                &backup,
+                output,
+                attempts,
+                &meta,
+                cause_2,
+                latency_2,
+            )
+            .await
         }
         Classified::Failed(failure_2, detail_2) => {
             attempts.push(AttemptView {
@@ -544,7 +592,10 @@ async fn complete(
         "output",
         output.clone(),
     );
-    match s.append_more(stream, version, vec![succeeded, completed]).await {
+    match s
+        .append_more(stream, version, vec![succeeded, completed])
+        .await
+    {
         Ok(()) => success_reply(request_id, node, output, &attempts),
         Err(e) => store_failure(&e),
     }

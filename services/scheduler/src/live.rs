@@ -117,8 +117,7 @@ impl Live {
                     replicas
                         .keys()
                         .filter(|n| {
-                            *n == node
-                                || book.node(n).is_some_and(|s| s.status.is_eligible())
+                            *n == node || book.node(n).is_some_and(|s| s.status.is_eligible())
                         })
                         .cloned()
                         .collect()
@@ -132,7 +131,9 @@ impl Live {
             Transition::Ejected { k, until } => {
                 tracing::warn!(node_id = %node, k, %until, "node ejected after consecutive failures");
             }
-            Transition::Restored => tracing::info!(node_id = %node, "ejected node restored by its probe"),
+            Transition::Restored => {
+                tracing::info!(node_id = %node, "ejected node restored by its probe")
+            }
             Transition::KeptLastHealthy => tracing::warn!(
                 node_id = %node,
                 "node keeps failing but is the last healthy replica; an emergency re-placement is needed"

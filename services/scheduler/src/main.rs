@@ -36,12 +36,7 @@ async fn connect() -> anyhow::Result<ServiceContext> {
     let settings = Settings::from_env().context("reading settings")?;
     ServiceContext::connect(&settings, PRODUCER, Subjects::new())
         .await
-        .with_context(|| {
-            format!(
-                "connecting to Postgres and NATS at {}",
-                settings.nats_url
-            )
-        })
+        .with_context(|| format!("connecting to Postgres and NATS at {}", settings.nats_url))
 }
 
 async fn serve(ctx: ServiceContext) -> anyhow::Result<()> {

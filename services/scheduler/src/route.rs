@@ -45,9 +45,10 @@ impl NoRoute {
     /// The reply's error body.
     pub fn to_error(&self, model_id: &ModelId) -> ErrorBody {
         match self {
-            NoRoute::UnknownModel => {
-                ErrorBody::new(ErrorCode::UnknownModel, format!("model {model_id} is not deployed"))
-            }
+            NoRoute::UnknownModel => ErrorBody::new(
+                ErrorCode::UnknownModel,
+                format!("model {model_id} is not deployed"),
+            ),
             NoRoute::NoEligibleNodes => ErrorBody::new(
                 ErrorCode::NoEligibleNodes,
                 format!("no replica of model {model_id} can serve right now"),
@@ -105,7 +106,7 @@ pub fn snapshot(
         });
     }
     let domain = domain.unwrap_or_default();
-    let stake_enabled = params.stake_domains.iter().any(|d| *d == domain);
+    let stake_enabled = params.stake_domains.contains(&domain);
     let median = if stake_enabled {
         let mut stakes: Vec<u64> = book
             .nodes()
@@ -133,7 +134,9 @@ pub fn snapshot(
 /// Routes `input` with `policy`, mapping the domain's error to the reply's.
 pub fn decide(input: &RouteInput, policy: &RoutingPolicy) -> Result<RouteDecision, NoRoute> {
     route(input, policy).map_err(|e| match e {
-        RouteError::NoEligibleNodes { .. } | RouteError::DuplicateNode(_) => NoRoute::NoEligibleNodes,
+        RouteError::NoEligibleNodes { .. } | RouteError::DuplicateNode(_) => {
+            NoRoute::NoEligibleNodes
+        }
     })
 }
 

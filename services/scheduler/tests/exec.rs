@@ -51,7 +51,8 @@ async fn pair(h: &Harness, model: &str, first: &str, second: &str) {
 async fn happy_path_is_charged_once_with_one_attempt() {
     let mut h = Harness::new().await;
     pair(&h, "m-1", "a", "b").await;
-    h.start_sim(vec![sim("a", healthy()), sim("b", healthy())]).await;
+    h.start_sim(vec![sim("a", healthy()), sim("b", healthy())])
+        .await;
     h.start_scheduler(test_policy(), "scheduler").await;
 
     let reply = h
@@ -78,7 +79,9 @@ async fn happy_path_is_charged_once_with_one_attempt() {
     assert_eq!(completed["charged"], json!(true));
     assert_eq!(completed["attempts"], json!(1));
     assert_eq!(meta["producer"], json!("scheduler"));
-    assert!(meta["correlation_id"].as_str().is_some_and(|c| !c.is_empty()));
+    assert!(meta["correlation_id"]
+        .as_str()
+        .is_some_and(|c| !c.is_empty()));
     // The dispatch carries the full, self-checking decision record.
     let decision: deepnode_domain::scoring::RouteDecision =
         serde_json::from_value(stream[1].1["decision"].clone()).unwrap();
@@ -92,8 +95,20 @@ async fn a_failing_primary_is_served_by_the_backup() {
     let mut h = Harness::new().await;
     let cases = [
         ("m-e", "bad-e", "good-e", Behaviour::always_error(), "error"),
-        ("m-t", "bad-t", "good-t", Behaviour::always_timeout(), "timeout"),
-        ("m-i", "bad-i", "good-i", Behaviour::always_invalid(), "invalid_output"),
+        (
+            "m-t",
+            "bad-t",
+            "good-t",
+            Behaviour::always_timeout(),
+            "timeout",
+        ),
+        (
+            "m-i",
+            "bad-i",
+            "good-i",
+            Behaviour::always_invalid(),
+            "invalid_output",
+        ),
     ];
     let mut nodes = Vec::new();
     for (model, bad, good, behaviour, _) in &cases {
@@ -121,7 +136,10 @@ async fn a_failing_primary_is_served_by_the_backup() {
         assert_eq!(h.count("ExecutionCompleted", &request_id).await, 1);
         assert_eq!(h.count("ExecutionFailed", &request_id).await, 0);
         let stream = h.stream(&request_id).await;
-        let failed = stream.iter().find(|(t, _, _)| t == "AttemptFailed").unwrap();
+        let failed = stream
+            .iter()
+            .find(|(t, _, _)| t == "AttemptFailed")
+            .unwrap();
         assert_eq!(failed.1["outcome"], json!(outcome));
     }
     if let Some(latency) = h
@@ -201,7 +219,8 @@ async fn a_repeated_request_id_returns_the_recorded_answer_and_appends_nothing()
 async fn two_copies_in_one_queue_group_record_each_request_once() {
     let mut h = Harness::new().await;
     pair(&h, "m-1", "a", "b").await;
-    h.start_sim(vec![sim("a", healthy()), sim("b", healthy())]).await;
+    h.start_sim(vec![sim("a", healthy()), sim("b", healthy())])
+        .await;
     h.start_scheduler(test_policy(), "copy-1").await;
     h.start_scheduler(test_policy(), "copy-2").await;
 
@@ -210,13 +229,21 @@ async fn two_copies_in_one_queue_group_record_each_request_once() {
         let h = &h;
         async move {
             let id = format!("r-{}", i / 2);
-            (id.clone(), h.exec(json!({"request_id": id, "model_id": "m-1", "input": i / 2})).await)
+            (
+                id.clone(),
+                h.exec(json!({"request_id": id, "model_id": "m-1", "input": i / 2}))
+                    .await,
+            )
         }
     }))
     .await;
     for pair in replies.chunks(2) {
         assert_eq!(pair[0].1["ok"], json!(true), "{}", pair[0].1);
-        assert_eq!(pair[0].1, pair[1].1, "both copies of {} got one answer", pair[0].0);
+        assert_eq!(
+            pair[0].1, pair[1].1,
+            "both copies of {} got one answer",
+            pair[0].0
+        );
     }
     let per_stream: Vec<(String, i64)> = sqlx::query_as(
         "SELECT stream_id, count(*) FILTER (WHERE event_type = 'ExecutionRequested')
@@ -273,7 +300,10 @@ async fn late_and_duplicated_answers_are_classified_once() {
         .await;
     assert_eq!(
         attempts(&reply),
-        vec![att("late", "primary", "timeout"), att("good-1", "backup", "success")]
+        vec![
+            att("late", "primary", "timeout"),
+            att("good-1", "backup", "success")
+        ]
     );
     let reply = h
         .exec(json!({"request_id": "r-twice", "model_id": "m-twice", "input": 1}))
@@ -304,8 +334,11 @@ async fn a_node_failing_every_request_is_ejected_and_the_backup_takes_over() {
     pair(&h, "m-1", "bad", "good").await;
     // Enough history that three failures do not yet drop `bad` below `good` by reputation.
     h.boost("bad", 30).await;
-    h.start_sim(vec![sim("bad", Behaviour::always_error()), sim("good", healthy())])
-        .await;
+    h.start_sim(vec![
+        sim("bad", Behaviour::always_error()),
+        sim("good", healthy()),
+    ])
+    .await;
     h.start_scheduler(test_policy(), "scheduler").await;
     for i in 0..3 {
         let reply = h
@@ -319,6 +352,9 @@ async fn a_node_failing_every_request_is_ejected_and_the_backup_takes_over() {
         .await;
     assert_eq!(attempts(&reply), vec![att("good", "primary", "success")]);
     let schedule = h.schedule(json!({"model_id": "m-1"})).await;
-    assert_eq!(schedule["filtered"], json!([{"node_id": "bad", "reason": "ejected"}]));
+    assert_eq!(
+        schedule["filtered"],
+        json!([{"node_id": "bad", "reason": "ejected"}])
+    );
     h.stop().await;
 }

@@ -52,7 +52,9 @@ impl Harness {
     pub async fn new() -> Harness {
         let db = TestDb::new().await;
         let store = db.store().await;
-        let client = async_nats::connect(nats_url()).await.expect("NATS is running");
+        let client = async_nats::connect(nats_url())
+            .await
+            .expect("NATS is running");
         Harness {
             db,
             store,
@@ -193,14 +195,12 @@ impl Harness {
 
     /// Events of `event_type` in stream `exec-<request_id>`.
     pub async fn count(&self, event_type: &str, request_id: &str) -> i64 {
-        sqlx::query_scalar(
-            "SELECT count(*) FROM events WHERE event_type = $1 AND stream_id = $2",
-        )
-        .bind(event_type)
-        .bind(format!("exec-{request_id}"))
-        .fetch_one(self.store.pool())
-        .await
-        .unwrap()
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = $1 AND stream_id = $2")
+            .bind(event_type)
+            .bind(format!("exec-{request_id}"))
+            .fetch_one(self.store.pool())
+            .await
+            .unwrap()
     }
 
     /// Every event of stream `exec-<request_id>`: (type, payload, metadata).

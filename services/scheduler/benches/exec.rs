@@ -166,6 +166,30 @@ async fn main() {
         }
     }
 
+    // What bounds it: one durable append (2 events, group commit) measured alone, sequentially.
+    let mut append = Histogram::<u64>::new(3).unwrap();
+    for i in 0..300 {
+        let event = deepnode_domain::events::DomainEvent::ExecutionRequested(
+            deepnode_domain::events::ExecutionRequested {
+                request_id: deepnode_domain::ids::RequestId::parse(&format!("a-{i}")).unwrap(),
+                model_id: deepnode_domain::ids::ModelId::parse("m-1").unwrap(),
+                timeout_ms: 1,
+            },
+        );
+        let stream = event.stream_id();
+        let meta = deepnode_domain::events::Metadata::new("bench", "append");
+        let events = vec![
+            event.to_new_event(uuid::Uuid::new_v4(), meta.clone(), chrono::Utc::now()),
+            event.to_new_event(uuid::Uuid::new_v4(), meta, chrono::Utc::now()),
+        ];
+        let t = Instant::now();
+        h.store
+            .append(&stream, deepnode_domain::log::ExpectedVersion::Any, events)
+            .await
+            .unwrap();
+        append.record(t.elapsed().as_micros() as u64).unwrap();
+    }
+
     println!("## cmd.exec benchmark (simulated nodes answering instantly)\n");
     println!("| measure | p50 ms | p99 ms | failures |");
     println!("|---|---|---|---|");
@@ -194,6 +218,7 @@ async fn main() {
         ms(&failover, 0.5) - 100.0,
         ms(&failover, 0.99) - 100.0
     );
+    println!("| one durable 2-event append, alone (exec does 2 in sequence) | {:.3} | {:.3} | |", ms(&append, 0.5), ms(&append, 0.99));
     println!(
         "\nsaturation: {:.0} exec/s sustained ({} ok, {} failed, {SATURATION_CLIENTS} concurrent clients, {secs:.1} s), every outcome durable before its reply",
         rate,

@@ -218,7 +218,11 @@ async fn main() {
         ms(&failover, 0.5) - 100.0,
         ms(&failover, 0.99) - 100.0
     );
-    println!("| one durable 2-event append, alone (exec does 2 in sequence) | {:.3} | {:.3} | |", ms(&append, 0.5), ms(&append, 0.99));
+    println!(
+        "| one durable 2-event append, alone (exec does 2 in sequence) | {:.3} | {:.3} | |",
+        ms(&append, 0.5),
+        ms(&append, 0.99)
+    );
     println!(
         "\nsaturation: {:.0} exec/s sustained ({} ok, {} failed, {SATURATION_CLIENTS} concurrent clients, {secs:.1} s), every outcome durable before its reply",
         rate,

@@ -137,9 +137,20 @@ impl Harness {
 
     /// Starts one scheduler copy in-process and waits until it answers.
     pub async fn start_scheduler(&mut self, policy: PolicyConfig, producer: &str) {
+        let store = self.db.store().await;
+        self.start_scheduler_on(store, policy, producer).await;
+    }
+
+    /// Starts one scheduler copy on the given store.
+    pub async fn start_scheduler_on(
+        &mut self,
+        store: EventStore,
+        policy: PolicyConfig,
+        producer: &str,
+    ) {
         let nats = async_nats::connect(nats_url()).await.unwrap();
         let ctx = ServiceContext {
-            store: self.db.store().await,
+            store,
             js: async_nats::jetstream::new(nats.clone()),
             nats,
             subjects: self.subjects.clone(),

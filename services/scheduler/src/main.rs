@@ -19,7 +19,8 @@ async fn main() -> ExitCode {
     let ctx = match connect().await {
         Ok(ctx) => ctx,
         Err(e) => {
-            eprintln!("deepnode-scheduler: {e:#}");
+            // One line: what we were doing and the root cause (inner errors repeat their sources).
+            eprintln!("deepnode-scheduler: {e}: {}", e.root_cause());
             return ExitCode::from(2);
         }
     };

@@ -1,10 +1,12 @@
 //! The shell every deepnode process shares: where to find Postgres and NATS and the policy
-//! ([`Settings`]), tracing set-up, the shutdown signal, the wire form of stored events, and the
-//! log-to-bus [`relay`]. Services stay thin: parse settings, connect, run, drain.
+//! ([`Settings`]), tracing set-up, the shutdown signal, the wire form of stored events, the
+//! log-to-bus [`relay`], and the [`observability`] listener (`/metrics`, `/healthz`, `/readyz`).
+//! Services stay thin: parse settings, connect, run, drain.
 //!
 //! Nothing here decides anything about nodes or requests; that is `deepnode-domain`'s job.
 
 pub mod context;
+pub mod observability;
 pub mod relay;
 pub mod settings;
 pub mod shutdown;
@@ -12,5 +14,6 @@ pub mod telemetry;
 pub mod wire;
 
 pub use context::{ConnectError, ServiceContext};
+pub use observability::{Observability, ObservabilityOptions};
 pub use settings::{Settings, SettingsError};
 pub use shutdown::Shutdown;

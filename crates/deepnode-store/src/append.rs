@@ -10,6 +10,10 @@
 //! A rejected append (conflict, reused id) does not abort the batch: it is decided before any SQL is
 //! sent. Should the database still refuse a batch (a constraint the in-memory checks missed), each
 //! append of it is retried alone, so one bad append never fails its neighbours.
+//!
+//! Each group commit is measured through the `metrics` facade (`deepnode_store_append_seconds`,
+//! `deepnode_store_append_batch_events`, `deepnode_store_appends_total{result}`); without an
+//! installed recorder those calls do nothing, so the store carries no exporter.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -151,7 +155,10 @@ impl Writer {
     async fn write_and_reply(&mut self, batch: Vec<AppendRequest>) {
         let size = batch.len();
         let requests: Vec<&AppendRequest> = batch.iter().collect();
-        match self.write_batch(&requests).await {
+        let started = std::time::Instant::now();
+        let written = self.write_batch(&requests).await;
+        record_batch(started, &requests, &written);
+        match written {
             Ok(results) => reply_all(batch, results),
             Err(e) if size > 1 && !e.is_transient() => {
                 tracing::warn!(error = %e, size, "group commit refused; retrying its appends one by one");
@@ -196,6 +203,29 @@ impl Writer {
             self.conn = None;
             Error::from(e)
         })
+    }
+}
+
+/// Metrics of one group commit (no-ops unless the process installed a recorder): its duration, its
+/// size in events, and each append's result.
+fn record_batch(
+    started: std::time::Instant,
+    requests: &[&AppendRequest],
+    written: &Result<Vec<Result<AppendResult, Error>>, Error>,
+) {
+    metrics::histogram!("deepnode_store_append_seconds").record(started.elapsed().as_secs_f64());
+    match written {
+        Ok(results) => {
+            let events: usize = requests.iter().map(|r| r.events.len()).sum();
+            metrics::histogram!("deepnode_store_append_batch_events").record(events as f64);
+            let ok = results.iter().filter(|r| r.is_ok()).count();
+            metrics::counter!("deepnode_store_appends_total", "result" => "ok")
+                .increment(ok as u64);
+            metrics::counter!("deepnode_store_appends_total", "result" => "rejected")
+                .increment((results.len() - ok) as u64);
+        }
+        Err(_) => metrics::counter!("deepnode_store_appends_total", "result" => "failed")
+            .increment(requests.len() as u64),
     }
 }
 

@@ -18,11 +18,13 @@ use async_nats::jetstream::AckKind;
 use chrono::{DateTime, Utc};
 use deepnode_bus::envelope::parse_command;
 use deepnode_bus::jetstream::{durable_pull_config, ensure_pull_consumer};
+use deepnode_bus::rpc::CORRELATION_HEADER;
 use deepnode_domain::events::{DomainEvent, ExecutionReported, Metadata, Outcome};
 use deepnode_domain::ids::{ModelId, NodeId, RequestId};
 use deepnode_store::ExpectedVersion;
 use futures::StreamExt;
 use serde::Deserialize;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{Error, Shared, Stats};
@@ -89,8 +91,26 @@ pub(crate) async fn run(shared: Arc<Shared>, consumer: PullConsumer) -> Result<(
 
 async fn handle(shared: &Shared, message: Message) {
     let stats = shared.stats();
-    let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-    let (ack, what) = match ingest(shared, &message.payload).await {
+    let (sequence, delivered) = message
+        .info()
+        .map_or((0, 1), |i| (i.stream_sequence, i.delivered));
+    if delivered > 1 {
+        metrics::counter!("deepnode_jetstream_redeliveries_total", "consumer" => shared.options.ingest_consumer.clone())
+            .increment(1);
+    }
+    let correlation = message
+        .headers
+        .as_ref()
+        .filter(|h| h.get(CORRELATION_HEADER).is_some())
+        .map(|h| deepnode_bus::rpc::correlation_id(Some(h)));
+    let span = tracing::info_span!("ingest", sequence, correlation_id = tracing::field::Empty);
+    if let Some(c) = &correlation {
+        span.record("correlation_id", c.as_str());
+    }
+    let (ack, what) = match ingest(shared, &message.payload, correlation)
+        .instrument(span)
+        .await
+    {
         Verdict::Logged { duplicate } => {
             Stats::bump(if duplicate {
                 &stats.ingest_duplicates
@@ -116,7 +136,9 @@ async fn handle(shared: &Shared, message: Message) {
     }
 }
 
-async fn ingest(shared: &Shared, payload: &[u8]) -> Verdict {
+/// Appends one report; its `metadata.correlation_id` is the publisher's
+/// `Deepnode-Correlation-Id` header when it sent one, else the report's `request_id`.
+async fn ingest(shared: &Shared, payload: &[u8], correlation: Option<String>) -> Verdict {
     let report: Report = match parse_command(payload) {
         Ok(report) => report,
         Err(e) => return Verdict::Terminate(format!("malformed report: {}", e.message)),
@@ -143,7 +165,10 @@ async fn ingest(shared: &Shared, payload: &[u8]) -> Verdict {
     let stream = event.stream_id();
     let new = event.to_new_event(
         report.event_id,
-        Metadata::new(&shared.ctx.producer, report.request_id.as_str()),
+        Metadata::new(
+            &shared.ctx.producer,
+            correlation.unwrap_or_else(|| report.request_id.as_str().to_owned()),
+        ),
         Utc::now(),
     );
     use deepnode_store::Error as E;

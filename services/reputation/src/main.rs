@@ -1,18 +1,23 @@
 //! The `deepnode-reputation` binary: reads CONTRACT §1's environment, connects (migrating the
-//! database), runs the log-to-bus relay beside the service, and on SIGINT/SIGTERM stops taking
+//! database), runs the log-to-bus relay and the metrics/health listener
+//! (`DEEPNODE_METRICS_ADDR`) beside the service, and on SIGINT/SIGTERM stops taking
 //! work, finishes what is in flight, drains NATS and exits 0. A usage or connection error exits 2
 //! with one line. All behaviour lives in the library so tests run it in-process.
 
 use anyhow::Context;
 use deepnode_bus::Subjects;
+use deepnode_projections::BOOK_PROJECTION;
 use deepnode_reputation::ReputationOptions;
-use deepnode_runtime::relay::{self, RelayOptions};
+use deepnode_runtime::observability::{self, ObservabilityOptions};
+use deepnode_runtime::relay::{self, RelayOptions, RELAY_CHECKPOINT};
 use deepnode_runtime::{telemetry, ServiceContext, Settings, Shutdown};
 
 const PRODUCER: &str = "reputation";
 
-async fn start() -> anyhow::Result<(ServiceContext, Settings)> {
+async fn start() -> anyhow::Result<(ServiceContext, ObservabilityOptions)> {
     let settings = Settings::from_env().context("reading the environment")?;
+    let observe = ObservabilityOptions::from_env(&[RELAY_CHECKPOINT, BOOK_PROJECTION])
+        .context("reading the environment")?;
     let ctx = ServiceContext::connect(&settings, PRODUCER, Subjects::new())
         .await
         .with_context(|| {
@@ -21,13 +26,13 @@ async fn start() -> anyhow::Result<(ServiceContext, Settings)> {
                 settings.nats_url
             )
         })?;
-    Ok((ctx, settings))
+    Ok((ctx, observe))
 }
 
 #[tokio::main]
 async fn main() {
     telemetry::init(PRODUCER);
-    let (ctx, _settings) = match start().await {
+    let (ctx, observe) = match start().await {
         Ok(started) => started,
         Err(e) => {
             eprintln!("deepnode-reputation: {e}: {}", e.root_cause());
@@ -35,6 +40,10 @@ async fn main() {
         }
     };
     let shutdown = Shutdown::on_signals();
+    if let Err(e) = observability::start(&ctx, observe, shutdown.clone()).await {
+        eprintln!("deepnode-reputation: starting the metrics listener: {e}");
+        std::process::exit(2);
+    }
     let relay = tokio::spawn(relay::run(
         ctx.store.clone(),
         ctx.js.clone(),

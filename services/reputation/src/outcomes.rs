@@ -62,7 +62,13 @@ pub(crate) async fn run(shared: Arc<Shared>, consumer: PullConsumer) -> Result<(
 }
 
 async fn handle(shared: &Shared, message: Message) {
-    let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+    let (sequence, delivered) = message
+        .info()
+        .map_or((0, 1), |i| (i.stream_sequence, i.delivered));
+    if delivered > 1 {
+        metrics::counter!("deepnode_jetstream_redeliveries_total", "consumer" => shared.options.outcome_consumer.clone())
+            .increment(1);
+    }
     let ack = match assess(shared, &message.payload).await {
         Ok(()) => AckKind::Ack,
         Err(Next::Skip(reason)) => {

@@ -355,6 +355,9 @@ async fn apply(
     let Some(last) = append_exact(ctx, &mut versions, &stream, vec![new]).await? else {
         return Err(Error::EpochTaken { epoch });
     };
+    metrics::counter!("deepnode_rotation_moves_total").increment(report.moves.len() as u64);
+    metrics::counter!("deepnode_rotation_phase_outs_total")
+        .increment(report.phased_out.len() as u64);
     // The next round (here or on another copy, which waits for the head) sees this one.
     view.wait_for(last, options.catch_up_timeout).await?;
     tracing::info!(

@@ -14,6 +14,7 @@
 //! `message` as additional fields (the typed domain structs ignore them), so a repeated request id is
 //! answered with the original answer byte for byte, by any scheduler copy.
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,8 +64,38 @@ type LoggedAttempt = (NodeId, Role, Option<(Outcome, u64)>);
 /// The result of one dispatched attempt.
 type AttemptResult = (Classified, u64);
 
-/// Handles one `cmd.exec` request.
+tokio::task_local! {
+    /// Set when the request was answered from the log (a repeated `request_id`), for the metrics.
+    static REPLAYED: Cell<bool>;
+}
+
+/// Handles one `cmd.exec` request and counts it: `deepnode_exec_requests_total{outcome}` and
+/// `deepnode_exec_latency_seconds{outcome}`, where outcome is `charged` or `not_charged` for an
+/// execution recorded by this request, `replayed` for a repeated request id, else the error code.
 pub(crate) async fn handle(s: Arc<Scheduler>, request: Request) -> Reply {
+    let started = Instant::now();
+    let (reply, replayed) = REPLAYED
+        .scope(Cell::new(false), async {
+            let reply = handle_request(s, request).await;
+            (reply, REPLAYED.with(Cell::get))
+        })
+        .await;
+    let outcome = match reply.error() {
+        _ if replayed => "replayed",
+        None => "charged",
+        Some(e) if e.code == ErrorCode::AllReplicasFailed => {
+            metrics::counter!("deepnode_exec_not_charged_total").increment(1);
+            "not_charged"
+        }
+        Some(e) => e.code.as_str(),
+    };
+    metrics::counter!("deepnode_exec_requests_total", "outcome" => outcome).increment(1);
+    metrics::histogram!("deepnode_exec_latency_seconds", "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
+    reply
+}
+
+async fn handle_request(s: Arc<Scheduler>, request: Request) -> Reply {
     let cmd: ExecCommand = match parse_command(&request.payload) {
         Ok(cmd) => cmd,
         Err(e) => return Reply::err(e),
@@ -212,6 +243,13 @@ impl Scheduler {
             Classified::Success(_) => None,
             Classified::Failed(f, _) => Some(*f),
         };
+        let outcome = failure.map_or(Outcome::Success, Outcome::from);
+        metrics::counter!(
+            "deepnode_exec_attempts_total",
+            "node_id" => node.to_string(),
+            "outcome" => outcome.as_str(),
+        )
+        .increment(1);
         {
             let book = self.book.read();
             self.live.record_outcome(node, failure, Utc::now(), &book);
@@ -249,6 +287,8 @@ impl Scheduler {
 
     /// Answers a repeated request id from the log, waiting (bounded) for one still in flight.
     async fn recorded_answer(&self, stream: &StreamId, request_id: &RequestId) -> Reply {
+        // A repeated request id: not a new execution (see `handle`'s counters).
+        let _ = REPLAYED.try_with(|r| r.set(true));
         let started = Instant::now();
         let mut limit = self.options.duplicate_grace;
         let mut pause = Duration::from_millis(5);
@@ -489,6 +529,7 @@ async fn execute(
             Err(e) => store_failure(&e),
         };
     };
+    metrics::counter!("deepnode_exec_fallbacks_total").increment(1);
     let dispatched_2 = dispatched(&backup, Role::Backup, 2, cause_fail_1);
     let cause_2 = dispatched_2.event_id;
     let task_2 = s.spawn_attempt(&backup, body, &correlation_id, timeout);

@@ -129,6 +129,8 @@ impl Live {
         let transition = entry.record(outcome, now, &self.ejection, allowed);
         match transition {
             Transition::Ejected { k, until } => {
+                metrics::counter!("deepnode_ejections_total", "node_id" => node.to_string())
+                    .increment(1);
                 tracing::warn!(node_id = %node, k, %until, "node ejected after consecutive failures");
             }
             Transition::Restored => {

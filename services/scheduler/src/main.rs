@@ -1,5 +1,6 @@
 //! The `deepnode-scheduler` binary: reads CONTRACT §1's environment, connects to Postgres (migrating
-//! it) and NATS, runs the outbox relay beside the scheduler, and on SIGINT/SIGTERM stops taking
+//! it) and NATS, runs the outbox relay beside the scheduler and the
+//! `/metrics`, `/healthz`, `/readyz` listener (`DEEPNODE_METRICS_ADDR`), and on SIGINT/SIGTERM stops taking
 //! requests, finishes those in flight, drains the NATS client and exits 0. A connection failure at
 //! start exits 2 with one line. All behaviour lives in the library so tests run it in-process.
 
@@ -7,7 +8,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use deepnode_bus::Subjects;
-use deepnode_runtime::relay::{self, RelayOptions};
+use deepnode_runtime::observability::{self, ObservabilityOptions};
+use deepnode_runtime::relay::{self, RelayOptions, RELAY_CHECKPOINT};
 use deepnode_runtime::{ServiceContext, Settings, Shutdown};
 use deepnode_scheduler::SchedulerOptions;
 
@@ -16,15 +18,15 @@ const PRODUCER: &str = "deepnode-scheduler";
 #[tokio::main]
 async fn main() -> ExitCode {
     deepnode_runtime::telemetry::init(PRODUCER);
-    let ctx = match connect().await {
-        Ok(ctx) => ctx,
+    let (ctx, observe) = match connect().await {
+        Ok(started) => started,
         Err(e) => {
             // One line: what we were doing and the root cause (inner errors repeat their sources).
             eprintln!("deepnode-scheduler: {e}: {}", e.root_cause());
             return ExitCode::from(2);
         }
     };
-    match serve(ctx).await {
+    match serve(ctx, observe).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("deepnode-scheduler: {e:#}");
@@ -33,15 +35,21 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn connect() -> anyhow::Result<ServiceContext> {
+async fn connect() -> anyhow::Result<(ServiceContext, ObservabilityOptions)> {
     let settings = Settings::from_env().context("reading settings")?;
-    ServiceContext::connect(&settings, PRODUCER, Subjects::new())
+    let observe =
+        ObservabilityOptions::from_env(&[RELAY_CHECKPOINT]).context("reading settings")?;
+    let ctx = ServiceContext::connect(&settings, PRODUCER, Subjects::new())
         .await
-        .with_context(|| format!("connecting to Postgres and NATS at {}", settings.nats_url))
+        .with_context(|| format!("connecting to Postgres and NATS at {}", settings.nats_url))?;
+    Ok((ctx, observe))
 }
 
-async fn serve(ctx: ServiceContext) -> anyhow::Result<()> {
+async fn serve(ctx: ServiceContext, observe: ObservabilityOptions) -> anyhow::Result<()> {
     let shutdown = Shutdown::on_signals();
+    observability::start(&ctx, observe, shutdown.clone())
+        .await
+        .context("starting the metrics listener")?;
     let relay = tokio::spawn(relay::run(
         ctx.store.clone(),
         ctx.js.clone(),

@@ -11,4 +11,6 @@ export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/deepnode}
 export NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
 
 scripts/dev-services.sh up
-exec cargo run --release -p deepnode-cli --bin deepnode -- up "$@"
+# Every binary: `deepnode up` starts the three services from the directory it runs from.
+cargo build --release --bins
+exec "${CARGO_TARGET_DIR:-target}/release/deepnode" up "$@"

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 #[command(
     name = "deepnode",
     version,
-    about = "deepnode control plane: migrate, replay, audit, admin views"
+    about = "deepnode control plane: migrate, replay, audit, admin views, the live demo and simulated nodes"
 )]
 pub struct Cli {
     /// PostgreSQL holding the event log and projections.
@@ -17,6 +17,9 @@ pub struct Cli {
     /// Optional TOML file overriding the policy defaults.
     #[arg(long, env = "DEEPNODE_CONFIG", global = true)]
     pub config: Option<std::path::PathBuf>,
+    /// NATS server with JetStream (used by `up` and `sim`).
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222", global = true)]
+    pub nats_url: String,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -36,6 +39,10 @@ pub enum Command {
     Deployments(JsonArg),
     /// Show events of the log, or of one stream.
     Events(EventsArgs),
+    /// Run the live demo: services, simulated nodes, deployments and traffic, with a live view.
+    Up(UpArgs),
+    /// Run simulated nodes (registered through `cmd.node.register`) until Ctrl-C.
+    Sim(SimArgs),
 }
 
 /// `deepnode replay`.
@@ -83,4 +90,125 @@ pub struct EventsArgs {
     /// Print one JSON object per line.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `deepnode up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Stop after this long (e.g. `30s`, `2m`) and print plain lines instead of the live view.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<std::time::Duration>,
+    /// Simulated nodes in the fleet (at least 4: three of them are deliberately bad).
+    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u32).range(4..=1000))]
+    pub nodes: u32,
+    /// Models to deploy.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub models: u32,
+    /// Replicas per deployed model (CONTRACT §3: at least 2).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=16))]
+    pub replicas: u32,
+    /// Exec requests per second to send.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub rate: u32,
+    /// Most exec requests in flight at once (further ticks are skipped and counted).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub concurrency: u32,
+    /// Per-attempt timeout sent with every exec request, in milliseconds.
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(1..=120_000))]
+    pub timeout_ms: u64,
+    /// Ask for a rotation round (`cmd.rotation.run`) this often (e.g. `10s`).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub rotation_every: std::time::Duration,
+    /// Directory under which each run gets a `<timestamp>/` folder with the services' logs.
+    #[arg(long, default_value = ".dev/logs")]
+    pub log_dir: std::path::PathBuf,
+}
+
+/// `deepnode sim`.
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// How many nodes to simulate.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub nodes: u32,
+    /// Probability of answering an error, in [0, 1].
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    pub error_rate: f64,
+    /// Probability of never answering, in [0, 1].
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    pub timeout_rate: f64,
+    /// Probability of answering invalid output, in [0, 1].
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    pub invalid_rate: f64,
+    /// Median answer latency in milliseconds (log-normal, sigma 0.5; 0 answers at once).
+    #[arg(long, default_value_t = 20)]
+    pub latency_ms: u64,
+    /// Domain the nodes register for.
+    #[arg(long, default_value = "text")]
+    pub domain: String,
+    /// Node ids are `<prefix>-0`, `<prefix>-1`, ...
+    #[arg(long, default_value = "sim")]
+    pub prefix: String,
+    /// Seed of every node's random choices.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stake each node registers with.
+    #[arg(long, default_value_t = 100.0)]
+    pub stake: f64,
+    /// Capacity (max concurrent requests) each node registers with.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub capacity: u32,
+    /// Stop after this long instead of waiting for Ctrl-C (e.g. `60s`).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<std::time::Duration>,
+}
+
+/// Parses `250ms`, `30s`, `2m`, `1h` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: use e.g. 30s, 2m, 500ms"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("invalid duration unit {other:?}: use ms, s, m or h")),
+    };
+    if !(seconds.is_finite() && seconds > 0.0 && seconds < 1e9) {
+        return Err(format!("invalid duration {text:?}: must be positive"));
+    }
+    Ok(std::time::Duration::from_secs_f64(seconds))
+}
+
+/// Parses a probability in [0, 1].
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .parse()
+        .map_err(|_| format!("invalid rate {text:?}: use a number in [0, 1]"))?;
+    if (0.0..=1.0).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!("rate {value} is not in [0, 1]"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("3 days").is_err());
+    }
 }

@@ -3,6 +3,8 @@
 
 use anyhow::Context as _;
 use deepnode_domain::config::PolicyConfig;
+use deepnode_bus::async_nats;
+use deepnode_bus::ConnectPolicy;
 use deepnode_store::EventStore;
 
 use crate::cli::Cli;
@@ -19,6 +21,17 @@ pub async fn connect(cli: &Cli) -> anyhow::Result<EventStore> {
         })
 }
 
+/// Connects to `NATS_URL`, giving up after a few seconds (a wrong URL must not hang the CLI).
+pub async fn connect_nats(cli: &Cli, name: &str) -> anyhow::Result<async_nats::Client> {
+    let policy = ConnectPolicy {
+        deadline: std::time::Duration::from_secs(5),
+        ..ConnectPolicy::default()
+    };
+    deepnode_bus::connect_with(&cli.nats_url, name, policy)
+        .await
+        .with_context(|| format!("connecting to NATS at {}", cli.nats_url))
+}
+
 /// The policy: defaults, overridden by the TOML file named by `DEEPNODE_CONFIG` if set.
 pub fn load_config(cli: &Cli) -> anyhow::Result<PolicyConfig> {
     let Some(path) = &cli.config else {
@@ -31,7 +44,7 @@ pub fn load_config(cli: &Cli) -> anyhow::Result<PolicyConfig> {
 }
 
 /// The URL without its password, for messages.
-fn redact(url: &str) -> String {
+pub fn redact(url: &str) -> String {
     match url.split_once("://") {
         Some((scheme, rest)) => match rest.split_once('@') {
             Some((user, host)) => {

@@ -8,6 +8,8 @@ mod events;
 mod migrate;
 mod nodes;
 mod replay;
+mod sim;
+mod up;
 
 use crate::cli::{Cli, Command};
 
@@ -29,5 +31,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Nodes(args) => nodes::run(&cli, args).await,
         Command::Deployments(args) => deployments::run(&cli, args).await,
         Command::Events(args) => events::run(&cli, args).await,
+        Command::Up(args) => up::run(&cli, args).await,
+        Command::Sim(args) => sim::run(&cli, args).await,
     }
 }

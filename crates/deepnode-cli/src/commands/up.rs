@@ -1,0 +1,660 @@
+//! `deepnode up` (CONTRACT §6), the live demo and the README's first command. In order: reach
+//! Postgres (migrating it) and NATS — or exit 2 telling the user to run `scripts/dev-services.sh up`;
+//! start `deepnode-reputation`, `deepnode-rotation` and `deepnode-scheduler` as child processes (from
+//! the directory of this executable, logs under `--log-dir/<run>/`) and wait until each answers on
+//! its command subject; start a simulated fleet in this process (three nodes deliberately bad: one
+//! never answers, one answers garbage, one errors often) registered through `cmd.node.register`;
+//! deploy `--models` models through `cmd.model.deploy`; then drive `cmd.exec` traffic at `--rate`,
+//! ask for a rotation round every `--rotation-every`, and show the live view until Ctrl-C or
+//! `--duration`. Stopping is ordered: traffic, the projection catching up, the fleet, SIGTERM to the
+//! services (bounded wait, then kill); then a summary and the SQL an admin would run next.
+//!
+//! Running it twice against the same database is fine: the nodes' registrations and the models'
+//! deployments answer `conflict` the second time and are reused; request ids carry the run's
+//! timestamp. It does not start Postgres or NATS itself (that is `scripts/dev-services.sh`).
+
+mod children;
+mod traffic;
+mod view;
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use deepnode_bus::async_nats::Client;
+use deepnode_bus::envelope::{ErrorCode, Reply};
+use deepnode_bus::{rpc, Subjects};
+use deepnode_domain::ids::NodeId;
+use deepnode_runtime::Shutdown;
+use deepnode_sim::{Behaviour, Latency, Sim, SimConfig, SimNode};
+use deepnode_store::EventStore;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio::time::Instant;
+
+use super::Outcome;
+use crate::cli::{Cli, UpArgs};
+use crate::context;
+use children::Services;
+use traffic::SharedStats;
+use view::{Frame, Labels};
+
+/// How long the services get to answer on their subjects after start (the scheduler first catches
+/// up with the whole log).
+const SERVICES_READY_WITHIN: Duration = Duration::from_secs(90);
+/// How long the services get to drain after SIGTERM before they are killed.
+const STOP_GRACE: Duration = Duration::from_secs(20);
+/// Names of the demo's models; more than these are `model-<n>`.
+const MODEL_NAMES: [&str; 6] = [
+    "llama-3-8b",
+    "mistral-7b",
+    "phi-3-mini",
+    "qwen-2-7b",
+    "gemma-2-9b",
+    "whisper-small",
+];
+/// The demo's domain.
+const DOMAIN: &str = "text";
+
+/// Runs the demo.
+pub async fn run(cli: &Cli, args: &UpArgs) -> anyhow::Result<Outcome> {
+    let hint = "is it running? start it with `scripts/dev-services.sh up`";
+    let store = context::connect(cli)
+        .await
+        .with_context(|| format!("Postgres unreachable ({hint})"))?;
+    let client = context::connect_nats(cli, "deepnode-up")
+        .await
+        .with_context(|| format!("NATS unreachable ({hint})"))?;
+    let bin_dir = children::locate()?;
+
+    let run_id = chrono::Utc::now().format("%Y%m%dT%H%M%S").to_string();
+    let run_dir = args.log_dir.join(&run_id);
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("creating the run directory {}", run_dir.display()))?;
+    let start_position: i64 =
+        sqlx::query_scalar("SELECT coalesce(max(global_position), 0) FROM events")
+            .fetch_one(store.pool())
+            .await
+            .context("reading the log's head")?;
+    let shutdown = Shutdown::on_signals();
+
+    say(&format!(
+        "deepnode up: database {}, NATS {}, service logs in {}/",
+        context::redact(&cli.database_url),
+        cli.nats_url,
+        run_dir.display()
+    ));
+    let mut env = vec![
+        ("DATABASE_URL", cli.database_url.clone()),
+        ("NATS_URL", cli.nats_url.clone()),
+    ];
+    if let Some(config) = &cli.config {
+        let absolute = std::fs::canonicalize(config)
+            .with_context(|| format!("DEEPNODE_CONFIG {}", config.display()))?;
+        env.push(("DEEPNODE_CONFIG", absolute.display().to_string()));
+    }
+    let mut services = children::start(&bin_dir, &run_dir, &env).await?;
+    let demo = Demo {
+        cli,
+        args,
+        store,
+        client,
+        subjects: Subjects::new(),
+        run_id,
+        run_dir,
+        start_position,
+        shutdown,
+    };
+    let result = demo.run(&mut services).await;
+    if result.is_err() {
+        // The run failed before its own orderly stop: stop the services all the same.
+        for line in services.stop(STOP_GRACE).await {
+            say(&format!("  {line}"));
+        }
+    }
+    result
+}
+
+/// Everything one run needs.
+struct Demo<'a> {
+    cli: &'a Cli,
+    args: &'a UpArgs,
+    store: EventStore,
+    client: Client,
+    subjects: Subjects,
+    run_id: String,
+    run_dir: PathBuf,
+    start_position: i64,
+    shutdown: Shutdown,
+}
+
+/// What happened, gathered for the summary.
+struct Ending {
+    stats: traffic::Stats,
+    ran_for: Duration,
+    reason: &'static str,
+    nodes: Vec<deepnode_domain::book::NodeRow>,
+    executions: Vec<(bool, String, i64)>,
+    rotations: i64,
+    rounds_asked: u64,
+    moves: u64,
+    services: Vec<String>,
+}
+
+impl Demo<'_> {
+    async fn run(&self, services: &mut Services) -> anyhow::Result<Outcome> {
+        self.wait_for_services(services).await?;
+        let (fleet, labels) = self.fleet()?;
+        say(&format!(
+            "starting {} simulated nodes (3 deliberately bad) and registering them",
+            fleet.nodes.len()
+        ));
+        let sim = Sim::start(self.client.clone(), self.subjects.clone(), fleet)
+            .await
+            .context("starting the simulated nodes")?;
+        self.wait_for_registrations(&labels).await;
+        let models = self.deploy_models().await?;
+
+        let stats = traffic::shared()?;
+        let stop_traffic = Shutdown::new();
+        let plan = traffic::Plan {
+            subject: self.subjects.cmd_exec(),
+            models: models.clone(),
+            id_prefix: format!("up-{}", self.run_id),
+            rate: self.args.rate,
+            concurrency: self.args.concurrency,
+            timeout_ms: self.args.timeout_ms,
+        };
+        say(&format!(
+            "driving {} exec/s over {} models (at most {} in flight, {} ms per attempt); {}",
+            self.args.rate,
+            models.len(),
+            self.args.concurrency,
+            self.args.timeout_ms,
+            match self.args.duration {
+                Some(d) => format!("stopping after {}s", d.as_secs()),
+                None => "Ctrl-C stops".to_owned(),
+            }
+        ));
+        let generator = tokio::spawn(traffic::drive(
+            self.client.clone(),
+            plan,
+            stats.clone(),
+            stop_traffic.clone(),
+        ));
+        let started = Instant::now();
+        let (reason, rounds_asked, moves) = self
+            .watch(services, &stats, &labels, &models, started)
+            .await;
+        let ran_for = started.elapsed();
+
+        say(&format!("stopping ({reason}): traffic first"));
+        stop_traffic.trigger();
+        if let Err(e) = generator.await {
+            say(&format!("  the traffic generator failed: {e}"));
+        }
+        let stats = traffic::snapshot(&stats);
+        self.wait_for_projection(&stats).await;
+        let pool = self.store.pool();
+        let nodes = view::nodes(pool, &labels).await.unwrap_or_default();
+        let executions = self.executions(pool).await.unwrap_or_default();
+        let rotations = view::rotations(pool, self.start_position)
+            .await
+            .unwrap_or(0);
+        say("stopping the simulated nodes");
+        sim.stop().await;
+        say("stopping the services (SIGTERM, then waiting)");
+        let services = services.stop(STOP_GRACE).await;
+        if let Err(e) = self.client.drain().await {
+            say(&format!("  draining NATS: {e}"));
+        }
+        let ending = Ending {
+            stats,
+            ran_for,
+            reason,
+            nodes,
+            executions,
+            rotations,
+            rounds_asked,
+            moves,
+            services,
+        };
+        self.summary(&ending, &labels, &models);
+        Ok(Outcome::Clean)
+    }
+
+    /// Waits until each service answers on one of its subjects (an empty command is refused with
+    /// `bad_request` and appends nothing), failing early if a child exits.
+    async fn wait_for_services(&self, services: &mut Services) -> anyhow::Result<()> {
+        let probes = [
+            ("deepnode-reputation", self.subjects.cmd_node_register()),
+            ("deepnode-rotation", self.subjects.cmd_model_deploy()),
+            ("deepnode-scheduler", self.subjects.cmd_schedule()),
+        ];
+        let deadline = Instant::now() + SERVICES_READY_WITHIN;
+        for (name, subject) in probes {
+            loop {
+                if let Some(exited) = services.exited() {
+                    bail!("{exited}");
+                }
+                if self.shutdown.is_triggered() {
+                    bail!("interrupted while waiting for {name}");
+                }
+                let probe =
+                    rpc::request_json(&self.client, &subject, &json!({}), Duration::from_secs(1))
+                        .await;
+                if probe.is_ok() {
+                    say(&format!("  {name} answers on {subject}"));
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "{name} did not answer on {subject} within {}s (see its log in {})",
+                        SERVICES_READY_WITHIN.as_secs(),
+                        self.run_dir.display()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The fleet: healthy nodes with varied latency and stake, and three bad ones.
+    fn fleet(&self) -> anyhow::Result<(SimConfig, Labels)> {
+        let count = self.args.nodes;
+        let mut nodes = Vec::new();
+        let mut labels = Labels::new();
+        for i in 1..=count {
+            let id = format!("node-{i:02}");
+            let node_id = NodeId::parse(&id).context("building a node id")?;
+            let (behaviour, label) = match bad_slot(count, i) {
+                Some(0) => (Behaviour::always_timeout(), "bad: never answers".to_owned()),
+                Some(1) => (Behaviour::always_invalid(), "bad: answers garbage".to_owned()),
+                Some(_) => (
+                    Behaviour {
+                        error_rate: 0.35,
+                        ..Behaviour::healthy(lognormal(20))
+                    },
+                    "bad: errors 35 %".to_owned(),
+                ),
+                None => {
+                    let median = 5 + u64::from(i * 7 % 30);
+                    (
+                        Behaviour::healthy(lognormal(median)),
+                        format!("healthy, ~{median} ms"),
+                    )
+                }
+            };
+            let mut node = SimNode::new(node_id, DOMAIN).with_behaviour(behaviour);
+            node.stake = f64::from(50 + 25 * (i % 5));
+            node.capacity = 64;
+            nodes.push(node);
+            labels.insert(id, label);
+        }
+        let config = SimConfig {
+            nodes,
+            seed: 42,
+            register: true,
+            ..SimConfig::default()
+        };
+        Ok((config, labels))
+    }
+
+    /// Waits (bounded) until `node_reputation` shows every demo node, so the view has rows.
+    async fn wait_for_registrations(&self, labels: &Labels) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            match view::nodes(self.store.pool(), labels).await {
+                Ok(rows) if rows.len() == labels.len() => {
+                    say(&format!(
+                        "  {} nodes registered (node_reputation)",
+                        rows.len()
+                    ));
+                    return;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        say("  node_reputation does not show every node yet; continuing");
+    }
+
+    /// Deploys the demo's models; `conflict` (deployed by an earlier run) means reuse it.
+    async fn deploy_models(&self) -> anyhow::Result<Vec<String>> {
+        let mut models = Vec::new();
+        for i in 0..self.args.models as usize {
+            let model = MODEL_NAMES
+                .get(i)
+                .map(|m| (*m).to_owned())
+                .unwrap_or_else(|| format!("model-{}", i + 1));
+            let body = json!({"model_id": model, "domain": DOMAIN, "replicas": self.args.replicas});
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let reply = rpc::request_json(
+                    &self.client,
+                    &self.subjects.cmd_model_deploy(),
+                    &body,
+                    Duration::from_secs(10),
+                )
+                .await
+                .map(Reply::from_value);
+                let retry = match reply {
+                    Ok(Ok(Reply::Ok(fields))) => {
+                        say(&format!("  deployed {model}: {}", assignments(&fields)));
+                        break;
+                    }
+                    Ok(Ok(Reply::Err { error, .. })) if error.code == ErrorCode::Conflict => {
+                        say(&format!("  {model} already deployed; reusing it"));
+                        break;
+                    }
+                    Ok(Ok(Reply::Err { error, .. }))
+                        if matches!(
+                            error.code,
+                            ErrorCode::NoEligibleNodes | ErrorCode::Unavailable
+                        ) =>
+                    {
+                        error.message
+                    }
+                    Ok(Ok(Reply::Err { error, .. })) => {
+                        bail!("deploying {model}: {}: {}", error.code, error.message)
+                    }
+                    Ok(Err(e)) => bail!("deploying {model}: unreadable reply: {e}"),
+                    Err(e) => e.to_string(),
+                };
+                if Instant::now() > deadline {
+                    bail!("deploying {model}: {retry}");
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            models.push(model);
+        }
+        Ok(models)
+    }
+
+    /// Shows the view until a signal, the duration, or a service exiting; asks for rotation rounds
+    /// meanwhile. Returns why it stopped, the rounds asked for and the moves they made.
+    async fn watch(
+        &self,
+        services: &mut Services,
+        stats: &SharedStats,
+        labels: &Labels,
+        models: &[String],
+        started: Instant,
+    ) -> (&'static str, u64, u64) {
+        let live = self.args.duration.is_none() && std::io::stdout().is_terminal();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_round = started + self.args.rotation_every;
+        let (mut rounds, mut moves) = (0u64, 0u64);
+        let mut last_answered = 0u64;
+        let mut last_at = started;
+        let mut ticks = 0u64;
+        loop {
+            let until = async {
+                match self.args.duration {
+                    Some(d) => tokio::time::sleep_until(started + d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = self.shutdown.wait() => return ("Ctrl-C", rounds, moves),
+                () = until => return ("duration reached", rounds, moves),
+                _ = tick.tick() => {}
+            }
+            if let Some(exited) = services.exited() {
+                say(&format!("a service stopped unexpectedly: {exited}"));
+                return ("a service exited", rounds, moves);
+            }
+            if Instant::now() >= next_round {
+                next_round += self.args.rotation_every;
+                rounds += 1;
+                moves += self.rotation_round().await;
+            }
+            let elapsed = started.elapsed();
+            let stats = traffic::snapshot(stats);
+            let now = Instant::now();
+            let answered = stats.answered() + stats.unanswered;
+            let per_sec = (answered - last_answered.min(answered)) as f64
+                / now.duration_since(last_at).as_secs_f64().max(0.001);
+            (last_answered, last_at) = (answered, now);
+            ticks += 1;
+            let headless_due = ticks.is_multiple_of(5);
+            if !live && !headless_due {
+                continue;
+            }
+            let frame = self.frame(elapsed, per_sec, stats, labels, models).await;
+            if live {
+                view::draw(&frame, labels);
+            } else {
+                say(&view::line(&frame));
+            }
+        }
+    }
+
+    async fn frame(
+        &self,
+        elapsed: Duration,
+        answered_per_sec: f64,
+        stats: traffic::Stats,
+        labels: &Labels,
+        models: &[String],
+    ) -> Frame {
+        let pool = self.store.pool();
+        let mut notes = Vec::new();
+        let nodes = view::nodes(pool, labels).await.unwrap_or_else(|e| {
+            notes.push(e);
+            Vec::new()
+        });
+        let rotations = view::rotations(pool, self.start_position)
+            .await
+            .unwrap_or_else(|e| {
+                notes.push(e);
+                0
+            });
+        let deployments = view::deployments(pool, models).await.unwrap_or_else(|e| {
+            notes.push(e);
+            0
+        });
+        Frame {
+            elapsed,
+            answered_per_sec,
+            stats,
+            nodes,
+            rotations,
+            deployments,
+            note: (!notes.is_empty()).then(|| notes.join("; ")),
+        }
+    }
+
+    /// Asks for one rotation round; returns the moves it made (0 if refused or busy).
+    async fn rotation_round(&self) -> u64 {
+        let reply = rpc::request_json(
+            &self.client,
+            &self.subjects.cmd_rotation_run(),
+            &json!({}),
+            Duration::from_secs(15),
+        )
+        .await;
+        match reply {
+            Ok(value) if value.get("ok").and_then(Value::as_bool) == Some(true) => value
+                .get("moves")
+                .and_then(Value::as_array)
+                .map_or(0, |m| m.len() as u64),
+            _ => 0,
+        }
+    }
+
+    /// Waits (bounded) until the `executions` projection has settled every answered request of
+    /// this run, so the summary's SQL figures are complete.
+    async fn wait_for_projection(&self, stats: &traffic::Stats) {
+        let target = i64::try_from(stats.succeeded + stats.not_charged).unwrap_or(i64::MAX);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            let settled: Result<i64, _> = sqlx::query_scalar(
+                "SELECT count(*) FROM executions WHERE request_id LIKE $1 AND status <> 'in_flight'",
+            )
+            .bind(format!("up-{}-%", self.run_id))
+            .fetch_one(self.store.pool())
+            .await;
+            match settled {
+                Ok(n) if n >= target => return,
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// This run's rows of `executions`, grouped by `(charged, status)`.
+    async fn executions(&self, pool: &PgPool) -> Result<Vec<(bool, String, i64)>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT charged, status, count(*) FROM executions WHERE request_id LIKE $1 GROUP BY 1, 2 ORDER BY 1 DESC, 2",
+        )
+        .bind(format!("up-{}-%", self.run_id))
+        .fetch_all(pool)
+        .await
+    }
+
+    fn summary(&self, e: &Ending, labels: &Labels, models: &[String]) {
+        let s = &e.stats;
+        println!();
+        println!(
+            "deepnode up: summary ({}, traffic ran {:.1}s)",
+            e.reason,
+            e.ran_for.as_secs_f64()
+        );
+        println!(
+            "  requests sent          {:>8}   ({:.0}/s; {} shed at the concurrency limit)",
+            s.sent,
+            s.sent as f64 / e.ran_for.as_secs_f64().max(0.001),
+            s.shed
+        );
+        println!(
+            "  answered               {:>8}   (unanswered: {})",
+            s.answered(),
+            s.unanswered
+        );
+        println!(
+            "  succeeded, charged     {:>8}   ({:.1} %), of which served by the backup: {}",
+            s.succeeded,
+            view::percent(s.succeeded, s.answered()),
+            s.fallbacks
+        );
+        println!(
+            "  failed, not charged    {:>8}   (all_replicas_failed)",
+            s.not_charged
+        );
+        println!(
+            "  other errors           {:>8}   ({})",
+            s.other_errors.values().sum::<u64>(),
+            s.other_errors_text()
+        );
+        println!(
+            "  latency                p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            s.quantile_ms(0.5),
+            s.quantile_ms(0.9),
+            s.quantile_ms(0.99),
+            s.quantile_ms(1.0)
+        );
+        let executions: Vec<String> = e
+            .executions
+            .iter()
+            .map(|(charged, status, n)| {
+                format!(
+                    "{status} {} {n}",
+                    if *charged { "charged" } else { "not charged" }
+                )
+            })
+            .collect();
+        println!(
+            "  executions table       {}",
+            if executions.is_empty() {
+                "(no rows for this run)".to_owned()
+            } else {
+                executions.join(", ")
+            }
+        );
+        println!(
+            "  rotation               {} rounds asked for, {} moves; RotationCompleted events this run: {}",
+            e.rounds_asked, e.moves, e.rotations
+        );
+        println!("  nodes (node_reputation, best first):");
+        println!(
+            "    {:<10} {:>6} {:<12} {:>7} {:>6} {:>8} {:>7}  BEHAVIOUR",
+            "NODE", "SCORE", "STATUS", "SUCCESS", "ERRORS", "TIMEOUTS", "INVALID"
+        );
+        for r in &e.nodes {
+            println!(
+                "    {:<10} {:>6.3} {:<12} {:>7} {:>6} {:>8} {:>7}  {}",
+                r.node_id,
+                r.score,
+                r.status,
+                r.successes,
+                r.errors,
+                r.timeouts,
+                r.invalid_outputs,
+                labels.get(&r.node_id).map(String::as_str).unwrap_or("")
+            );
+        }
+        println!("  services: {}", e.services.join("; "));
+        println!("  logs: {}/", self.run_dir.display());
+        let url = &self.cli.database_url;
+        let run = &self.run_id;
+        let model_list = models
+            .iter()
+            .map(|m| format!("'{m}'"))
+            .collect::<Vec<_>>()
+            .join(",");
+        println!();
+        println!("next, as an admin (read-only projections; the log is `events`):");
+        println!("  psql '{url}' -c \"SELECT node_id, status, round(score::numeric, 3) AS score, successes, errors, timeouts, invalid_outputs, slashed_amount FROM node_reputation ORDER BY score DESC\"");
+        println!("  psql '{url}' -c \"SELECT model_id, node_id, tier, assigned_at FROM deployments WHERE model_id IN ({model_list}) ORDER BY model_id, tier DESC\"");
+        println!("  psql '{url}' -c \"SELECT charged, status, attempts, count(*) FROM executions WHERE request_id LIKE 'up-{run}-%' GROUP BY 1, 2, 3 ORDER BY 4 DESC\"");
+        println!("  psql '{url}' -c \"SELECT global_position, event_type, payload FROM events WHERE stream_id = (SELECT 'exec-' || request_id FROM executions WHERE request_id LIKE 'up-{run}-%' AND NOT charged LIMIT 1) ORDER BY global_position\"");
+        println!("  deepnode audit     # verify the hash chain and recompute every projection");
+    }
+}
+
+/// Which bad behaviour (0 never answers, 1 garbage, 2 error-prone) node `i` (1-based) of `count`
+/// gets, if any. The bad nodes sit at positions 3, 6 and 9 when there are at least nine nodes: ties
+/// in placement are broken towards the first ids, so bad nodes there get replicas (and traffic) from
+/// the start, and the demo shows fallbacks, penalties and rotation moving replicas away.
+fn bad_slot(count: u32, i: u32) -> Option<u32> {
+    if count >= 9 {
+        (i.is_multiple_of(3) && i <= 9).then(|| i / 3 - 1)
+    } else {
+        (i + 3 > count).then(|| i + 3 - count - 1)
+    }
+}
+
+/// Log-normal latency around `median_ms`.
+fn lognormal(median_ms: u64) -> Latency {
+    Latency::LogNormal {
+        median: Duration::from_millis(median_ms),
+        sigma: 0.4,
+    }
+}
+
+/// `node (tier), ...` from a deploy reply.
+fn assignments(fields: &serde_json::Map<String, Value>) -> String {
+    fields
+        .get("assignments")
+        .and_then(Value::as_array)
+        .map(|list| {
+            list.iter()
+                .map(|a| {
+                    format!(
+                        "{} ({})",
+                        a.get("node_id").and_then(Value::as_str).unwrap_or("?"),
+                        a.get("tier").and_then(Value::as_str).unwrap_or("?")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default()
+}
+
+/// Prints one progress line (stdout, so the whole run reads in order).
+fn say(line: &str) {
+    println!("{line}");
+}

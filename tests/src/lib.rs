@@ -1,0 +1,273 @@
+//! Harness for deepnode's cross-service end-to-end tests: a [`Cluster`] is a fresh database
+//! (`TestDb`), a random subject prefix (`Subjects::random()`, so parallel tests and a running
+//! `deepnode up` never share subjects or streams), the outbox relay, and the reputation, rotation and
+//! scheduler services run in-process through their libraries' `run(ctx, options, shutdown)` — the
+//! binaries always use the production prefix, so they cannot be isolated this way.
+//!
+//! It deliberately holds no assertions: the tests in `tests/` say what must hold.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use deepnode_bus::{async_nats, rpc, Subjects};
+use deepnode_domain::config::PolicyConfig;
+use deepnode_reputation::ReputationOptions;
+use deepnode_rotation::RotationOptions;
+use deepnode_runtime::relay::{self, RelayOptions};
+use deepnode_runtime::{ServiceContext, Shutdown};
+use deepnode_scheduler::SchedulerOptions;
+use deepnode_store::EventStore;
+use deepnode_testkit::{nats_url, TestDb};
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+
+/// One in-process service (or the relay).
+struct Running {
+    name: String,
+    /// The service's own connection, flushed while it stops (see [`Cluster::stop`]).
+    nats: Option<async_nats::Client>,
+    shutdown: Shutdown,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// A whole deepnode on a private database and subject prefix.
+pub struct Cluster {
+    /// The test's database.
+    pub db: TestDb,
+    /// A store on it, for assertions.
+    pub store: EventStore,
+    /// The subjects every part uses.
+    pub subjects: Subjects,
+    /// A client for the test itself.
+    pub client: async_nats::Client,
+    /// The policy every service runs with.
+    pub policy: PolicyConfig,
+    /// Counters of the most recently started reputation service.
+    pub reputation_stats: Arc<deepnode_reputation::Stats>,
+    running: Vec<Running>,
+}
+
+impl Cluster {
+    /// A fresh database and prefix, with the relay running and no service yet.
+    pub async fn new(policy: PolicyConfig) -> anyhow::Result<Cluster> {
+        let db = TestDb::new().await;
+        let store = db.store().await;
+        let client = async_nats::connect(nats_url())
+            .await
+            .context("connecting the test client to NATS")?;
+        let mut cluster = Cluster {
+            db,
+            store,
+            subjects: Subjects::random(),
+            client,
+            policy,
+            reputation_stats: Arc::default(),
+            running: Vec::new(),
+        };
+        let ctx = cluster.context("relay").await?;
+        let shutdown = Shutdown::new();
+        let options = RelayOptions {
+            lease_retry: Duration::from_millis(100),
+            poll: Duration::from_millis(50),
+        };
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            relay::run(ctx.store, ctx.js, ctx.subjects, options, stop)
+                .await
+                .map_err(anyhow::Error::from)
+        });
+        cluster.running.push(Running {
+            name: "relay".into(),
+            nats: None,
+            shutdown,
+            task,
+        });
+        Ok(cluster)
+    }
+
+    /// A service context of its own (store pool and NATS connection) on the cluster's database and
+    /// subjects, with the JetStream streams ensured.
+    pub async fn context(&self, producer: &str) -> anyhow::Result<ServiceContext> {
+        let nats = async_nats::connect(nats_url())
+            .await
+            .context("connecting to NATS")?;
+        let js = async_nats::jetstream::new(nats.clone());
+        deepnode_bus::jetstream::ensure_streams(&js, &self.subjects)
+            .await
+            .context("creating the JetStream streams")?;
+        Ok(ServiceContext {
+            store: self.db.store().await,
+            nats,
+            js,
+            subjects: self.subjects.clone(),
+            policy: Arc::new(self.policy.clone()),
+            producer: producer.to_owned(),
+        })
+    }
+
+    /// Starts a reputation service (fast ticks, offline detection effectively off) and waits
+    /// until it answers.
+    pub async fn start_reputation(&mut self) -> anyhow::Result<()> {
+        let ctx = self.context("reputation").await?;
+        let options = ReputationOptions {
+            offline_after: Duration::from_secs(600),
+            tick: Duration::from_millis(100),
+            nak_delay: Duration::from_millis(200),
+            ..ReputationOptions::from_policy(&self.policy)
+        };
+        self.reputation_stats = options.stats.clone();
+        let shutdown = Shutdown::new();
+        let stop = shutdown.clone();
+        let nats = ctx.nats.clone();
+        let task = tokio::spawn(async move {
+            deepnode_reputation::run(ctx, options, stop)
+                .await
+                .map_err(anyhow::Error::from)
+        });
+        self.push("reputation", nats, shutdown, task);
+        self.wait_answering(&self.subjects.cmd_node_deregister()).await
+    }
+
+    /// Starts a rotation service without periodic rounds and waits until it answers.
+    pub async fn start_rotation(&mut self) -> anyhow::Result<()> {
+        let ctx = self.context("rotation").await?;
+        let options = RotationOptions {
+            periodic: false,
+            ..RotationOptions::default()
+        };
+        let shutdown = Shutdown::new();
+        let stop = shutdown.clone();
+        let nats = ctx.nats.clone();
+        let task = tokio::spawn(async move {
+            deepnode_rotation::run(ctx, options, stop)
+                .await
+                .map_err(anyhow::Error::from)
+        });
+        self.push("rotation", nats, shutdown, task);
+        self.wait_answering(&self.subjects.cmd_model_deploy()).await
+    }
+
+    /// Starts one more scheduler copy (queue group) and waits until a schedule request is answered.
+    pub async fn start_scheduler(&mut self, producer: &str) -> anyhow::Result<()> {
+        let ctx = self.context(producer).await?;
+        let shutdown = Shutdown::new();
+        let stop = shutdown.clone();
+        let nats = ctx.nats.clone();
+        let task = tokio::spawn(async move {
+            deepnode_scheduler::run(ctx, SchedulerOptions::default(), stop)
+                .await
+                .map_err(anyhow::Error::from)
+        });
+        self.push(producer, nats, shutdown, task);
+        self.wait_answering(&self.subjects.cmd_schedule()).await?;
+        // A later copy joins a group that already answers: give its subscription a moment.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok(())
+    }
+
+    fn push(
+        &mut self,
+        name: &str,
+        nats: async_nats::Client,
+        shutdown: Shutdown,
+        task: JoinHandle<anyhow::Result<()>>,
+    ) {
+        self.running.push(Running {
+            name: name.to_owned(),
+            nats: Some(nats),
+            shutdown,
+            task,
+        });
+    }
+
+    /// Waits until something answers on `subject` (an empty command is refused, appending nothing).
+    async fn wait_answering(&self, subject: &str) -> anyhow::Result<()> {
+        for _ in 0..300 {
+            let probe =
+                rpc::request_json(&self.client, subject, &json!({}), Duration::from_millis(300))
+                    .await;
+            if probe.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("nothing answers on {subject}")
+    }
+
+    /// Sends a command and returns its JSON reply.
+    pub async fn request(&self, subject: &str, body: &Value) -> anyhow::Result<Value> {
+        rpc::request_json(&self.client, subject, body, Duration::from_secs(30))
+            .await
+            .with_context(|| format!("request on {subject}"))
+    }
+
+    /// The log's head position.
+    pub async fn head(&self) -> anyhow::Result<i64> {
+        Ok(self.store.head_position().await?)
+    }
+
+    /// Waits until the SQL projection's checkpoint has reached the log's head and the head has not
+    /// moved for `quiet` (nothing is being appended any more).
+    pub async fn settle(&self, quiet: Duration, timeout: Duration) -> anyhow::Result<i64> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut stable_since = tokio::time::Instant::now();
+        let mut last_head = -1;
+        loop {
+            let head = self.head().await?;
+            let checkpoint: Option<i64> = sqlx::query_scalar(
+                "SELECT global_position FROM projection_checkpoints WHERE projection = $1",
+            )
+            .bind(deepnode_projections::BOOK_PROJECTION)
+            .fetch_optional(self.store.pool())
+            .await?;
+            if head != last_head {
+                last_head = head;
+                stable_since = tokio::time::Instant::now();
+            }
+            if checkpoint == Some(head) && stable_since.elapsed() >= quiet {
+                return Ok(head);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("projection at {checkpoint:?}, log head at {head}: not settled in time");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops every service and the relay (last started first) and reports any that failed.
+    ///
+    /// While a service stops, its connection is flushed every 100 ms. Why: a drained subscription
+    /// ends only when the client's connection task next wakes up, which on an idle connection can
+    /// be the next server ping, minutes away (the rotation service nudges itself the same way; the
+    /// scheduler does not yet).
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        let mut failures = Vec::new();
+        while let Some(running) = self.running.pop() {
+            running.shutdown.trigger();
+            let nudge = running.nats.clone().map(|nats| {
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        let _ = nats.flush().await;
+                    }
+                })
+            });
+            let ended = tokio::time::timeout(Duration::from_secs(30), running.task).await;
+            if let Some(nudge) = nudge {
+                nudge.abort();
+            }
+            match ended {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => failures.push(format!("{}: {e:#}", running.name)),
+                Ok(Err(e)) => failures.push(format!("{}: task failed: {e}", running.name)),
+                Err(_) => failures.push(format!("{}: did not stop within 30 s", running.name)),
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}", failures.join("; "))
+        }
+    }
+}

@@ -4,6 +4,10 @@
 //! It deliberately does not use `retry_on_initial_connect`: that returns a client before any server
 //! answered, so a wrong `NATS_URL` would hang forever instead of failing with exit code 2. Instead we
 //! retry up to a deadline, and once connected the client reconnects on its own indefinitely.
+//!
+//! Credentials come from the environment only (see `deploy/nats.conf`), never from code:
+//! `NATS_CREDS` (a `.creds` file), else `NATS_USER` + `NATS_PASSWORD`, else `NATS_TOKEN`; none set
+//! means an anonymous connection, as before.
 
 use std::time::Duration;
 
@@ -23,6 +27,75 @@ pub enum Error {
         #[source]
         source: async_nats::ConnectError,
     },
+    /// The `NATS_CREDS` file could not be read.
+    #[error("reading NATS credentials file {path}: {source}")]
+    Credentials {
+        /// The file named by `NATS_CREDS`.
+        path: String,
+        /// Why it could not be read.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How to authenticate, from `NATS_CREDS`, `NATS_USER` + `NATS_PASSWORD` or `NATS_TOKEN`.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Auth {
+    /// No credentials.
+    Anonymous,
+    /// A `.creds` file (JWT + NKey seed).
+    CredsFile(String),
+    /// User and password.
+    UserPassword(String, String),
+    /// A token.
+    Token(String),
+}
+
+impl std::fmt::Debug for Auth {
+    // Never print secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Anonymous => f.write_str("Anonymous"),
+            Self::CredsFile(path) => write!(f, "CredsFile({path})"),
+            Self::UserPassword(user, _) => write!(f, "UserPassword({user}, ***)"),
+            Self::Token(_) => f.write_str("Token(***)"),
+        }
+    }
+}
+
+impl Auth {
+    /// Reads the credential variables; empty values count as unset.
+    pub fn from_env() -> Auth {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        if let Some(path) = var("NATS_CREDS") {
+            Auth::CredsFile(path)
+        } else if let (Some(user), Some(password)) = (var("NATS_USER"), var("NATS_PASSWORD")) {
+            Auth::UserPassword(user, password)
+        } else if let Some(token) = var("NATS_TOKEN") {
+            Auth::Token(token)
+        } else {
+            Auth::Anonymous
+        }
+    }
+
+    async fn apply(&self, options: ConnectOptions) -> Result<ConnectOptions, Error> {
+        Ok(match self {
+            Auth::Anonymous => options,
+            Auth::CredsFile(path) => {
+                options
+                    .credentials_file(path)
+                    .await
+                    .map_err(|source| Error::Credentials {
+                        path: path.clone(),
+                        source,
+                    })?
+            }
+            Auth::UserPassword(user, password) => {
+                options.user_and_password(user.clone(), password.clone())
+            }
+            Auth::Token(token) => options.token(token.clone()),
+        })
+    }
 }
 
 /// How long and how fast to retry the first connection.
@@ -49,14 +122,24 @@ impl Default for ConnectPolicy {
     }
 }
 
-/// Connects to `url` as connection `name` (shown by the server's monitoring), retrying with the
-/// default [`ConnectPolicy`].
+/// Connects to `url` as connection `name` (shown by the server's monitoring), with the credentials
+/// of [`Auth::from_env`], retrying with the default [`ConnectPolicy`].
 pub async fn connect(url: &str, name: &str) -> Result<Client, Error> {
     connect_with(url, name, ConnectPolicy::default()).await
 }
 
-/// Connects like [`connect`] with an explicit retry policy.
+/// Connects like [`connect`] with an explicit retry policy (credentials from the environment).
 pub async fn connect_with(url: &str, name: &str, policy: ConnectPolicy) -> Result<Client, Error> {
+    connect_with_auth(url, name, policy, &Auth::from_env()).await
+}
+
+/// Connects like [`connect_with`] with explicit credentials.
+pub async fn connect_with_auth(
+    url: &str,
+    name: &str,
+    policy: ConnectPolicy,
+    auth: &Auth,
+) -> Result<Client, Error> {
     let started = tokio::time::Instant::now();
     let mut backoff = policy.initial_backoff;
     let mut attempts = 0u32;
@@ -71,6 +154,7 @@ pub async fn connect_with(url: &str, name: &str, policy: ConnectPolicy) -> Resul
                 let conn_name = conn_name.clone();
                 async move { log_event(&conn_name, event) }
             });
+        let options = auth.apply(options).await?;
         match options.connect(url).await {
             Ok(client) => {
                 tracing::info!(url, name, attempts, "connected to NATS");

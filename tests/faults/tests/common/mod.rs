@@ -490,6 +490,15 @@ impl Cluster {
         .flatten()
     }
 
+    /// How many times a child's log says `needle` (children log at `warn` unless `FAULT_LOG` is set).
+    pub fn log_count(&self, needle: &str) -> usize {
+        std::fs::read_dir(&self.logs)
+            .unwrap()
+            .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+            .map(|text| text.matches(needle).count())
+            .sum()
+    }
+
     /// Deletes this test's JetStream streams (the shared server keeps nothing of ours).
     pub async fn cleanup(&self) {
         let js = async_nats::jetstream::new(self.client.clone());
@@ -716,9 +725,21 @@ pub async fn exec(
     request_id: &str,
     model: &str,
 ) -> Call {
+    exec_within(client, subject, request_id, model, CALL_TIMEOUT).await
+}
+
+/// One `cmd.exec` call waiting at most `limit` (a repeated id of an execution cut short is only
+/// answered `conflict` after `2 × timeout_ms + 2 s`).
+pub async fn exec_within(
+    client: &async_nats::Client,
+    subject: &str,
+    request_id: &str,
+    model: &str,
+    limit: Duration,
+) -> Call {
     let body = json!({"request_id": request_id, "model_id": model, "input": {"q": request_id}, "timeout_ms": EXEC_TIMEOUT_MS});
     let at = Instant::now();
-    let seen = match rpc::request_json(client, subject, &body, CALL_TIMEOUT).await {
+    let seen = match rpc::request_json(client, subject, &body, limit).await {
         Ok(v) => Seen::Reply(v),
         Err(rpc::Error::Timeout { .. }) => Seen::Timeout,
         Err(e) => Seen::Transport(e.to_string()),

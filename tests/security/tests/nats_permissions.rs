@@ -163,13 +163,23 @@ async fn nats_conf_confines_nodes_ingest_and_services() {
             }
         }
     });
-    let answer = tokio::time::timeout(
-        Duration::from_secs(3),
-        admin.request(s.node_infer(&n1), "{}".into()),
-    )
-    .await
-    .expect("own infer answered in time")
-    .expect("own infer answered");
+    // Interest can take a moment to be visible to the requester: retry "no responders" briefly.
+    let mut answer = None;
+    for _ in 0..30 {
+        match tokio::time::timeout(
+            Duration::from_secs(3),
+            admin.request(s.node_infer(&n1), "{}".into()),
+        )
+        .await
+        {
+            Ok(Ok(m)) => {
+                answer = Some(m);
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let answer = answer.expect("own infer answered");
     assert_eq!(&answer.payload[..], br#"{"output":"n1"}"#);
     answering.await.unwrap();
 

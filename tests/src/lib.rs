@@ -25,8 +25,6 @@ use tokio::task::JoinHandle;
 /// One in-process service (or the relay).
 struct Running {
     name: String,
-    /// The service's own connection, flushed while it stops (see [`Cluster::stop`]).
-    nats: Option<async_nats::Client>,
     shutdown: Shutdown,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -79,7 +77,6 @@ impl Cluster {
         });
         cluster.running.push(Running {
             name: "relay".into(),
-            nats: None,
             shutdown,
             task,
         });
@@ -119,14 +116,14 @@ impl Cluster {
         self.reputation_stats = options.stats.clone();
         let shutdown = Shutdown::new();
         let stop = shutdown.clone();
-        let nats = ctx.nats.clone();
         let task = tokio::spawn(async move {
             deepnode_reputation::run(ctx, options, stop)
                 .await
                 .map_err(anyhow::Error::from)
         });
-        self.push("reputation", nats, shutdown, task);
-        self.wait_answering(&self.subjects.cmd_node_deregister()).await
+        self.push("reputation", shutdown, task);
+        self.wait_answering(&self.subjects.cmd_node_deregister())
+            .await
     }
 
     /// Starts a rotation service without periodic rounds and waits until it answers.
@@ -138,13 +135,12 @@ impl Cluster {
         };
         let shutdown = Shutdown::new();
         let stop = shutdown.clone();
-        let nats = ctx.nats.clone();
         let task = tokio::spawn(async move {
             deepnode_rotation::run(ctx, options, stop)
                 .await
                 .map_err(anyhow::Error::from)
         });
-        self.push("rotation", nats, shutdown, task);
+        self.push("rotation", shutdown, task);
         self.wait_answering(&self.subjects.cmd_model_deploy()).await
     }
 
@@ -153,29 +149,21 @@ impl Cluster {
         let ctx = self.context(producer).await?;
         let shutdown = Shutdown::new();
         let stop = shutdown.clone();
-        let nats = ctx.nats.clone();
         let task = tokio::spawn(async move {
             deepnode_scheduler::run(ctx, SchedulerOptions::default(), stop)
                 .await
                 .map_err(anyhow::Error::from)
         });
-        self.push(producer, nats, shutdown, task);
+        self.push(producer, shutdown, task);
         self.wait_answering(&self.subjects.cmd_schedule()).await?;
         // A later copy joins a group that already answers: give its subscription a moment.
         tokio::time::sleep(Duration::from_millis(300)).await;
         Ok(())
     }
 
-    fn push(
-        &mut self,
-        name: &str,
-        nats: async_nats::Client,
-        shutdown: Shutdown,
-        task: JoinHandle<anyhow::Result<()>>,
-    ) {
+    fn push(&mut self, name: &str, shutdown: Shutdown, task: JoinHandle<anyhow::Result<()>>) {
         self.running.push(Running {
             name: name.to_owned(),
-            nats: Some(nats),
             shutdown,
             task,
         });
@@ -184,9 +172,13 @@ impl Cluster {
     /// Waits until something answers on `subject` (an empty command is refused, appending nothing).
     async fn wait_answering(&self, subject: &str) -> anyhow::Result<()> {
         for _ in 0..300 {
-            let probe =
-                rpc::request_json(&self.client, subject, &json!({}), Duration::from_millis(300))
-                    .await;
+            let probe = rpc::request_json(
+                &self.client,
+                subject,
+                &json!({}),
+                Duration::from_millis(300),
+            )
+            .await;
             if probe.is_ok() {
                 return Ok(());
             }
@@ -236,27 +228,11 @@ impl Cluster {
     }
 
     /// Stops every service and the relay (last started first) and reports any that failed.
-    ///
-    /// While a service stops, its connection is flushed every 100 ms. Why: a drained subscription
-    /// ends only when the client's connection task next wakes up, which on an idle connection can
-    /// be the next server ping, minutes away (the rotation service nudges itself the same way; the
-    /// scheduler does not yet).
     pub async fn stop(&mut self) -> anyhow::Result<()> {
         let mut failures = Vec::new();
         while let Some(running) = self.running.pop() {
             running.shutdown.trigger();
-            let nudge = running.nats.clone().map(|nats| {
-                tokio::spawn(async move {
-                    loop {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        let _ = nats.flush().await;
-                    }
-                })
-            });
             let ended = tokio::time::timeout(Duration::from_secs(30), running.task).await;
-            if let Some(nudge) = nudge {
-                nudge.abort();
-            }
             match ended {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(e))) => failures.push(format!("{}: {e:#}", running.name)),

@@ -28,6 +28,9 @@ pub const CORRELATION_HEADER: &str = "Deepnode-Correlation-Id";
 /// Default bound on requests handled at once by one [`serve`] call.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
 
+/// While draining, how often the connection is flushed so the drained subscription can end.
+const DRAIN_NUDGE: Duration = Duration::from_millis(100);
+
 /// Upper bound on waiting for the subscription's buffered messages once shutdown began.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
@@ -188,6 +191,15 @@ where
             () = &mut drain_deadline, if draining => {
                 tracing::warn!(subject, "gave up waiting for buffered requests after shutdown");
                 break;
+            }
+            () = tokio::time::sleep(DRAIN_NUDGE), if draining => {
+                // A drained subscription ends only when the client's connection task next wakes
+                // (a command or a server message); on an idle connection that can be the next ping,
+                // minutes away. A flush is such a wake-up.
+                if let Err(e) = client.flush().await {
+                    tracing::debug!(subject, error = %e, "flush while draining failed");
+                }
+                continue;
             }
             msg = sub.next() => match msg {
                 Some(msg) => msg,

@@ -434,6 +434,37 @@ async fn shutdown_finishes_in_flight_requests_then_returns() {
 }
 
 #[tokio::test]
+async fn shutdown_on_an_idle_connection_returns_promptly() {
+    // A drained subscription ends only when the connection task wakes; with no traffic at all that
+    // used to be the next server ping, so a service stopped while idle hung for up to minutes.
+    let client = client().await;
+    let subject = Subjects::random().cmd_schedule();
+    let (stop, shutdown) = stopper();
+    let server_client = self::client().await;
+    let server = tokio::spawn({
+        let subject = subject.clone();
+        async move {
+            serve(
+                &server_client,
+                &subject,
+                "scheduler",
+                |_req: rpc::Request| async { Reply::ok(&()) },
+                shutdown,
+            )
+            .await
+        }
+    });
+    wait_for_responder(&client, &subject).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // idle
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(1), server)
+        .await
+        .expect("serve returns within 1 s of shutdown on an idle connection")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
 async fn request_without_responder_is_reported() {
     let client = client().await;
     let subject = Subjects::random().cmd_exec();

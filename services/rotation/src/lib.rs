@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use deepnode_bus::async_nats;
 use deepnode_bus::envelope::{ErrorBody, ErrorCode, Reply};
 use deepnode_bus::rpc::serve;
 use deepnode_runtime::{ServiceContext, Shutdown};
@@ -128,36 +127,11 @@ pub async fn run(
     );
 
     let periodic = periodic_rounds(&ctx, &view, &options, &shutdown);
-    let serving = async {
-        let serving = async { tokio::join!(deploy, rounds) };
-        tokio::pin!(serving);
-        let nudge = nudge_after_shutdown(&ctx.nats, &shutdown);
-        tokio::pin!(nudge);
-        tokio::select! {
-            done = &mut serving => done,
-            () = &mut nudge => serving.await,
-        }
-    };
-    let ((deploy, rounds), ()) = tokio::join!(serving, periodic);
+    let ((deploy, rounds), ()) = tokio::join!(async { tokio::join!(deploy, rounds) }, periodic);
     view.stop();
     deploy?;
     rounds?;
     Ok(())
-}
-
-/// After shutdown, flushes the connection now and then until the servers have stopped.
-///
-/// Why: a drained subscription only ends when the client's connection task next wakes up (a
-/// command or a server message); on an idle connection that can take until the next ping, so
-/// `serve` would wait long for its subscriber to end. A flush is such a wake-up. Never returns.
-async fn nudge_after_shutdown(nats: &async_nats::Client, shutdown: &Shutdown) {
-    shutdown.wait().await;
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if let Err(e) = nats.flush().await {
-            tracing::debug!(error = %e, "flush during shutdown failed");
-        }
-    }
 }
 
 /// Sleeps to each period boundary and runs a periodic round, until shutdown.

@@ -345,7 +345,10 @@ fn filter(c: &CandidateSnapshot) -> Option<FilterReason> {
 /// Filter (deployed, active/probation, not ejected, below capacity), score in integer bps, rank with
 /// the policy's tie-breaks, then give the second-ranked healthy replica its seeded share of traffic.
 /// With fewer than two healthy replicas the missing slots fall back to deployed nodes that are only
-/// ejected or saturated ("least bad"); with none healthy the decision says `emergency_replacement`.
+/// ejected ("least bad": the last healthy replica is never ejected for good); with none healthy the
+/// decision says `emergency_replacement`. A replica at capacity is never a fallback: capacity is the
+/// admission limit, so a model whose replicas are all full gets `NoEligibleNodes` (backpressure)
+/// rather than an overloaded node.
 pub fn route(input: &RouteInput, policy: &RoutingPolicy) -> Result<RouteDecision, RouteError> {
     let mut seen = BTreeSet::new();
     for c in &input.candidates {
@@ -386,7 +389,7 @@ pub fn route(input: &RouteInput, policy: &RoutingPolicy) -> Result<RouteDecision
         match filter(c) {
             None => healthy.push(scored),
             Some(reason) => {
-                if matches!(reason, FilterReason::Ejected | FilterReason::AtCapacity) {
+                if reason == FilterReason::Ejected {
                     last_resort.push(ScoredCandidate {
                         healthy: false,
                         ..scored
@@ -694,6 +697,27 @@ mod tests {
             FilterReason::Ineligible(NodeStatus::Offline)
         );
         assert!(d.verify());
+    }
+
+    #[test]
+    fn replicas_at_capacity_are_never_a_fallback() {
+        // given both replicas full
+        let policy = RoutingPolicy::default();
+        let mut a = cand(1, 9_000, 0, 0);
+        let mut b = cand(2, 4_000, 0, 0);
+        a.in_flight = a.capacity;
+        b.in_flight = b.capacity;
+        // then the request is refused (backpressure), not sent to an overloaded node
+        assert!(matches!(
+            route(&input(vec![a.clone(), b.clone()], "r"), &policy),
+            Err(RouteError::NoEligibleNodes { .. })
+        ));
+        // and with one of them ejected too, the ejected one is the least bad
+        b.in_flight = 0;
+        b.ejected = true;
+        let d = route(&input(vec![a, b], "r"), &policy).unwrap();
+        assert_eq!((d.primary.clone(), d.backup.clone()), (node(2), None));
+        assert!(d.emergency_replacement);
     }
 
     #[test]

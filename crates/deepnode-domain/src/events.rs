@@ -508,6 +508,15 @@ impl DomainEvent {
         }
     }
 
+    /// The stream of the execution `request_id` (`exec-<request_id>`), where all its events live.
+    pub fn execution_stream(request_id: &RequestId) -> StreamId {
+        // As in `stream_id`: a valid request id with this prefix is always a valid stream id.
+        match StreamId::parse(&format!("exec-{request_id}")) {
+            Ok(id) => id,
+            Err(e) => unreachable!("execution stream of {request_id} is invalid: {e}"),
+        }
+    }
+
     /// The event's payload as the JSON object stored in `events.payload`.
     pub fn payload(&self) -> Value {
         // Serialising these derive-only structs cannot fail (string keys, no custom impls); a `Null`

@@ -121,11 +121,11 @@ async fn handle_request(s: Arc<Scheduler>, request: Request) -> Reply {
         .await
 }
 
-fn new_event(event: DomainEvent, meta: Metadata) -> NewEvent {
+pub(crate) fn new_event(event: DomainEvent, meta: Metadata) -> NewEvent {
     event.to_new_event(Uuid::new_v4(), meta, Utc::now())
 }
 
-fn with_field(mut event: NewEvent, key: &str, value: Value) -> NewEvent {
+pub(crate) fn with_field(mut event: NewEvent, key: &str, value: Value) -> NewEvent {
     if let Value::Object(map) = &mut event.payload {
         map.insert(key.to_owned(), value);
     }
@@ -163,8 +163,17 @@ fn success_reply(
 }
 
 fn failure_reply(request_id: &RequestId, message: String, attempts: &[AttemptView]) -> Reply {
+    failure_reply_with(ErrorCode::AllReplicasFailed, request_id, message, attempts)
+}
+
+fn failure_reply_with(
+    code: ErrorCode,
+    request_id: &RequestId,
+    message: String,
+    attempts: &[AttemptView],
+) -> Reply {
     Reply::err_with(
-        ErrorBody::new(ErrorCode::AllReplicasFailed, message),
+        ErrorBody::new(code, message),
         &json!({"request_id": request_id, "charged": false, "attempts": attempts}),
     )
 }
@@ -370,7 +379,11 @@ fn answer_from_log(events: &[RecordedEvent]) -> Option<Reply> {
                 .get("message")
                 .and_then(Value::as_str)
                 .map_or_else(|| failure_message(&views, None), str::to_owned);
-            failure_reply(&f.request_id, message, &views)
+            // The recorded code: `all_replicas_failed`, or `unavailable` for an execution the
+            // sweeper closed after its scheduler stopped (see `sweep`).
+            let code = serde_json::from_value(Value::String(f.error_code.clone()))
+                .unwrap_or(ErrorCode::AllReplicasFailed);
+            failure_reply_with(code, &f.request_id, message, &views)
         }
         _ => return None,
     })

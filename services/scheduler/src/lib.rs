@@ -13,6 +13,7 @@ mod classify;
 mod exec;
 mod live;
 mod route;
+mod sweep;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +52,11 @@ pub struct SchedulerOptions {
     pub catch_up_timeout: Duration,
     /// A repeated `request_id` still in flight is awaited for `2 × its attempt timeout` plus this.
     pub duplicate_grace: Duration,
+    /// An execution still open `2 × its attempt timeout` plus this after it was requested was
+    /// abandoned by a stopped scheduler, and is closed (not charged) by the sweeper.
+    pub abandon_grace: Duration,
+    /// How often this copy looks for abandoned executions.
+    pub sweep_interval: Duration,
 }
 
 impl Default for SchedulerOptions {
@@ -62,6 +68,8 @@ impl Default for SchedulerOptions {
             max_timeout_ms: 120_000,
             catch_up_timeout: Duration::from_secs(60),
             duplicate_grace: Duration::from_secs(2),
+            abandon_grace: Duration::from_secs(10),
+            sweep_interval: Duration::from_secs(5),
         }
     }
 }
@@ -135,6 +143,11 @@ pub async fn run(
         params,
         options,
     });
+    let sweeper = tokio::spawn(sweep::run(
+        scheduler.clone(),
+        scheduler.options.sweep_interval,
+        shutdown.clone(),
+    ));
     let on_exec = scheduler.clone();
     let on_schedule = scheduler;
     let stop_exec = shutdown.clone();
@@ -160,6 +173,7 @@ pub async fn run(
             async move { stop_schedule.wait().await },
         ),
     );
+    sweeper.abort();
     book.stop();
     served.map(|_| ()).map_err(Error::from)
 }

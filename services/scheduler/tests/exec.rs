@@ -9,6 +9,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::{node, test_policy, Harness};
+use deepnode_domain::events::{DomainEvent, Metadata};
+use deepnode_domain::log::ExpectedVersion;
 use deepnode_sim::{Behaviour, Latency, SimNode};
 use serde_json::{json, Value};
 
@@ -355,6 +357,69 @@ async fn a_node_failing_every_request_is_ejected_and_the_backup_takes_over() {
     assert_eq!(
         schedule["filtered"],
         json!([{"node_id": "bad", "reason": "ejected"}])
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_execution_abandoned_by_a_stopped_scheduler_is_closed_uncharged() {
+    use deepnode_domain::events::{AttemptDispatched, ExecutionRequested, Role};
+    use deepnode_domain::ids::{ModelId, RequestId};
+    let mut h = Harness::new().await;
+    pair(&h, "m-1", "a", "b").await;
+    // given a scheduler that died after recording the request and its first dispatch
+    let request_id = RequestId::parse("orphan-1").unwrap();
+    let meta = Metadata::new("dead-scheduler", "orphan-1");
+    let started = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let orphan = [
+        DomainEvent::ExecutionRequested(ExecutionRequested {
+            request_id: request_id.clone(),
+            model_id: ModelId::parse("m-1").unwrap(),
+            timeout_ms: 50,
+        }),
+        DomainEvent::AttemptDispatched(AttemptDispatched {
+            request_id: request_id.clone(),
+            model_id: ModelId::parse("m-1").unwrap(),
+            node_id: node("a"),
+            role: Role::Primary,
+            attempt: 1,
+            decision: json!({}),
+        }),
+    ]
+    .map(|e| e.to_new_event(uuid::Uuid::new_v4(), meta.clone(), started));
+    let stream = DomainEvent::execution_stream(&request_id);
+    h.store
+        .append(&stream, ExpectedVersion::NoStream, orphan.to_vec())
+        .await
+        .unwrap();
+
+    // when a live scheduler sweeps (its grace is short here)
+    h.options.abandon_grace = std::time::Duration::from_millis(100);
+    h.options.sweep_interval = std::time::Duration::from_millis(100);
+    h.start_scheduler(test_policy(), "scheduler").await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.count("ExecutionFailed", "orphan-1").await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the orphan was never closed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // then it is closed once, not charged, the dangling attempt left unclassified, and a retry with the
+    // same request id gets that final answer instead of "still running"
+    let reply = h
+        .exec(json!({"request_id": "orphan-1", "model_id": "m-1", "input": 1}))
+        .await;
+    assert_eq!(reply["ok"], json!(false), "{reply}");
+    assert_eq!(reply["error"]["code"], json!("unavailable"), "{reply}");
+    assert_eq!(reply["charged"], json!(false), "{reply}");
+    assert_eq!(h.count("ExecutionFailed", "orphan-1").await, 1);
+    assert_eq!(h.count("AttemptFailed", "orphan-1").await, 0);
+    let end = h.stream("orphan-1").await.pop().unwrap();
+    assert_eq!(
+        (end.0.as_str(), &end.1["abandoned"]),
+        ("ExecutionFailed", &json!(true))
     );
     h.stop().await;
 }

@@ -40,6 +40,8 @@ pub fn test_policy() -> PolicyConfig {
 }
 
 pub struct Harness {
+    /// Options every scheduler copy started from now on runs with.
+    pub options: SchedulerOptions,
     pub db: TestDb,
     pub store: EventStore,
     pub client: async_nats::Client,
@@ -56,6 +58,7 @@ impl Harness {
             .await
             .expect("NATS is running");
         Harness {
+            options: SchedulerOptions::default(),
             db,
             store,
             client,
@@ -158,7 +161,7 @@ impl Harness {
             producer: producer.to_owned(),
         };
         let shutdown = Shutdown::new();
-        let task = tokio::spawn(run(ctx, SchedulerOptions::default(), shutdown.clone()));
+        let task = tokio::spawn(run(ctx, self.options.clone(), shutdown.clone()));
         self.schedulers.push((shutdown, task));
         let subject = self.subjects.cmd_schedule();
         for _ in 0..200 {

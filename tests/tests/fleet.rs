@@ -37,9 +37,7 @@ fn fleet() -> SimConfig {
     });
     let mut nodes: Vec<SimNode> = GOOD
         .iter()
-        .map(|id| {
-            SimNode::new(NodeId::parse(id).unwrap(), "text").with_behaviour(healthy.clone())
-        })
+        .map(|id| SimNode::new(NodeId::parse(id).unwrap(), "text").with_behaviour(healthy.clone()))
         .collect();
     nodes.push(
         SimNode::new(NodeId::parse(TIMEOUT_NODE).unwrap(), "text")
@@ -113,7 +111,8 @@ async fn fleet_of_eight_end_to_end() {
         .map(|i| {
             let model = ["m-all", "m-all", "m-all", "m-a", "m-b"][i % 5];
             let id = format!("e2e-{i:04}");
-            let body = json!({"request_id": id, "model_id": model, "input": {"n": i}, "timeout_ms": 200});
+            let body =
+                json!({"request_id": id, "model_id": model, "input": {"n": i}, "timeout_ms": 200});
             (id, body)
         })
         .collect();
@@ -123,14 +122,10 @@ async fn fleet_of_eight_end_to_end() {
         .map(|(id, body)| {
             let (client, subject) = (client.clone(), subject.clone());
             async move {
-                let reply = deepnode_bus::request_json(
-                    &client,
-                    &subject,
-                    &body,
-                    Duration::from_secs(30),
-                )
-                .await
-                .unwrap_or_else(|e| panic!("{id} not answered: {e}"));
+                let reply =
+                    deepnode_bus::request_json(&client, &subject, &body, Duration::from_secs(30))
+                        .await
+                        .unwrap_or_else(|e| panic!("{id} not answered: {e}"));
                 (id, reply)
             }
         })
@@ -179,9 +174,15 @@ async fn fleet_of_eight_end_to_end() {
         .iter()
         .filter(|(_, r)| r["ok"] == false && attempts(r).len() == 2)
         .collect();
-    assert!(!both_failed.is_empty(), "no request failed on both replicas");
+    assert!(
+        !both_failed.is_empty(),
+        "no request failed on both replicas"
+    );
     for (id, reply) in &both_failed {
-        assert_eq!(reply["error"]["code"], "all_replicas_failed", "{id}: {reply}");
+        assert_eq!(
+            reply["error"]["code"], "all_replicas_failed",
+            "{id}: {reply}"
+        );
         assert_eq!(reply["charged"], false, "{id}: {reply}");
     }
     for (_, reply) in replies.iter().filter(|(_, r)| r["ok"] == false) {
@@ -203,7 +204,10 @@ async fn fleet_of_eight_end_to_end() {
     let before = stream_len(dup_id.clone()).await;
     let repeated = cluster.request(&subject, dup_body).await.unwrap();
     assert_eq!(repeated["ok"], replies[dup_id]["ok"], "{repeated}");
-    assert_eq!(repeated["node_id"], replies[dup_id]["node_id"], "{repeated}");
+    assert_eq!(
+        repeated["node_id"], replies[dup_id]["node_id"],
+        "{repeated}"
+    );
     assert_eq!(stream_len(dup_id.clone()).await, before);
 
     // A repeated ingest event_id is logged once: twice with the same Nats-Msg-Id (the stream drops
@@ -216,7 +220,11 @@ async fn fleet_of_eight_end_to_end() {
     let payload = Bytes::from(report.to_string());
     let ingest = cluster.subjects.ingest_execution();
     let js = async_nats::jetstream::new(cluster.client.clone());
-    for msg_id in [event_id.to_string(), event_id.to_string(), uuid::Uuid::new_v4().to_string()] {
+    for msg_id in [
+        event_id.to_string(),
+        event_id.to_string(),
+        uuid::Uuid::new_v4().to_string(),
+    ] {
         deepnode_bus::jetstream::publish_with_id(&js, &ingest, &msg_id, payload.clone())
             .await
             .unwrap();
@@ -236,7 +244,10 @@ async fn fleet_of_eight_end_to_end() {
         .fetch_one(cluster.store.pool())
         .await
         .unwrap();
-    assert_eq!(reported, 1, "the ingested event must be logged exactly once");
+    assert_eq!(
+        reported, 1,
+        "the ingested event must be logged exactly once"
+    );
 
     // Let penalties land and the projection reach the head.
     cluster
@@ -252,21 +263,29 @@ async fn fleet_of_eight_end_to_end() {
     .fetch_all(pool)
     .await
     .unwrap();
-    assert!(twice.is_empty(), "requests not recorded exactly once: {twice:?}");
+    assert!(
+        twice.is_empty(),
+        "requests not recorded exactly once: {twice:?}"
+    );
     let producers: Vec<String> = sqlx::query_scalar(
         "SELECT DISTINCT metadata->>'producer' FROM events WHERE event_type = 'ExecutionRequested' ORDER BY 1",
     )
     .fetch_all(pool)
     .await
     .unwrap();
-    assert_eq!(producers, ["scheduler-a", "scheduler-b"], "both copies served");
+    assert_eq!(
+        producers,
+        ["scheduler-a", "scheduler-b"],
+        "both copies served"
+    );
 
     // The executions projection agrees with the replies.
-    let rows: Vec<(String, String, bool)> =
-        sqlx::query_as("SELECT request_id, status, charged FROM executions WHERE request_id LIKE 'e2e-%'")
-            .fetch_all(pool)
-            .await
-            .unwrap();
+    let rows: Vec<(String, String, bool)> = sqlx::query_as(
+        "SELECT request_id, status, charged FROM executions WHERE request_id LIKE 'e2e-%'",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
     assert_eq!(rows.len(), REQUESTS);
     for (id, status, charged) in &rows {
         let ok = replies[id]["ok"] == true;

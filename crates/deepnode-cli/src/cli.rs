@@ -18,7 +18,12 @@ pub struct Cli {
     #[arg(long, env = "DEEPNODE_CONFIG", global = true)]
     pub config: Option<std::path::PathBuf>,
     /// NATS server with JetStream (used by `up` and `sim`).
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222", global = true)]
+    #[arg(
+        long,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
     pub nats_url: String,
     #[command(subcommand)]
     pub command: Command,
@@ -177,7 +182,11 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         "ms" => value / 1000.0,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        other => return Err(format!("invalid duration unit {other:?}: use ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "invalid duration unit {other:?}: use ms, s, m or h"
+            ))
+        }
     };
     if !(seconds.is_finite() && seconds > 0.0 && seconds < 1e9) {
         return Err(format!("invalid duration {text:?}: must be positive"));

@@ -2,9 +2,9 @@
 //! every binary applies pending migrations at start) and the effective policy config.
 
 use anyhow::Context as _;
-use deepnode_domain::config::PolicyConfig;
 use deepnode_bus::async_nats;
 use deepnode_bus::ConnectPolicy;
+use deepnode_domain::config::PolicyConfig;
 use deepnode_store::EventStore;
 
 use crate::cli::Cli;

@@ -271,7 +271,10 @@ impl Demo<'_> {
             let node_id = NodeId::parse(&id).context("building a node id")?;
             let (behaviour, label) = match bad_slot(count, i) {
                 Some(0) => (Behaviour::always_timeout(), "bad: never answers".to_owned()),
-                Some(1) => (Behaviour::always_invalid(), "bad: answers garbage".to_owned()),
+                Some(1) => (
+                    Behaviour::always_invalid(),
+                    "bad: answers garbage".to_owned(),
+                ),
                 Some(_) => (
                     Behaviour {
                         error_rate: 0.35,

@@ -117,7 +117,11 @@ pub fn draw(frame: &Frame, labels: &Labels) {
     }
     out.push_str("  bottom nodes by reputation\n");
     let bottom = frame.nodes.len().saturating_sub(3);
-    for r in frame.nodes.iter().skip(bottom.max(3.min(frame.nodes.len()))) {
+    for r in frame
+        .nodes
+        .iter()
+        .skip(bottom.max(3.min(frame.nodes.len())))
+    {
         out.push_str(&format!("    {}\n", node_cell(r, labels)));
     }
     if let Some(note) = &frame.note {

@@ -220,7 +220,12 @@ async fn a_repeated_request_id_returns_the_recorded_answer_and_appends_nothing()
 #[tokio::test]
 async fn two_copies_in_one_queue_group_record_each_request_once() {
     let mut h = Harness::new().await;
-    pair(&h, "m-1", "a", "b").await;
+    // Room for the whole burst: at capacity a request is refused (`no_eligible_nodes`, tested
+    // elsewhere), and this test is about deduplication, not admission.
+    h.register("a", 1_024).await;
+    h.register("b", 1_024).await;
+    h.deploy("m-1", &["a", "b"]).await;
+    h.boost("a", 5).await;
     h.start_sim(vec![sim("a", healthy()), sim("b", healthy())])
         .await;
     h.start_scheduler(test_policy(), "copy-1").await;
@@ -421,5 +426,40 @@ async fn an_execution_abandoned_by_a_stopped_scheduler_is_closed_uncharged() {
         (end.0.as_str(), &end.1["abandoned"]),
         ("ExecutionFailed", &json!(true))
     );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_model_whose_replicas_are_all_full_is_refused_at_once() {
+    let mut h = Harness::new().await;
+    h.register("a", 1).await;
+    h.register("b", 1).await;
+    h.deploy("m-1", &["a", "b"]).await;
+    let slow = || Behaviour::healthy(Latency::fixed_ms(400));
+    h.start_sim(vec![sim("a", slow()), sim("b", slow())]).await;
+    h.start_scheduler(test_policy(), "scheduler").await;
+
+    // given both replicas busy with one request each
+    let busy: Vec<_> = (0..2)
+        .map(|i| h.exec(json!({"request_id": format!("busy-{i}"), "model_id": "m-1", "input": i})))
+        .collect();
+    let refused = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        let reply = h
+            .exec(json!({"request_id": "extra", "model_id": "m-1", "input": 9}))
+            .await;
+        (reply, started.elapsed())
+    };
+    let (busy, (reply, took)) = tokio::join!(futures::future::join_all(busy), refused);
+    // then the extra request is refused promptly, recorded nowhere, and the busy ones succeed
+    assert_eq!(
+        reply["error"]["code"],
+        json!("no_eligible_nodes"),
+        "{reply}"
+    );
+    assert!(took < Duration::from_millis(250), "refusal took {took:?}");
+    assert_eq!(h.count("ExecutionRequested", "extra").await, 0);
+    assert!(busy.iter().all(|r| r["ok"] == json!(true)), "{busy:?}");
     h.stop().await;
 }

@@ -6,6 +6,7 @@
 //! Nothing here decides anything about nodes or requests; that is `deepnode-domain`'s job.
 
 pub mod context;
+pub mod host;
 pub mod observability;
 pub mod relay;
 pub mod settings;

@@ -1,0 +1,85 @@
+//! The life of a service binary, written once: read the environment, connect (migrating the
+//! database), start the metrics/health listener and the outbox relay, run the service until
+//! SIGINT/SIGTERM, then stop the relay, drain NATS and close the pool.
+//!
+//! Exit codes: 0 after a clean stop, 2 when start-up fails (one line: what was being done and the
+//! root cause), 1 when the service itself stops with an error.
+
+use std::fmt::Display;
+use std::future::Future;
+use std::process::ExitCode;
+
+use deepnode_bus::subjects::Subjects;
+
+use crate::observability::{self, ObservabilityOptions};
+use crate::relay::{self, RelayOptions, RELAY_CHECKPOINT};
+use crate::{telemetry, ServiceContext, Settings, Shutdown};
+
+/// What distinguishes one service binary from another.
+pub struct ServiceSpec {
+    /// The binary's name, prefixed to its error lines (e.g. `deepnode-scheduler`).
+    pub binary: &'static str,
+    /// `metadata.producer` of the events it appends.
+    pub producer: &'static str,
+    /// Checkpoints besides the relay's whose lag gates `/readyz`.
+    pub gated_checkpoints: &'static [&'static str],
+}
+
+/// Runs a service binary's whole life; `service` is the library's `run(ctx, options, shutdown)`.
+pub async fn run_service<F, Fut, E>(spec: ServiceSpec, service: F) -> ExitCode
+where
+    F: FnOnce(ServiceContext, Shutdown) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Display,
+{
+    telemetry::init(spec.producer);
+    let started = async {
+        let settings = Settings::from_env().map_err(|e| format!("reading the environment: {e}"))?;
+        let mut gated = vec![RELAY_CHECKPOINT];
+        gated.extend_from_slice(spec.gated_checkpoints);
+        let observe = ObservabilityOptions::from_env(&gated)
+            .map_err(|e| format!("reading the environment: {e}"))?;
+        let ctx = ServiceContext::connect(&settings, spec.producer, Subjects::new())
+            .await
+            .map_err(|e| format!("starting: {e}"))?;
+        Ok::<_, String>((ctx, observe))
+    };
+    let (ctx, observe) = match started.await {
+        Ok(started) => started,
+        Err(line) => {
+            eprintln!("{}: {line}", spec.binary);
+            return ExitCode::from(2);
+        }
+    };
+    let shutdown = Shutdown::on_signals();
+    if let Err(e) = observability::start(&ctx, observe, shutdown.clone()).await {
+        eprintln!("{}: starting the metrics listener: {e}", spec.binary);
+        return ExitCode::from(2);
+    }
+    let relay = tokio::spawn(relay::run(
+        ctx.store.clone(),
+        ctx.js.clone(),
+        ctx.subjects.clone(),
+        RelayOptions::default(),
+        shutdown.clone(),
+    ));
+    let (nats, pool) = (ctx.nats.clone(), ctx.store.pool().clone());
+    let result = service(ctx, shutdown.clone()).await;
+    shutdown.trigger();
+    match relay.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "relay stopped with an error"),
+        Err(e) => tracing::warn!(error = %e, "relay task failed"),
+    }
+    if let Err(e) = nats.drain().await {
+        tracing::warn!(error = %e, "draining NATS failed");
+    }
+    pool.close().await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}: {e}", spec.binary);
+            ExitCode::FAILURE
+        }
+    }
+}

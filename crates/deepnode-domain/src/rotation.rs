@@ -416,18 +416,29 @@ pub fn plan(
     let mut held = Vec::new();
 
     // Challenger choice helpers.
-    let best_for_top = |view: &DomainView, ledger: &Ledger, model: &ModelId| -> Option<usize> {
-        let ok = |s: &PlacementScore| {
-            !ledger
-                .members
-                .get(model)
-                .is_some_and(|m| m.contains(&s.node_id))
-                && ledger.can_receive(&s.node_id)
-                && !moved_back_blocked(model, &s.node_id)
+    //
+    // `best_for_top` takes the lowest acceptable challenger score (0 for hard-rule replacements,
+    // incumbent + hysteresis for improvements) and applies it *before* preferring the top tier.
+    // Choosing "best receivable top-tier node, else any" first and testing the hysteresis after
+    // is not monotone in the ledger: a top-tier node that is free but too weak hides a
+    // lower-tier node that clears the bar, and once this epoch's moves use up that top-tier
+    // node's in-limit the next plan falls back to the lower-tier node and moves, so planning
+    // twice would not be idempotent. With the bar applied first, a move exists iff some eligible
+    // node clears it, and moves made this epoch can only shrink that set.
+    let best_for_top =
+        |view: &DomainView, ledger: &Ledger, model: &ModelId, min_score: u32| -> Option<usize> {
+            let ok = |s: &PlacementScore| {
+                s.score.raw() >= min_score
+                    && !ledger
+                        .members
+                        .get(model)
+                        .is_some_and(|m| m.contains(&s.node_id))
+                    && ledger.can_receive(&s.node_id)
+                    && !moved_back_blocked(model, &s.node_id)
+            };
+            crate::placement::best_by_score(&view.scored, |s| s.tier == Tier::Top && ok(s))
+                .or_else(|| crate::placement::best_by_score(&view.scored, ok))
         };
-        crate::placement::best_by_score(&view.scored, |s| s.tier == Tier::Top && ok(s))
-            .or_else(|| crate::placement::best_by_score(&view.scored, ok))
-    };
     let waiting_key = |ledger: &Ledger, s: &PlacementScore| {
         (
             ledger.growth_slots(&s.node_id),
@@ -481,10 +492,10 @@ pub fn plan(
         }
         let assign = match d.tier {
             Tier::Top => {
-                best_for_top(view, &ledger, &d.model_id).map(|i| view.scored[i].node_id.clone())
+                best_for_top(view, &ledger, &d.model_id, 0).map(|i| view.scored[i].node_id.clone())
             }
             Tier::Lower => best_for_growth(view, &ledger, &d.model_id, false).or_else(|| {
-                best_for_top(view, &ledger, &d.model_id).map(|i| view.scored[i].node_id.clone())
+                best_for_top(view, &ledger, &d.model_id, 0).map(|i| view.scored[i].node_id.clone())
             }),
         };
         match assign {
@@ -526,13 +537,11 @@ pub fn plan(
         let Some(inc) = view.get(&d.node_id) else {
             continue;
         };
-        let Some(ch) = best_for_top(view, &ledger, &d.model_id) else {
+        let bar = inc.score.raw() + policy.hysteresis.raw();
+        let Some(ch) = best_for_top(view, &ledger, &d.model_id, bar) else {
             continue;
         };
         let ch = &view.scored[ch];
-        if ch.score.raw() < inc.score.raw() + policy.hysteresis.raw() {
-            continue;
-        }
         if !resident(d) {
             held.push((
                 d.model_id.clone(),
@@ -560,13 +569,11 @@ pub fn plan(
             continue;
         }
         // Re-pick: earlier moves may have used up a challenger's in-limit.
-        let Some(ch) = best_for_top(view, &ledger, &d.model_id) else {
+        let bar = inc_score.raw() + policy.hysteresis.raw();
+        let Some(ch) = best_for_top(view, &ledger, &d.model_id, bar) else {
             continue;
         };
         let ch = &view.scored[ch];
-        if ch.score.raw() < inc_score.raw() + policy.hysteresis.raw() {
-            continue;
-        }
         let m = Move {
             model_id: d.model_id.clone(),
             assign: ch.node_id.clone(),
@@ -967,6 +974,53 @@ mod tests {
             "not every probation node was served"
         );
         assert!(redraws <= bound, "took {redraws} redraws, bound {bound}");
+    }
+
+    // Regression (proptest seed cc 3f5dbeb5…): a free top-tier node that is too weak to clear the
+    // hysteresis must not hide a lower-tier node that clears it, or the next plan, once the weak
+    // node's in-limit is used up, falls back to the strong one and moves on unchanged state.
+    #[test]
+    fn a_weak_top_tier_node_does_not_hide_a_better_challenger() {
+        let (rp, pp) = (RotationPolicy::default(), PlacementPolicy::default());
+        let mut nodes = vec![
+            rnode(0, 2_600, 0),   // incumbent of m-0's top slot
+            rnode(1, 500, 0),     // m-0's lower slot
+            rnode(2, 3_500, 200), // top tier (not a phase-out victim), gains < hysteresis over n-00
+            rnode(3, 9_000, 0),   // lower tier (no observations), clears the hysteresis
+        ];
+        nodes[0].deployments = 1;
+        nodes[1].deployments = 1;
+        let input = RotationInput {
+            epoch: 10,
+            seed: 1,
+            now: t0(),
+            stake_domains: vec![],
+            median_stake_micros: vec![],
+            models: vec![ModelSpec {
+                model_id: mid(0),
+                domain: "llm".to_owned(),
+            }],
+            nodes,
+            deployments: vec![
+                Deployment {
+                    model_id: mid(0),
+                    node_id: nid(0),
+                    tier: Tier::Top,
+                    assigned_epoch: 0,
+                },
+                Deployment {
+                    model_id: mid(0),
+                    node_id: nid(1),
+                    tier: Tier::Lower,
+                    assigned_epoch: 0,
+                },
+            ],
+            departures: vec![],
+        };
+        let p = plan(&input, &rp, &pp);
+        assert_eq!(p.moves.len(), 1, "{p:?}");
+        assert_eq!((&p.moves[0].assign, &p.moves[0].revoke), (&nid(3), &nid(0)));
+        assert!(plan(&apply(&input, &p), &rp, &pp).moves.is_empty());
     }
 
     #[test]

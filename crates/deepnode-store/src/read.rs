@@ -71,53 +71,96 @@ pub async fn read_all(pool: &PgPool, after: i64, limit: i64) -> Result<Vec<Recor
         .collect()
 }
 
-/// Pages of the log after `after` up to `until` (inclusive), read by one streaming query on a
-/// background task so decoding overlaps with the consumer's work. Memory stays flat: at most a few
-/// pages are buffered whatever the log's length.
+/// Pages of the log after `after` up to `until` (inclusive; `None` = the head when the read starts),
+/// in global order. The range is cut into chunks read by [`READERS`] streaming queries at once (each on
+/// its own connection and task, so the database's row output and the client's JSON decoding run on
+/// every core), and their pages are handed on strictly in order. Memory stays flat: at most
+/// `READERS` chunks are open, each with a few pages buffered, whatever the log's length.
 pub fn stream_all(
     pool: PgPool,
     after: i64,
     until: Option<i64>,
 ) -> mpsc::Receiver<Result<Vec<RecordedEvent>, Error>> {
-    const PAGE: usize = 1_000;
+    /// Concurrent chunk readers.
+    const READERS: usize = 2;
+    /// Positions per chunk.
+    const CHUNK: i64 = 20_000;
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
-        let sql = format!(
-            "{SELECT_EVENTS} WHERE global_position > $1 AND global_position <= $2 ORDER BY global_position"
-        );
-        let mut rows = sqlx::query(&sql)
-            .bind(after)
-            .bind(until.unwrap_or(i64::MAX))
-            .fetch(&pool);
-        let mut page = Vec::with_capacity(PAGE);
-        loop {
-            match rows.try_next().await {
-                Ok(Some(row)) => match from_row(&row) {
-                    Ok(event) => {
-                        page.push(event);
-                        if page.len() == PAGE
-                            && tx.send(Ok(std::mem::take(&mut page))).await.is_err()
-                        {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
-                        return;
-                    }
-                },
-                Ok(None) => break,
+        let end = match until {
+            Some(until) => until,
+            None => match sqlx::query_scalar("SELECT position FROM log_head")
+                .fetch_one(&pool)
+                .await
+            {
+                Ok(head) => head,
                 Err(e) => {
                     let _ = tx.send(Err(e.into())).await;
                     return;
                 }
+            },
+        };
+        let mut open = std::collections::VecDeque::with_capacity(READERS);
+        let mut next = after;
+        loop {
+            while open.len() < READERS && next < end {
+                let chunk_end = next.saturating_add(CHUNK).min(end);
+                let (chunk_tx, chunk_rx) = mpsc::channel(4);
+                tokio::spawn(read_range(pool.clone(), next, chunk_end, chunk_tx));
+                open.push_back(chunk_rx);
+                next = chunk_end;
             }
-        }
-        if !page.is_empty() {
-            let _ = tx.send(Ok(page)).await;
+            let Some(mut chunk) = open.pop_front() else {
+                return;
+            };
+            while let Some(page) = chunk.recv().await {
+                let failed = page.is_err();
+                if tx.send(page).await.is_err() || failed {
+                    return; // the consumer is gone, or the read failed (reported)
+                }
+            }
         }
     });
     rx
+}
+
+/// Streams positions `(after, until]` into `tx` as pages of 1,000 events.
+async fn read_range(
+    pool: PgPool,
+    after: i64,
+    until: i64,
+    tx: mpsc::Sender<Result<Vec<RecordedEvent>, Error>>,
+) {
+    const PAGE: usize = 1_000;
+    let sql = format!(
+        "{SELECT_EVENTS} WHERE global_position > $1 AND global_position <= $2 ORDER BY global_position"
+    );
+    let mut rows = sqlx::query(&sql).bind(after).bind(until).fetch(&pool);
+    let mut page = Vec::with_capacity(PAGE);
+    loop {
+        match rows.try_next().await {
+            Ok(Some(row)) => match from_row(&row) {
+                Ok(event) => {
+                    page.push(event);
+                    if page.len() == PAGE && tx.send(Ok(std::mem::take(&mut page))).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            },
+            Ok(None) => break,
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        }
+    }
+    if !page.is_empty() {
+        let _ = tx.send(Ok(page)).await;
+    }
 }
 
 /// Wakes a follower when the log may have grown: a LISTEN on the commit channel, with a poll timer as

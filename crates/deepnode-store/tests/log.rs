@@ -283,6 +283,11 @@ async fn reads_page_through_the_global_order_and_stream_the_whole_log() {
             .await
             .unwrap();
     }
+    // Enough to span several of stream_all's chunks (20,000 positions each, read two at a time).
+    for i in 0..90 {
+        let batch = (0..500).map(|j| event("Tick", json!({"i": i, "j": j}))).collect();
+        store.append(&stream("s-bulk"), ExpectedVersion::Any, batch).await.unwrap();
+    }
     let page = store.read_all(100, 50).await.unwrap();
     assert_eq!(page.first().map(|e| e.global_position), Some(101));
     assert_eq!(page.len(), 50);
@@ -295,11 +300,16 @@ async fn reads_page_through_the_global_order_and_stream_the_whole_log() {
             next += 1;
         }
     }
-    assert_eq!(next, 2_501);
-    let mut until = store.stream_all(10, Some(20));
-    let mut n = 0;
-    while let Some(page) = until.recv().await {
-        n += page.unwrap().len();
+    assert_eq!(next, 47_501);
+    for (after, until, expected) in [(10, 20, 10), (19_990, 40_010, 20_020), (0, 47_500, 47_500)] {
+        let mut pages = store.stream_all(after, Some(until));
+        let mut next = after + 1;
+        while let Some(page) = pages.recv().await {
+            for e in page.unwrap() {
+                assert_eq!(e.global_position, next, "in order across chunk boundaries");
+                next += 1;
+            }
+        }
+        assert_eq!(next - after - 1, expected);
     }
-    assert_eq!(n, 10);
 }

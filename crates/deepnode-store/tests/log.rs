@@ -285,8 +285,13 @@ async fn reads_page_through_the_global_order_and_stream_the_whole_log() {
     }
     // Enough to span several of stream_all's chunks (20,000 positions each, read two at a time).
     for i in 0..90 {
-        let batch = (0..500).map(|j| event("Tick", json!({"i": i, "j": j}))).collect();
-        store.append(&stream("s-bulk"), ExpectedVersion::Any, batch).await.unwrap();
+        let batch = (0..500)
+            .map(|j| event("Tick", json!({"i": i, "j": j})))
+            .collect();
+        store
+            .append(&stream("s-bulk"), ExpectedVersion::Any, batch)
+            .await
+            .unwrap();
     }
     let page = store.read_all(100, 50).await.unwrap();
     assert_eq!(page.first().map(|e| e.global_position), Some(101));

@@ -56,6 +56,11 @@ const MODEL_NAMES: [&str; 6] = [
 ];
 /// The demo's domain.
 const DOMAIN: &str = "text";
+/// A small second domain served only by two flaky nodes, so the demo also shows requests whose
+/// primary and backup both fail: answered `all_replicas_failed` and not charged.
+const EDGE_DOMAIN: &str = "edge";
+/// The model deployed on the edge pair.
+const EDGE_MODEL: &str = "edge-asr";
 
 /// Runs the demo.
 pub async fn run(cli: &Cli, args: &UpArgs) -> anyhow::Result<Outcome> {
@@ -147,7 +152,7 @@ impl Demo<'_> {
         self.wait_for_services(services).await?;
         let (fleet, labels) = self.fleet()?;
         say(&format!(
-            "starting {} simulated nodes (3 deliberately bad) and registering them",
+            "starting {} simulated nodes (3 deliberately bad, 2 flaky on the edge) and registering them",
             fleet.nodes.len()
         ));
         let sim = Sim::start(self.client.clone(), self.subjects.clone(), fleet)
@@ -296,6 +301,23 @@ impl Demo<'_> {
             nodes.push(node);
             labels.insert(id, label);
         }
+        for i in 1..=2 {
+            let id = format!("edge-{i:02}");
+            let behaviour = Behaviour {
+                // Often enough that both replicas fail now and then, not so often that the
+                // downtime rule (success ratio < 0.5) jails the pair.
+                error_rate: 0.3,
+                ..Behaviour::healthy(lognormal(15))
+            };
+            let mut node = SimNode::new(
+                NodeId::parse(&id).context("building a node id")?,
+                EDGE_DOMAIN,
+            )
+            .with_behaviour(behaviour);
+            node.capacity = 64;
+            nodes.push(node);
+            labels.insert(id, "flaky edge: errors 30 %".to_owned());
+        }
         let config = SimConfig {
             nodes,
             seed: 42,
@@ -326,12 +348,15 @@ impl Demo<'_> {
     /// Deploys the demo's models; `conflict` (deployed by an earlier run) means reuse it.
     async fn deploy_models(&self) -> anyhow::Result<Vec<String>> {
         let mut models = Vec::new();
-        for i in 0..self.args.models as usize {
+        let main = (0..self.args.models as usize).map(|i| {
             let model = MODEL_NAMES
                 .get(i)
                 .map(|m| (*m).to_owned())
                 .unwrap_or_else(|| format!("model-{}", i + 1));
-            let body = json!({"model_id": model, "domain": DOMAIN, "replicas": self.args.replicas});
+            (model, DOMAIN, self.args.replicas)
+        });
+        for (model, domain, replicas) in main.chain([(EDGE_MODEL.to_owned(), EDGE_DOMAIN, 2)]) {
+            let body = json!({"model_id": model, "domain": domain, "replicas": replicas});
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
                 let reply = rpc::request_json(

@@ -37,6 +37,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::classify::{classify, Classified, Transport};
+use crate::replies::Answer;
 use crate::Scheduler;
 
 /// `cmd.exec` body.
@@ -207,27 +208,21 @@ impl Scheduler {
     ) -> JoinHandle<AttemptResult> {
         self.live.start_probe_if_due(node, Utc::now());
         let guard = self.live.begin(node);
-        let client = self.ctx.nats.clone();
         let subject = self.ctx.subjects.node_infer(node);
         let mut headers = HeaderMap::new();
         headers.insert(CORRELATION_HEADER, correlation_id);
+        let replies = self.replies.clone();
         tokio::spawn(
             async move {
                 let _in_flight = guard;
                 let started = Instant::now();
-                let request = async_nats::Request::new()
-                    .payload(body)
-                    .headers(headers)
-                    .timeout(Some(timeout));
-                let result = client.send_request(subject, request).await;
+                let answer = replies.request(subject, headers, body, timeout).await;
                 let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                let classified = match result {
-                    Ok(msg) => classify(Transport::Answer(&msg.payload)),
-                    Err(e) => classify(match e.kind() {
-                        async_nats::RequestErrorKind::TimedOut => Transport::TimedOut,
-                        async_nats::RequestErrorKind::NoResponders => Transport::NoResponders,
-                        async_nats::RequestErrorKind::Other => Transport::Broken(e.to_string()),
-                    }),
+                let classified = match answer {
+                    Answer::Message(msg) => classify(Transport::Answer(&msg.payload)),
+                    Answer::TimedOut => classify(Transport::TimedOut),
+                    Answer::NoResponders => classify(Transport::NoResponders),
+                    Answer::Broken(why) => classify(Transport::Broken(why)),
                 };
                 (classified, latency_ms)
             }

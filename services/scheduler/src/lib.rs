@@ -12,6 +12,7 @@ mod budget;
 mod classify;
 mod exec;
 mod live;
+mod replies;
 mod route;
 mod sweep;
 
@@ -90,6 +91,7 @@ pub(crate) struct Scheduler {
     ctx: ServiceContext,
     book: FollowerHandle<NodeBook>,
     live: Live,
+    replies: Arc<replies::Replies>,
     params: SnapshotParams,
     options: SchedulerOptions,
 }
@@ -136,10 +138,17 @@ pub async fn run(
     let subjects = ctx.subjects.clone();
     let limit = options.max_in_flight;
     let (exec_subject, schedule_subject) = (subjects.cmd_exec(), subjects.cmd_schedule());
+    let replies = replies::Replies::start(&ctx.nats).await.map_err(|source| {
+        Error::Serve(rpc::Error::Subscribe {
+            subject: "reply inbox".to_owned(),
+            source,
+        })
+    })?;
     let scheduler = Arc::new(Scheduler {
         ctx,
         book: book.clone(),
         live,
+        replies: Arc::new(replies),
         params,
         options,
     });

@@ -188,10 +188,12 @@ fn documented_columns() -> BTreeMap<&'static str, Vec<&'static str>> {
 async fn metrics_match_the_executions_table_and_views_answer() {
     let mut h = Harness::new().await;
     // m-ok: both healthy. m-fall: the primary errors, the backup answers. m-bad: both fail.
+    // m-twice: its nodes answer every request twice (the second answer is late: ignored, counted).
     for (model, first, second) in [
         ("m-ok", "a", "b"),
         ("m-fall", "c", "d"),
         ("m-bad", "e", "f"),
+        ("m-twice", "t1", "t2"),
     ] {
         h.register(first, 64).await;
         h.register(second, 64).await;
@@ -206,6 +208,20 @@ async fn metrics_match_the_executions_table_and_views_answer() {
         sim("d", healthy()),
         sim("e", Behaviour::always_error()),
         sim("f", Behaviour::always_invalid()),
+        sim(
+            "t1",
+            Behaviour {
+                answers_twice: true,
+                ..healthy()
+            },
+        ),
+        sim(
+            "t2",
+            Behaviour {
+                answers_twice: true,
+                ..healthy()
+            },
+        ),
     ])
     .await;
     let shutdown = Shutdown::new();
@@ -215,7 +231,7 @@ async fn metrics_match_the_executions_table_and_views_answer() {
     h.start_scheduler(test_policy(), "scheduler").await;
 
     let mut n = 0;
-    for (model, count) in [("m-ok", 6), ("m-fall", 4), ("m-bad", 3)] {
+    for (model, count) in [("m-ok", 6), ("m-fall", 4), ("m-bad", 3), ("m-twice", 2)] {
         for _ in 0..count {
             n += 1;
             h.exec(json!({"request_id": format!("r-{n}"), "model_id": model, "input": {"n": n}}))
@@ -242,11 +258,25 @@ async fn metrics_match_the_executions_table_and_views_answer() {
     .fetch_one(h.store.pool())
     .await
     .unwrap();
-    assert_eq!(succeeded + failed, 13, "every request recorded once");
+    assert_eq!(succeeded + failed, 15, "every request recorded once");
     assert!(succeeded > 0 && failed > 0 && fallbacks > 0);
 
-    let (status, text) = get(addr, "/metrics").await;
+    // Each m-twice request got a second answer after its attempt had been settled. (The repeated
+    // r-1 may add one: its node request overlaps the duplicate check and is abandoned when that
+    // check finds the recorded answer, so the node's answer finds no one waiting either.)
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let (status, text) = loop {
+        let (status, text) = get(addr, "/metrics").await;
+        if sample_sum(&text, "deepnode_exec_late_answers_total", &[]) >= 2.0
+            || tokio::time::Instant::now() > deadline
+        {
+            break (status, text);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert_eq!(status, 200);
+    let late = sample_sum(&text, "deepnode_exec_late_answers_total", &[]) as i64;
+    assert!((2..=3).contains(&late), "late answers counted: {late}");
     let metric = |name: &str, labels: &[(&str, &str)]| sample_sum(&text, name, labels) as i64;
     assert_eq!(
         metric("deepnode_exec_requests_total", &[("outcome", "charged")]),
@@ -290,7 +320,7 @@ async fn metrics_match_the_executions_table_and_views_answer() {
         c_errors
     );
     // The latency histogram counts every request it timed; appends were measured.
-    assert_eq!(metric("deepnode_exec_latency_seconds_count", &[]), 15);
+    assert_eq!(metric("deepnode_exec_latency_seconds_count", &[]), 17);
     assert!(text.contains("deepnode_exec_latency_seconds_bucket{outcome=\"charged\",le=\"0.005\"}"));
     assert!(metric("deepnode_store_append_seconds_count", &[]) > 0);
     assert!(metric("deepnode_store_append_batch_events_count", &[]) > 0);

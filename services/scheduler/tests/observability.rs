@@ -330,6 +330,19 @@ async fn metrics_match_the_executions_table_and_views_answer() {
     h.register("k", 64).await;
     h.deploy("m-corr", &["g", "k"]).await;
     h.boost("g", 5).await;
+    // The scheduler folds the log asynchronously: wait until it ranks both new replicas.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let decision = h.schedule(json!({"model_id": "m-corr"})).await;
+        if decision["candidates"].as_array().map_or(0, Vec::len) == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "scheduler never saw both replicas: {decision}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let mut infer = h
         .client
         .subscribe(h.subjects.node_infer(&node("g")))

@@ -227,7 +227,17 @@ impl Cluster {
         }
     }
 
-    /// Stops every service and the relay (last started first) and reports any that failed.
+    /// The names of service tasks that have ended (should be none while a test runs).
+    pub fn ended(&self) -> Vec<&str> {
+        self.running
+            .iter()
+            .filter(|r| r.task.is_finished())
+            .map(|r| r.name.as_str())
+            .collect()
+    }
+
+    /// Stops every service and the relay (last started first), reports any that failed, then
+    /// deletes this prefix's JetStream streams (best effort: the prefix is random).
     pub async fn stop(&mut self) -> anyhow::Result<()> {
         let mut failures = Vec::new();
         while let Some(running) = self.running.pop() {
@@ -239,6 +249,10 @@ impl Cluster {
                 Ok(Err(e)) => failures.push(format!("{}: task failed: {e}", running.name)),
                 Err(_) => failures.push(format!("{}: did not stop within 30 s", running.name)),
             }
+        }
+        let js = async_nats::jetstream::new(self.client.clone());
+        for stream in [self.subjects.events_stream(), self.subjects.ingest_stream()] {
+            let _ = js.delete_stream(&stream).await;
         }
         if failures.is_empty() {
             Ok(())

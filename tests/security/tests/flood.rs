@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use deepnode_bus::rpc;
 use deepnode_domain::ids::NodeId;
-use deepnode_scheduler::SchedulerOptions;
-use deepnode_security_tests::{rss_bytes, Stack};
+use deepnode_e2e::Cluster;
+use deepnode_security_tests::rss_bytes;
 use deepnode_sim::{Behaviour, Latency, Sim, SimConfig, SimNode};
 use serde_json::{json, Value};
 
@@ -25,7 +25,7 @@ const PROMPT: Duration = Duration::from_secs(25);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flood_beyond_capacity_is_answered_promptly_and_recovers() {
-    let stack = Stack::start(SchedulerOptions::default()).await.unwrap();
+    let mut stack = start_stack().await;
     let nodes: Vec<SimNode> = [("fl-a", 1), ("fl-b", 2), ("fl-c", 1)]
         .into_iter()
         .map(|(id, capacity)| SimNode {
@@ -163,4 +163,15 @@ async fn a_flood_beyond_capacity_is_answered_promptly_and_recovers() {
     assert_eq!(after["ok"], json!(true), "after the flood: {after}");
     sim.stop().await;
     stack.stop().await.unwrap();
+}
+
+/// The three services (and the relay) in-process on a fresh database and a random subject prefix.
+async fn start_stack() -> Cluster {
+    let mut stack = Cluster::new(deepnode_domain::config::PolicyConfig::default())
+        .await
+        .unwrap();
+    stack.start_reputation().await.unwrap();
+    stack.start_rotation().await.unwrap();
+    stack.start_scheduler("scheduler").await.unwrap();
+    stack
 }

@@ -363,10 +363,11 @@ impl RawClient {
         }
     }
 
-    async fn insert_one(&mut self, row: RawRow) -> Result<()> {
+    /// One single-row `INSERT` on `conn` (autocommit, or inside the caller's transaction).
+    async fn insert_one(conn: &mut PgConnection, stream: &str, row: RawRow) -> Result<()> {
         sqlx::query(RAW_INSERT)
             .bind(row.event_id)
-            .bind(&self.stream)
+            .bind(stream)
             .bind(row.version)
             .bind("BenchEventRecorded")
             .bind(1_i32)
@@ -376,7 +377,7 @@ impl RawClient {
             .bind(row.at)
             .bind(&row.hash)
             .bind(&row.hash)
-            .execute(&mut self.conn)
+            .execute(conn)
             .await
             .context("raw INSERT")?;
         Ok(())
@@ -395,7 +396,7 @@ impl RawClient {
         if rows == 1 && shape == RawShape::Statements {
             // Autocommit: one statement, one implicit transaction, exactly a pgbench single insert.
             for row in batch {
-                self.insert_one(row).await?;
+                Self::insert_one(&mut self.conn, &self.stream, row).await?;
             }
             return Ok(());
         }
@@ -403,21 +404,7 @@ impl RawClient {
         match shape {
             RawShape::Statements => {
                 for row in batch {
-                    sqlx::query(RAW_INSERT)
-                        .bind(row.event_id)
-                        .bind(&self.stream)
-                        .bind(row.version)
-                        .bind("BenchEventRecorded")
-                        .bind(1_i32)
-                        .bind(row.payload)
-                        .bind(row.metadata)
-                        .bind(row.at)
-                        .bind(row.at)
-                        .bind(&row.hash)
-                        .bind(&row.hash)
-                        .execute(&mut *tx)
-                        .await
-                        .context("raw INSERT in a transaction")?;
+                    Self::insert_one(&mut tx, &self.stream, row).await?;
                 }
             }
             RawShape::MultiRow => {

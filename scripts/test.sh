@@ -15,6 +15,9 @@ export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 
 step() { printf '==> %s\n' "$*"; }
 
+# One line of context for a build that dies in the linker (a full disk shows up as SIGBUS in ld).
+step "disk: $(df -h . | awk 'NR==2 {print $4 " free on " $6}')"
+
 step "services: scripts/dev-services.sh up"
 scripts/dev-services.sh up
 

@@ -7,7 +7,7 @@
 //! simulated nodes and the scheduler. Real Postgres (durable commits) and real NATS, as in the tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common.rs"]
 mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};

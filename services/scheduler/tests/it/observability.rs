@@ -8,7 +8,7 @@
 //! The Prometheus recorder is process-wide, so only one test in this binary sends exec traffic.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

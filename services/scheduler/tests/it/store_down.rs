@@ -2,7 +2,7 @@
 //! executing unrecorded, and the service keeps answering.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

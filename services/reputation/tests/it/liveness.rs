@@ -3,7 +3,7 @@
 //! when it beats again; after a restart every node gets a full grace period again.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! nodes) and bad input on both subjects: the right code, nothing appended, the service stays up.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::{node, test_policy, Harness};
 use deepnode_domain::config::PolicyConfig;

@@ -3,7 +3,7 @@
 //! one queue group, late and duplicated node answers, ejection, and the store being away.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! and the reports after them are still processed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! its (short, test-policy) jail is released exactly once by the wall-clock tick.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,0 +1,6 @@
+//! The event store's integration tests, one module per area, linked into one test binary (one link
+//! and one ~50 MB binary instead of one per file).
+
+mod append;
+mod log;
+mod projection;

@@ -267,29 +267,55 @@ pub fn normalize_json(value: &mut Value) {
     }
 }
 
+/// The version tag that starts every row's canonical bytes.
+pub const CANONICAL_TAG: &[u8] = b"deepnode-event-v1";
+
 /// The canonical byte encoding of a row: a version tag, fixed-width big-endian integers,
 /// length-prefixed UTF-8 strings and JSON, and timestamps as microseconds since the Unix epoch (the
 /// precision of `timestamptz`).
+///
+/// Laid out as `CANONICAL_TAG ‖ position ‖ identity ‖ stream_version ‖ body` (see
+/// [`canonical_identity`] and [`canonical_body`]): the two numbers the log assigns at append time sit
+/// between parts the appender can encode beforehand, so the database function that assigns them
+/// (`deepnode_append`) only concatenates and hashes, and the format is defined here alone.
 pub fn canonical_bytes(row: &CanonicalRow<'_>) -> Vec<u8> {
-    fn put(out: &mut Vec<u8>, bytes: &[u8]) {
-        out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
-        out.extend_from_slice(bytes);
-    }
-    let mut out = Vec::with_capacity(
-        128 + row.stream_id.len() + row.payload_json.len() + row.metadata_json.len(),
-    );
-    out.extend_from_slice(b"deepnode-event-v1");
+    let identity = canonical_identity(row.event_id, row.stream_id);
+    let body = canonical_body(row);
+    let mut out = Vec::with_capacity(CANONICAL_TAG.len() + 16 + identity.len() + body.len());
+    out.extend_from_slice(CANONICAL_TAG);
     out.extend_from_slice(&row.global_position.to_be_bytes());
-    out.extend_from_slice(row.event_id.as_bytes());
-    put(&mut out, row.stream_id.as_bytes());
+    out.extend_from_slice(&identity);
     out.extend_from_slice(&row.stream_version.to_be_bytes());
-    put(&mut out, row.event_type.as_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// The part of the canonical bytes between the global position and the stream version.
+pub fn canonical_identity(event_id: Uuid, stream_id: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24 + stream_id.len());
+    out.extend_from_slice(event_id.as_bytes());
+    put_prefixed(&mut out, stream_id.as_bytes());
+    out
+}
+
+/// The part of the canonical bytes after the stream version (the row's `global_position`,
+/// `event_id`, `stream_id` and `stream_version` are not read).
+pub fn canonical_body(row: &CanonicalRow<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        48 + row.event_type.len() + row.payload_json.len() + row.metadata_json.len(),
+    );
+    put_prefixed(&mut out, row.event_type.as_bytes());
     out.extend_from_slice(&row.schema_version.to_be_bytes());
-    put(&mut out, row.payload_json);
-    put(&mut out, row.metadata_json);
+    put_prefixed(&mut out, row.payload_json);
+    put_prefixed(&mut out, row.metadata_json);
     out.extend_from_slice(&row.occurred_at.timestamp_micros().to_be_bytes());
     out.extend_from_slice(&row.recorded_at.timestamp_micros().to_be_bytes());
     out
+}
+
+fn put_prefixed(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+    out.extend_from_slice(bytes);
 }
 
 /// `sha256(prev_hash ‖ canonical)`.

@@ -1,26 +1,28 @@
 //! Appending to the log with group commit.
 //!
 //! Every append in this process goes through one writer task. The writer takes whatever appends are
-//! waiting, opens one transaction, locks the single `log_head` row (which serialises all appenders,
-//! in this process and in others), decides each append in memory — idempotent replay by event id,
-//! expected-version check, position and stream-version assignment, hash chain — writes all new rows
-//! with one `INSERT … SELECT FROM unnest(…)`, moves the head and commits. Concurrent callers thus share
-//! one commit (one WAL flush), while positions stay contiguous and commit order equals position order.
+//! waiting and hands them all to one call of the database function `deepnode_append` (migration V5),
+//! a statement that is its own transaction: it locks the single `log_head` row (which serialises all
+//! appenders, in this process and in others), decides each append — idempotent replay by event id,
+//! expected-version check, position and stream-version assignment, hash chain — inserts all new rows
+//! with one `INSERT`, moves the head and commits. Concurrent callers thus share one round trip and one
+//! commit (one WAL flush), while positions stay contiguous and commit order equals position order.
+//! The appender encodes the parts of each event's canonical bytes that do not depend on its place in
+//! the log, so the function only concatenates and hashes ([`deepnode_domain::log::canonical_bytes`]
+//! defines the format).
 //!
-//! A rejected append (conflict, reused id) does not abort the batch: it is decided before any SQL is
-//! sent. Should the database still refuse a batch (a constraint the in-memory checks missed), each
+//! A rejected append (conflict, reused id) does not abort the batch: the function decides it and
+//! writes the others. Should the database still refuse a batch (a constraint the checks missed), each
 //! append of it is retried alone, so one bad append never fails its neighbours.
 //!
 //! Each group commit is measured through the `metrics` facade (`deepnode_store_append_seconds`,
 //! `deepnode_store_append_batch_events`, `deepnode_store_appends_total{result}`); without an
 //! installed recorder those calls do nothing, so the store carries no exporter.
 
-use std::collections::{BTreeMap, HashMap};
-
 use chrono::{DateTime, Utc};
 use deepnode_domain::log::{
-    canonical_bytes, chain_hash, normalize_json, to_json_bytes, to_micros, CanonicalRow,
-    ExpectedVersion, NewEvent, StreamId,
+    canonical_body, canonical_identity, normalize_json, to_json_bytes, to_micros, CanonicalRow,
+    ExpectedVersion, NewEvent, StreamId, CANONICAL_TAG,
 };
 use serde_json::Value;
 use sqlx::{Executor, PgConnection, PgPool, Row};
@@ -63,7 +65,6 @@ pub(crate) struct PreparedEvent {
     pub event_id: Uuid,
     pub event_type: String,
     pub schema_version: i32,
-    pub payload: Value,
     pub payload_json: String,
     pub metadata_json: String,
     pub occurred_at: DateTime<Utc>,
@@ -82,7 +83,6 @@ impl PreparedEvent {
             schema_version: event.schema_version,
             payload_json: json(&event.payload),
             metadata_json: json(&event.metadata),
-            payload: event.payload,
             occurred_at: to_micros(event.occurred_at),
         })
     }
@@ -178,30 +178,20 @@ impl Writer {
         }
     }
 
-    /// Writes one batch in one transaction: `BEGIN` + head lock, one lookup, one insert (which also
-    /// moves the head), `COMMIT` — four round trips whatever the batch size. `Ok` carries one result
-    /// per request (some may be rejections); `Err` means nothing of the batch was written.
+    /// Writes one batch as one statement, `deepnode_append`, which is its own transaction: one round
+    /// trip and one commit whatever the batch size. `Ok` carries one result per request (some may be
+    /// rejections); `Err` means nothing of the batch was written.
     async fn write_batch(
         &mut self,
         requests: &[&AppendRequest],
     ) -> Result<Vec<Result<AppendResult, Error>>, Error> {
         let conn = self.connection().await?;
-        let outcome = match write_in(conn, requests, Begin::Here).await {
-            Ok((results, true)) => conn.execute("COMMIT").await.map(|_| results),
-            Ok((results, false)) => conn.execute("ROLLBACK").await.map(|_| results),
-            Err(e) => {
-                // Leave the session clean for the next batch; if even that fails, drop it.
-                if conn.execute("ROLLBACK").await.is_err() {
-                    self.conn = None;
-                }
-                return Err(e);
-            }
-        };
-        outcome.map_err(|e| {
-            // The connection failed around COMMIT: the outcome is unknown to us, so report it as
+        write_in(conn, requests).await.inspect_err(|e| {
+            // The connection failed mid-statement: the outcome is unknown to us, so the error is
             // transient; a retry with the same event ids is answered from the log (idempotent).
-            self.conn = None;
-            Error::from(e)
+            if e.is_transient() {
+                self.conn = None;
+            }
         })
     }
 }
@@ -236,284 +226,138 @@ fn reply_all(batch: Vec<AppendRequest>, results: Vec<Result<AppendResult, Error>
     }
 }
 
-/// An event already in the log (or earlier in this batch), for idempotency checks.
-struct Prior {
-    position: i64,
-    stream_id: String,
-    stream_version: i64,
-    event_type: String,
-    schema_version: i32,
-    payload: Value,
-}
-
-impl Prior {
-    fn same_body(&self, stream: &StreamId, event: &PreparedEvent) -> bool {
-        self.stream_id == stream.as_str()
-            && self.event_type == event.event_type
-            && self.schema_version == event.schema_version
-            && self.payload == event.payload
-    }
-}
-
-/// Columns of the rows to insert, as arrays for one `unnest` insert.
-#[derive(Default)]
-struct Rows {
-    position: Vec<i64>,
-    event_id: Vec<Uuid>,
-    stream_id: Vec<String>,
-    stream_version: Vec<i64>,
-    event_type: Vec<String>,
-    schema_version: Vec<i32>,
-    payload: Vec<String>,
-    metadata: Vec<String>,
-    occurred_at: Vec<DateTime<Utc>>,
-    prev_hash: Vec<Vec<u8>>,
-    hash: Vec<Vec<u8>>,
-}
-
 /// Appends one request inside the caller's transaction (see `EventStore::append_in`).
 pub(crate) async fn append_in(
     conn: &mut PgConnection,
     request: &AppendRequest,
 ) -> Result<AppendResult, Error> {
-    let (mut results, _) = write_in(conn, &[request], Begin::Already).await?;
+    let mut results = write_in(conn, &[request]).await?;
     results.pop().unwrap_or(Err(Error::Closed))
 }
 
-/// Whether `write_in` opens the transaction itself (the writer's own connection) or runs inside the
-/// caller's.
-#[derive(Clone, Copy)]
-enum Begin {
-    Here,
-    Already,
-}
-
-/// Decides and writes `requests` on `conn` inside a transaction: locks the head (until that
-/// transaction ends), writes the accepted events and moves the head. Returns one result per request
-/// and whether anything was written; committing is the caller's.
+/// Decides and writes `requests` on `conn` with one call of `deepnode_append` (migration V5), which
+/// locks the head until the surrounding transaction ends, assigns positions and stream versions,
+/// chains the hashes and inserts the accepted events. The appender encodes the position-free parts
+/// of each event's canonical bytes, so the database only concatenates and hashes. Returns one result
+/// per request.
 async fn write_in(
     conn: &mut PgConnection,
     requests: &[&AppendRequest],
-    begin: Begin,
-) -> Result<(Vec<Result<AppendResult, Error>>, bool), Error> {
-    const LOCK_HEAD: &str = "SELECT position, hash FROM log_head WHERE id FOR UPDATE";
-    let head = match begin {
-        // One round trip for both (simple-query protocol, statement by statement).
-        Begin::Here => {
-            conn.fetch_one(concat!(
-                "BEGIN; ",
-                "SELECT position, hash FROM log_head WHERE id FOR UPDATE"
-            ))
-            .await?
-        }
-        Begin::Already => sqlx::query(LOCK_HEAD).fetch_one(&mut *conn).await?,
-    };
-    let head_position: i64 = head.try_get(0)?;
-    let head_hash: Vec<u8> = head.try_get(1)?;
-
-    let (mut versions, mut priors) = lookup(conn, requests).await?;
-
+) -> Result<Vec<Result<AppendResult, Error>>, Error> {
     let recorded_at = to_micros(Utc::now());
-    let mut position = head_position;
-    let mut prev_hash = head_hash;
-    let mut rows = Rows::default();
-    let mut results = Vec::with_capacity(requests.len());
-
+    let events: usize = requests.iter().map(|r| r.events.len()).sum();
+    let mut streams = Vec::with_capacity(requests.len());
+    let mut expected = Vec::with_capacity(requests.len());
+    let mut counts = Vec::with_capacity(requests.len());
+    let mut cols = Columns::with_capacity(events);
     for request in requests {
-        let stream = &request.stream;
-        if let Some(replayed) = replay(request, &priors) {
-            results.push(replayed);
-            continue;
-        }
-        let actual = versions.get(stream.as_str()).copied().unwrap_or(0);
-        if !request.expected.matches(actual) {
-            results.push(Err(Error::Conflict {
-                stream: stream.to_string(),
-                expected: request.expected,
-                actual,
-            }));
-            continue;
-        }
-        let mut version = actual;
-        let mut positions = Vec::with_capacity(request.events.len());
+        streams.push(request.stream.as_str());
+        expected.push(match request.expected {
+            ExpectedVersion::Any => None,
+            ExpectedVersion::NoStream => Some(0),
+            ExpectedVersion::Exact(v) => Some(v),
+        });
+        counts.push(request.events.len() as i32);
         for event in &request.events {
-            position += 1;
-            version += 1;
-            let hash = chain_hash(
-                &prev_hash,
-                &canonical_bytes(&CanonicalRow {
-                    global_position: position,
-                    event_id: event.event_id,
-                    stream_id: stream.as_str(),
-                    stream_version: version,
-                    event_type: &event.event_type,
-                    schema_version: event.schema_version,
-                    payload_json: event.payload_json.as_bytes(),
-                    metadata_json: event.metadata_json.as_bytes(),
-                    occurred_at: event.occurred_at,
-                    recorded_at,
-                }),
-            )
-            .to_vec();
-            rows.position.push(position);
-            rows.event_id.push(event.event_id);
-            rows.stream_id.push(stream.to_string());
-            rows.stream_version.push(version);
-            rows.event_type.push(event.event_type.clone());
-            rows.schema_version.push(event.schema_version);
-            rows.payload.push(event.payload_json.clone());
-            rows.metadata.push(event.metadata_json.clone());
-            rows.occurred_at.push(event.occurred_at);
-            rows.prev_hash
-                .push(std::mem::replace(&mut prev_hash, hash.clone()));
-            rows.hash.push(hash);
-            priors.insert(
-                event.event_id,
-                Prior {
-                    position,
-                    stream_id: stream.to_string(),
-                    stream_version: version,
-                    event_type: event.event_type.clone(),
-                    schema_version: event.schema_version,
-                    payload: event.payload.clone(),
-                },
-            );
-            positions.push(position);
-        }
-        versions.insert(stream.to_string(), version);
-        results.push(Ok(AppendResult {
-            positions,
-            stream_version: version,
-            duplicate: false,
-        }));
-    }
-
-    let wrote = position > head_position;
-    if wrote {
-        insert_rows(conn, rows, recorded_at, (position, &prev_hash)).await?;
-    }
-    Ok((results, wrote))
-}
-
-/// If the request's event ids were appended before, the original result (or why it is refused).
-fn replay(
-    request: &AppendRequest,
-    priors: &HashMap<Uuid, Prior>,
-) -> Option<Result<AppendResult, Error>> {
-    let found: Vec<Option<&Prior>> = request
-        .events
-        .iter()
-        .map(|e| priors.get(&e.event_id))
-        .collect();
-    if found.iter().all(Option::is_none) {
-        return None;
-    }
-    let mut positions = Vec::with_capacity(found.len());
-    let mut stream_version = 0;
-    for (event, prior) in request.events.iter().zip(found) {
-        match prior {
-            Some(prior) if prior.same_body(&request.stream, event) => {
-                positions.push(prior.position);
-                stream_version = stream_version.max(prior.stream_version);
-            }
-            _ => {
-                return Some(Err(Error::EventIdReused {
-                    event_id: event.event_id,
-                }))
-            }
+            cols.push(request.stream.as_str(), event, recorded_at);
         }
     }
-    Some(Ok(AppendResult {
-        positions,
-        stream_version,
-        duplicate: true,
-    }))
-}
-
-/// The current version of every stream of the batch and the events already stored under any of its
-/// event ids, in one statement (one index probe per stream and per id).
-async fn lookup(
-    conn: &mut PgConnection,
-    requests: &[&AppendRequest],
-) -> Result<(BTreeMap<String, i64>, HashMap<Uuid, Prior>), Error> {
-    let mut streams: Vec<&str> = requests.iter().map(|r| r.stream.as_str()).collect();
-    streams.sort_unstable();
-    streams.dedup();
-    let ids: Vec<Uuid> = requests
-        .iter()
-        .flat_map(|r| r.events.iter().map(|e| e.event_id))
-        .collect();
     let rows = sqlx::query(
-        "SELECT s.id, COALESCE((SELECT max(e.stream_version) FROM events e WHERE e.stream_id = s.id), 0),
-                NULL::uuid, NULL::bigint, NULL::text, NULL::int, NULL::jsonb
-           FROM unnest($1::text[]) AS s(id)
-         UNION ALL
-         SELECT stream_id, stream_version, event_id, global_position, event_type, schema_version, payload
-           FROM events WHERE event_id = ANY($2)",
+        "SELECT o_append, o_outcome, o_stream_version, o_positions, o_actual, o_event_id
+           FROM deepnode_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
     )
     .bind(&streams)
-    .bind(&ids)
+    .bind(&expected)
+    .bind(&counts)
+    .bind(&cols.event_id)
+    .bind(&cols.event_type)
+    .bind(&cols.schema_version)
+    .bind(&cols.payload)
+    .bind(&cols.metadata)
+    .bind(&cols.occurred_at)
+    .bind(&cols.identity)
+    .bind(&cols.body)
+    .bind(recorded_at)
+    .bind(CANONICAL_TAG)
     .fetch_all(&mut *conn)
     .await?;
-    let mut versions = BTreeMap::new();
-    let mut priors = HashMap::new();
+
+    let mut results: Vec<Option<Result<AppendResult, Error>>> =
+        (0..requests.len()).map(|_| None).collect();
     for row in rows {
-        let stream_id: String = row.try_get(0)?;
-        let stream_version: i64 = row.try_get(1)?;
-        match row.try_get::<Option<Uuid>, _>(2)? {
-            None => {
-                versions.insert(stream_id, stream_version);
-            }
-            Some(id) => {
-                let prior = Prior {
-                    position: row.try_get(3)?,
-                    stream_id,
-                    stream_version,
-                    event_type: row.try_get(4)?,
-                    schema_version: row.try_get(5)?,
-                    payload: row.try_get(6)?,
-                };
-                priors.insert(id, prior);
-            }
-        }
+        let index = usize::try_from(row.try_get::<i32, _>(0)? - 1).map_err(|_| Error::Closed)?;
+        let request = requests.get(index).ok_or(Error::Closed)?;
+        let outcome: &str = row.try_get(1)?;
+        let result = match outcome {
+            "appended" | "duplicate" => Ok(AppendResult {
+                positions: row.try_get(3)?,
+                stream_version: row.try_get(2)?,
+                duplicate: outcome == "duplicate",
+            }),
+            "conflict" => Err(Error::Conflict {
+                stream: request.stream.to_string(),
+                expected: request.expected,
+                actual: row.try_get(4)?,
+            }),
+            _ => Err(Error::EventIdReused {
+                event_id: row.try_get(5)?,
+            }),
+        };
+        results[index] = Some(result);
     }
-    Ok((versions, priors))
+    // deepnode_append answers every append; a missing answer would be a bug in it, not a write.
+    Ok(results
+        .into_iter()
+        .map(|r| r.unwrap_or(Err(Error::Closed)))
+        .collect())
 }
 
-/// Inserts the rows and moves the head in one statement.
-async fn insert_rows(
-    conn: &mut PgConnection,
-    rows: Rows,
-    recorded_at: DateTime<Utc>,
-    head: (i64, &[u8]),
-) -> Result<(), Error> {
-    sqlx::query(
-        "WITH inserted AS (
-             INSERT INTO events (global_position, event_id, stream_id, stream_version, event_type,
-                                 schema_version, payload, metadata, occurred_at, recorded_at,
-                                 prev_hash, hash)
-             SELECT p, id, s, v, t, sv, pl::jsonb, md::jsonb, o, $12, ph, h
-               FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::int[],
-                           $7::text[], $8::text[], $9::timestamptz[], $10::bytea[], $11::bytea[])
-                    AS r(p, id, s, v, t, sv, pl, md, o, ph, h)
-             RETURNING 1)
-         UPDATE log_head SET position = $13, hash = $14 WHERE id",
-    )
-    .bind(rows.position)
-    .bind(rows.event_id)
-    .bind(rows.stream_id)
-    .bind(rows.stream_version)
-    .bind(rows.event_type)
-    .bind(rows.schema_version)
-    .bind(rows.payload)
-    .bind(rows.metadata)
-    .bind(rows.occurred_at)
-    .bind(rows.prev_hash)
-    .bind(rows.hash)
-    .bind(recorded_at)
-    .bind(head.0)
-    .bind(head.1)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+/// Per-event columns of one `deepnode_append` call, the appends' events concatenated in order.
+struct Columns<'a> {
+    event_id: Vec<Uuid>,
+    event_type: Vec<&'a str>,
+    schema_version: Vec<i32>,
+    payload: Vec<&'a str>,
+    metadata: Vec<&'a str>,
+    occurred_at: Vec<DateTime<Utc>>,
+    identity: Vec<Vec<u8>>,
+    body: Vec<Vec<u8>>,
+}
+
+impl<'a> Columns<'a> {
+    fn with_capacity(n: usize) -> Self {
+        Columns {
+            event_id: Vec::with_capacity(n),
+            event_type: Vec::with_capacity(n),
+            schema_version: Vec::with_capacity(n),
+            payload: Vec::with_capacity(n),
+            metadata: Vec::with_capacity(n),
+            occurred_at: Vec::with_capacity(n),
+            identity: Vec::with_capacity(n),
+            body: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, stream: &str, event: &'a PreparedEvent, recorded_at: DateTime<Utc>) {
+        self.event_id.push(event.event_id);
+        self.event_type.push(&event.event_type);
+        self.schema_version.push(event.schema_version);
+        self.payload.push(&event.payload_json);
+        self.metadata.push(&event.metadata_json);
+        self.occurred_at.push(event.occurred_at);
+        self.identity
+            .push(canonical_identity(event.event_id, stream));
+        self.body.push(canonical_body(&CanonicalRow {
+            global_position: 0,
+            event_id: event.event_id,
+            stream_id: stream,
+            stream_version: 0,
+            event_type: &event.event_type,
+            schema_version: event.schema_version,
+            payload_json: event.payload_json.as_bytes(),
+            metadata_json: event.metadata_json.as_bytes(),
+            occurred_at: event.occurred_at,
+            recorded_at,
+        }));
+    }
 }

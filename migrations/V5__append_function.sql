@@ -38,7 +38,13 @@ CREATE FUNCTION deepnode_append(
     OUT o_positions      bigint[],
     OUT o_actual         bigint,
     OUT o_event_id       uuid
-) RETURNS SETOF record LANGUAGE plpgsql AS $$
+) RETURNS SETOF record LANGUAGE plpgsql
+-- Its statements are planned once per session (re-planning them on every call cost more than running
+-- them: 0.25 ms of ~0.5 ms), and as index lookups whatever the statistics said when that happened: a
+-- plan made while `events` was tiny would otherwise seq-scan it for as long as the session lives.
+SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+AS $$
 DECLARE
     head_position bigint;
     head_hash     bytea;

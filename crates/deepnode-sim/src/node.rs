@@ -206,7 +206,12 @@ async fn answer(client: &Client, state: &NodeState, msg: Message) {
     let late = matches!(plan, Plan::Valid)
         .then_some(behaviour.answers_late)
         .flatten();
-    tokio::time::sleep(delay + late.unwrap_or_default()).await;
+    let delay = delay + late.unwrap_or_default();
+    // tokio's timer has millisecond ticks: even a zero sleep waits for the next one, so a node
+    // configured to answer instantly must not sleep at all.
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let (body, copies) = match plan {
         Plan::Valid => match deepnode_bus::parse_command::<InferRequest>(&msg.payload) {
             Ok(req) => {

@@ -133,9 +133,9 @@ fn take_waiting(
     }
 }
 
-/// The group-commit writer's own connection: one long-lived session (no pool round trip per batch),
-/// with generic plans disabled so the lookups always see the table's real size (a generic plan made
-/// while the log was small would keep sequential-scanning it as it grows).
+/// The group-commit writer's own connection: one long-lived session, so no pool round trip per batch
+/// and `deepnode_append`'s cached plans are reused. Unlike the pool's sessions it plans its one
+/// statement generically: re-planning the function call on every batch cost ~0.06 ms.
 struct Writer {
     pool: PgPool,
     conn: Option<PgConnection>,
@@ -145,8 +145,7 @@ impl Writer {
     async fn connection(&mut self) -> Result<&mut PgConnection, Error> {
         if self.conn.is_none() {
             let mut conn = self.pool.acquire().await?.detach();
-            conn.execute("SET plan_cache_mode = force_custom_plan")
-                .await?;
+            conn.execute("SET plan_cache_mode = auto").await?;
             self.conn = Some(conn);
         }
         self.conn.as_mut().ok_or(Error::Closed)

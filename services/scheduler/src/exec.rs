@@ -1,14 +1,20 @@
 //! `cmd.exec`: one inference request with failover, recorded before it is answered.
 //!
-//! Steps, all on stream `exec-<request_id>`:
-//! 1. append `[ExecutionRequested, AttemptDispatched(primary)]` with `NoStream` — a conflict means
-//!    the request id was seen: answer from the log instead (waiting, bounded, for an in-flight one).
-//!    The primary is asked at the same time (the append and the node's work overlap); if the append
-//!    conflicts or fails the attempt is abandoned and not counted.
-//! 2. on failure, if the decision has a backup (never the same node) and the retry budget allows:
-//!    append `[AttemptFailed, AttemptDispatched(backup)]` while the backup is asked.
-//! 3. append the end — `[AttemptSucceeded, ExecutionCompleted]` (charged) or
-//!    `[AttemptFailed, ExecutionFailed]` (not charged) — with the exact expected version, then reply.
+//! The whole execution is recorded by **one** append to stream `exec-<request_id>`, with `NoStream`,
+//! once its outcome is known and before the reply:
+//! `[ExecutionRequested, AttemptDispatched(primary), AttemptSucceeded, ExecutionCompleted]` (charged),
+//! or with a failover `[…, AttemptFailed, AttemptDispatched(backup), …]`, or ending in
+//! `[AttemptFailed, ExecutionFailed]` (not charged). One durable commit per request is what keeps the
+//! scheduler's added latency near one WAL flush; the events keep the times and decision inputs of
+//! the moments they describe, so the record is the same as if written step by step.
+//!
+//! A repeated `request_id` is answered from the log: the primary is asked while the log is checked
+//! for the stream (the check overlaps the node's work); a recorded one aborts the attempt and is
+//! replayed. Two copies racing on the same new id both ask a node, but only the first append lands;
+//! the other gets `Conflict` and answers with what was recorded, so a request is charged once. A
+//! scheduler that dies mid-request has recorded nothing: a retry with the same id runs it afresh.
+//! (Streams recorded step by step by earlier versions may end without an outcome; `sweep` closes
+//! those.)
 //!
 //! `ExecutionCompleted`'s payload carries the node's `output` and `ExecutionFailed`'s the reply
 //! `message` as additional fields (the typed domain structs ignore them), so a repeated request id is
@@ -261,32 +267,37 @@ impl Scheduler {
         (classified, latency_ms)
     }
 
-    /// Appends after the first record (the stream is ours): transient failures are retried with
-    /// the same event ids, which the store deduplicates.
-    async fn append_more(
+    /// Records a finished execution with one `NoStream` append and returns `reply`, or the recorded
+    /// answer when another copy recorded this request id first. Transient failures are retried with
+    /// the same event ids: an append that did land is then reported as a duplicate, not a conflict.
+    async fn record(
         &self,
         stream: &StreamId,
-        version: i64,
+        request_id: &RequestId,
         events: Vec<NewEvent>,
-    ) -> Result<(), StoreError> {
+        reply: Reply,
+    ) -> Reply {
         let mut backoff = Duration::from_millis(50);
         for attempt in 1..=3 {
             match self
                 .ctx
                 .store
-                .append(stream, ExpectedVersion::Exact(version), events.clone())
+                .append(stream, ExpectedVersion::NoStream, events.clone())
                 .await
             {
-                Ok(_) => return Ok(()),
+                Ok(_) => return reply,
+                Err(StoreError::Conflict { .. }) => {
+                    return self.recorded_answer(stream, request_id).await
+                }
                 Err(e) if e.is_transient() && attempt < 3 => {
                     tracing::warn!(error = %e, "append failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff *= 4;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return store_failure(&e),
             }
         }
-        Err(StoreError::Closed)
+        store_failure(&StoreError::Closed)
     }
 
     /// Answers a repeated request id from the log, waiting (bounded) for one still in flight.
@@ -450,50 +461,44 @@ async fn execute(
         )
     };
 
-    // Attempt 1, overlapping the first append.
+    // Attempt 1, while the log is checked for this request id.
     let primary = decision.primary.clone();
     let requested = new_event(requested, meta.clone());
     let dispatched_1 = dispatched(&primary, Role::Primary, 1, requested.event_id);
     let cause_1 = dispatched_1.event_id;
     let task_1 = s.spawn_attempt(&primary, body.clone(), &correlation_id, timeout);
-    if let Err(e) = s
-        .ctx
-        .store
-        .append(
-            &stream,
-            ExpectedVersion::NoStream,
-            vec![requested, dispatched_1],
-        )
-        .await
-    {
-        task_1.abort();
-        return match e {
-            StoreError::Conflict { .. } => s.recorded_answer(&stream, &request_id).await,
-            e => store_failure(&e),
-        };
+    match s.ctx.store.read_stream(&stream, 1).await {
+        Ok(events) if events.is_empty() => {}
+        Ok(_) => {
+            task_1.abort();
+            return s.recorded_answer(&stream, &request_id).await;
+        }
+        Err(e) => {
+            task_1.abort();
+            return store_failure(&e);
+        }
     }
+    let mut record = vec![requested, dispatched_1];
     let (result_1, latency_1) = s.finish_attempt(&primary, task_1).await;
     let mut attempts = Vec::with_capacity(2);
     let (failure_1, detail_1) = match result_1 {
         Classified::Success(output) => {
-            attempts.push(AttemptView {
-                node_id: primary.clone(),
+            let success = Success {
+                node: &primary,
                 role: Role::Primary,
-                outcome: Outcome::Success,
+                output,
                 latency_ms: latency_1,
-            });
+                cause: cause_1,
+            };
             return complete(
                 &s,
                 &stream,
-                2,
                 &request_id,
                 &model_id,
-                &primary,
-                output,
-                attempts,
                 &meta,
-                cause_1,
-                latency_1,
+                record,
+                attempts,
+                success,
             )
             .await;
         }
@@ -508,6 +513,7 @@ async fn execute(
     tracing::info!(node_id = %primary, outcome = Outcome::from(failure_1).as_str(), %detail_1, "primary attempt failed");
     let failed_1 = failed(&primary, failure_1, latency_1, detail_1, cause_1);
     let cause_fail_1 = failed_1.event_id;
+    record.push(failed_1);
 
     // Attempt 2: the other replica, if there is one and the retry budget allows.
     let backup = decision.backup.clone().filter(|b| *b != primary);
@@ -518,57 +524,41 @@ async fn execute(
     };
     let Some(backup) = backup.filter(|_| refusal.is_none()) else {
         let message = failure_message(&attempts, refusal);
-        let end = with_field(
-            new_event(
-                DomainEvent::ExecutionFailed(ExecutionFailed {
-                    request_id: request_id.clone(),
-                    model_id: model_id.clone(),
-                    attempts: 1,
-                    charged: false,
-                    error_code: ErrorCode::AllReplicasFailed.as_str().to_owned(),
-                }),
-                meta.clone().caused_by(cause_fail_1),
-            ),
-            "message",
-            Value::String(message.clone()),
-        );
-        return match s.append_more(&stream, 2, vec![failed_1, end]).await {
-            Ok(()) => failure_reply(&request_id, message, &attempts),
-            Err(e) => store_failure(&e),
-        };
+        record.push(execution_failed(
+            &request_id,
+            &model_id,
+            1,
+            &message,
+            &meta,
+            cause_fail_1,
+        ));
+        let reply = failure_reply(&request_id, message, &attempts);
+        return s.record(&stream, &request_id, record, reply).await;
     };
     metrics::counter!("deepnode_exec_fallbacks_total").increment(1);
     let dispatched_2 = dispatched(&backup, Role::Backup, 2, cause_fail_1);
     let cause_2 = dispatched_2.event_id;
+    record.push(dispatched_2);
     let task_2 = s.spawn_attempt(&backup, body, &correlation_id, timeout);
-    if let Err(e) = s
-        .append_more(&stream, 2, vec![failed_1, dispatched_2])
-        .await
-    {
-        task_2.abort();
-        return store_failure(&e);
-    }
     let (result_2, latency_2) = s.finish_attempt(&backup, task_2).await;
     match result_2 {
         Classified::Success(output) => {
-            attempts.push(AttemptView {
-                node_id: backup.clone(),
+            let success = Success {
+                node: &backup,
                 role: Role::Backup,
-                outcome: Outcome::Success,
+                output,
                 latency_ms: latency_2,
-            });
+                cause: cause_2,
+            };
             complete(
                 &s,
                 &stream,
-                4,
                 &request_id,
                 &model_id,
-                &backup,
-                output,
-                attempts,
                 &meta,
-                cause_2,
-                latency_2,
+                record,
+                attempts,
+                success,
             )
             .await
         }
@@ -581,71 +571,100 @@ async fn execute(
             });
             tracing::info!(node_id = %backup, outcome = Outcome::from(failure_2).as_str(), %detail_2, "backup attempt failed");
             let failed_2 = failed(&backup, failure_2, latency_2, detail_2, cause_2);
+            let cause_fail_2 = failed_2.event_id;
+            record.push(failed_2);
             let message = failure_message(&attempts, None);
-            let end = with_field(
-                new_event(
-                    DomainEvent::ExecutionFailed(ExecutionFailed {
-                        request_id: request_id.clone(),
-                        model_id: model_id.clone(),
-                        attempts: 2,
-                        charged: false,
-                        error_code: ErrorCode::AllReplicasFailed.as_str().to_owned(),
-                    }),
-                    meta.clone().caused_by(failed_2.event_id),
-                ),
-                "message",
-                Value::String(message.clone()),
-            );
-            match s.append_more(&stream, 4, vec![failed_2, end]).await {
-                Ok(()) => failure_reply(&request_id, message, &attempts),
-                Err(e) => store_failure(&e),
-            }
+            record.push(execution_failed(
+                &request_id,
+                &model_id,
+                2,
+                &message,
+                &meta,
+                cause_fail_2,
+            ));
+            let reply = failure_reply(&request_id, message, &attempts);
+            s.record(&stream, &request_id, record, reply).await
         }
     }
 }
 
-/// Records `[AttemptSucceeded, ExecutionCompleted{charged}]` at `version` and answers.
+/// `ExecutionFailed` (not charged), carrying the reply's message for repeated request ids.
+fn execution_failed(
+    request_id: &RequestId,
+    model_id: &ModelId,
+    attempts: u8,
+    message: &str,
+    meta: &Metadata,
+    cause: Uuid,
+) -> NewEvent {
+    with_field(
+        new_event(
+            DomainEvent::ExecutionFailed(ExecutionFailed {
+                request_id: request_id.clone(),
+                model_id: model_id.clone(),
+                attempts,
+                charged: false,
+                error_code: ErrorCode::AllReplicasFailed.as_str().to_owned(),
+            }),
+            meta.clone().caused_by(cause),
+        ),
+        "message",
+        Value::String(message.to_owned()),
+    )
+}
+
+/// The attempt that answered.
+struct Success<'a> {
+    node: &'a NodeId,
+    role: Role,
+    output: Value,
+    latency_ms: u64,
+    /// Its `AttemptDispatched` event.
+    cause: Uuid,
+}
+
+/// Records the execution ending in `[AttemptSucceeded, ExecutionCompleted{charged}]` and answers.
 #[allow(clippy::too_many_arguments)]
 async fn complete(
     s: &Scheduler,
     stream: &StreamId,
-    version: i64,
     request_id: &RequestId,
     model_id: &ModelId,
-    node: &NodeId,
-    output: Value,
-    attempts: Vec<AttemptView>,
     meta: &Metadata,
-    cause: Uuid,
-    latency_ms: u64,
+    mut record: Vec<NewEvent>,
+    mut attempts: Vec<AttemptView>,
+    success: Success<'_>,
 ) -> Reply {
+    attempts.push(AttemptView {
+        node_id: success.node.clone(),
+        role: success.role,
+        outcome: Outcome::Success,
+        latency_ms: success.latency_ms,
+    });
     let succeeded = new_event(
         DomainEvent::AttemptSucceeded(AttemptSucceeded {
             request_id: request_id.clone(),
-            node_id: node.clone(),
-            latency_ms,
+            node_id: success.node.clone(),
+            latency_ms: success.latency_ms,
         }),
-        meta.clone().caused_by(cause),
+        meta.clone().caused_by(success.cause),
     );
     let completed = with_field(
         new_event(
             DomainEvent::ExecutionCompleted(ExecutionCompleted {
                 request_id: request_id.clone(),
                 model_id: model_id.clone(),
-                node_id: node.clone(),
+                node_id: success.node.clone(),
                 attempts: u8::try_from(attempts.len()).unwrap_or(u8::MAX),
                 charged: true,
             }),
             meta.clone().caused_by(succeeded.event_id),
         ),
         "output",
-        output.clone(),
+        success.output.clone(),
     );
-    match s
-        .append_more(stream, version, vec![succeeded, completed])
-        .await
-    {
-        Ok(()) => success_reply(request_id, node, output, &attempts),
-        Err(e) => store_failure(&e),
-    }
+    record.push(succeeded);
+    record.push(completed);
+    let reply = success_reply(request_id, success.node, success.output, &attempts);
+    s.record(stream, request_id, record, reply).await
 }

@@ -231,7 +231,8 @@ async fn two_copies_in_one_queue_group_record_each_request_once() {
     h.start_scheduler(test_policy(), "copy-1").await;
     h.start_scheduler(test_policy(), "copy-2").await;
 
-    // 200 request ids, each sent twice at once: one of the pair executes, the other waits for it.
+    // 200 request ids, each sent twice at once: both copies may ask a node, one records the
+    // execution and the other answers with that record.
     let replies = futures::future::join_all((0..400).map(|i| {
         let h = &h;
         async move {

@@ -227,6 +227,9 @@ impl PolicyConfig {
                 "exec: max_attempts and default_timeout_ms must be > 0".into(),
             ));
         }
+        if self.rotation.epoch_secs == 0 {
+            return Err(Error::Invalid("rotation.epoch_secs must be > 0".into()));
+        }
         if self.liveness.heartbeat_interval_secs <= 0 || self.liveness.offline_after_missed == 0 {
             return Err(Error::Invalid(
                 "liveness: heartbeat interval and missed beats must be > 0".into(),
@@ -361,6 +364,22 @@ mod tests {
             PolicyConfig::from_toml_str("[reputation\n"),
             Err(Error::Toml(_))
         ));
+        assert!(matches!(
+            PolicyConfig::from_toml_str("[rotation]\nepoch_secs = 0\n"),
+            Err(Error::Invalid(m)) if m.contains("epoch_secs")
+        ));
+    }
+
+    #[test]
+    fn periods_and_stake_domains_come_from_the_file() {
+        let c = PolicyConfig::from_toml_str(
+            "[rotation]\nepoch_secs = 3600\n\n[routing]\nstake_domains = [\"finance\", \"text\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.rotation.epoch_secs, 3_600);
+        assert_eq!(c.routing.stake_domains, ["finance", "text"]);
+        assert_eq!(PolicyConfig::default().rotation.epoch_secs, 60);
+        assert!(PolicyConfig::default().routing.stake_domains.is_empty());
     }
 
     #[test]

@@ -17,6 +17,9 @@ use crate::scoring::seeded_hash;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RotationPolicy {
+    /// Length of an epoch in seconds: a periodic rotation round runs once per epoch (60 in the demo,
+    /// 3600 in production).
+    pub epoch_secs: u64,
     /// A challenger must beat the incumbent's score by at least this much (0.10).
     pub hysteresis: Bps,
     /// Moves per epoch ≤ max(`min_moves_per_epoch`, this fraction of deployments) (5 %).
@@ -46,6 +49,7 @@ pub struct RotationPolicy {
 impl Default for RotationPolicy {
     fn default() -> Self {
         Self {
+            epoch_secs: 60,
             hysteresis: Bps::saturating(1_000),
             max_moves_fraction: Bps::saturating(500),
             min_moves_per_epoch: 1,

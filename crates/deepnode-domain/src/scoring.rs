@@ -65,6 +65,9 @@ pub struct RoutingPolicy {
     pub backup_min_share: Bps,
     /// Maximum traffic share of the lower-ranked healthy replica (0.50).
     pub backup_max_share: Bps,
+    /// Domains whose routing and placement weigh stake (POLICY.md: "only where the domain enables
+    /// it"); none by default.
+    pub stake_domains: Vec<String>,
 }
 
 impl Default for RoutingPolicy {
@@ -79,6 +82,7 @@ impl Default for RoutingPolicy {
             ],
             backup_min_share: Bps::saturating(1_000),
             backup_max_share: Bps::saturating(5_000),
+            stake_domains: Vec::new(),
         }
     }
 }

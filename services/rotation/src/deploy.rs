@@ -186,7 +186,7 @@ async fn deploy(
         if v.book.models().contains_key(&model) {
             return Err(conflict(&model));
         }
-        let stake = options.stake_domains.iter().any(|d| d == &cmd.domain);
+        let stake = ctx.policy.routing.stake_domains.contains(&cmd.domain);
         let input = placement_input(
             &v,
             &model,

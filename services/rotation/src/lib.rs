@@ -21,6 +21,7 @@ use std::time::Duration;
 use chrono::Utc;
 use deepnode_bus::envelope::{ErrorBody, ErrorCode, Reply};
 use deepnode_bus::rpc::serve;
+use deepnode_domain::config::PolicyConfig;
 use deepnode_runtime::{ServiceContext, Shutdown};
 use deepnode_store::{Follower, FollowerHandle};
 use uuid::Uuid;
@@ -38,14 +39,13 @@ pub const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6465_6570_6e6f_6465_726f_7461_7
 /// Tunables of the service (policy numbers live in the `PolicyConfig` of the context).
 #[derive(Debug, Clone)]
 pub struct RotationOptions {
-    /// Length of an epoch: a periodic round runs once per period slot (POLICY.md: 60 s in the demo).
-    pub period: Duration,
+    /// Length of an epoch, overriding the policy's `rotation.epoch_secs` (tests run sub-second
+    /// epochs); `None` in production.
+    pub period: Option<Duration>,
     /// Whether to run periodic rounds at all (on-demand rounds are always served).
     pub periodic: bool,
     /// Seed of the placement draw and rotation tie-breaks.
     pub seed: u64,
-    /// Domains whose placement score weighs stake.
-    pub stake_domains: Vec<String>,
     /// How long to wait for the local view to reach the log's head before deciding.
     pub catch_up_timeout: Duration,
 }
@@ -53,12 +53,19 @@ pub struct RotationOptions {
 impl Default for RotationOptions {
     fn default() -> Self {
         RotationOptions {
-            period: Duration::from_secs(60),
+            period: None,
             periodic: true,
             seed: 0x5eed,
-            stake_domains: Vec::new(),
             catch_up_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+impl RotationOptions {
+    /// The length of an epoch: the override, else the policy's `rotation.epoch_secs`.
+    pub fn epoch(&self, policy: &PolicyConfig) -> Duration {
+        self.period
+            .unwrap_or(Duration::from_secs(policy.rotation.epoch_secs))
     }
 }
 
@@ -145,7 +152,7 @@ async fn periodic_rounds(
         shutdown.wait().await;
         return;
     }
-    let period_ms = u64::try_from(options.period.as_millis())
+    let period_ms = u64::try_from(options.epoch(&ctx.policy).as_millis())
         .unwrap_or(u64::MAX)
         .max(1);
     loop {

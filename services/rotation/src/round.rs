@@ -170,11 +170,18 @@ async fn locked_round(
     let now = Utc::now();
     let snapshot = {
         let v = view.read();
-        if trigger == Trigger::Periodic && !periodic_round_due(v.last_round_at, now, options.period)
+        if trigger == Trigger::Periodic
+            && !periodic_round_due(v.last_round_at, now, options.epoch(&ctx.policy))
         {
             return Ok(RoundReport::idle(RoundOutcome::NotDue, v.current_epoch()));
         }
-        let input = rotation_input(&v, now, options.seed, &options.stake_domains, &ctx.policy);
+        let input = rotation_input(
+            &v,
+            now,
+            options.seed,
+            &ctx.policy.routing.stake_domains,
+            &ctx.policy,
+        );
         Snapshot {
             plan: plan(&input, &ctx.policy.rotation, &ctx.policy.placement),
             now,

@@ -600,7 +600,7 @@ async fn two_periodic_copies_run_one_round_per_period() {
     let mut h = Harness::new().await;
     let period = Duration::from_millis(400);
     let options = RotationOptions {
-        period,
+        period: Some(period),
         ..RotationOptions::default()
     };
     h.start(options.clone()).await;

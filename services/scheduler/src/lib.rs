@@ -45,8 +45,6 @@ pub struct SchedulerOptions {
     pub max_in_flight: usize,
     /// Seed of routing tie-break hashes.
     pub seed: u64,
-    /// Domains whose routing weighs stake (others renormalise the three other weights).
-    pub stake_domains: Vec<String>,
     /// Largest accepted `timeout_ms` of an exec request.
     pub max_timeout_ms: u64,
     /// How long to wait for the local view to catch up with the log at start.
@@ -65,7 +63,6 @@ impl Default for SchedulerOptions {
         SchedulerOptions {
             max_in_flight: 1_024,
             seed: 0,
-            stake_domains: Vec::new(),
             max_timeout_ms: 120_000,
             catch_up_timeout: Duration::from_secs(60),
             duplicate_grace: Duration::from_secs(2),
@@ -132,7 +129,7 @@ pub async fn run(
     let params = SnapshotParams {
         seed: options.seed,
         config_hash: ctx.policy.config_hash(),
-        stake_domains: options.stake_domains.clone(),
+        stake_domains: ctx.policy.routing.stake_domains.clone(),
     };
     let nats = ctx.nats.clone();
     let subjects = ctx.subjects.clone();

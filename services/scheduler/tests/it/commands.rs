@@ -9,6 +9,43 @@ use deepnode_domain::config::PolicyConfig;
 use serde_json::{json, Value};
 
 #[tokio::test]
+async fn a_domain_named_in_the_policy_file_weighs_stake() {
+    let mut h = Harness::new().await;
+    for (id, boost) in [("n-1", 0), ("n-2", 6)] {
+        h.register(id, 8).await;
+        h.boost(id, boost).await;
+    }
+    h.deploy("m-1", &["n-1", "n-2"]).await;
+    // given a policy file that enables stake for the nodes' domain
+    let policy = PolicyConfig::from_toml_str("[routing]\nstake_domains = [\"text\"]\n").unwrap();
+    h.start_scheduler(policy, "scheduler").await;
+
+    let reply = h.schedule(json!({"model_id": "m-1"})).await;
+    assert_eq!(reply["ok"], json!(true), "{reply}");
+    assert_eq!(reply["stake_enabled"], json!(true), "{reply}");
+    let w = &reply["weights"];
+    let bps = |v: &Value| (v.as_f64().unwrap() * 10_000.0).round() as u64;
+    let (wr, wl, wf, ws) = (
+        bps(&w["reputation"]),
+        bps(&w["load"]),
+        bps(&w["failure_rate"]),
+        bps(&w["stake"]),
+    );
+    assert_eq!((wr, wl, wf, ws), (4_000, 2_500, 2_500, 1_000));
+    for c in reply["candidates"].as_array().unwrap() {
+        let f = &c["factors"];
+        // Equal stakes: S = stake / (stake + the domain's median) = 0.5.
+        assert_eq!(bps(&f["stake"]), 5_000, "{c}");
+        let sum = wr * bps(&f["reputation"])
+            + wl * (10_000 - bps(&f["load"]))
+            + wf * (10_000 - bps(&f["failure_rate"]))
+            + ws * bps(&f["stake"]);
+        assert_eq!(sum / (wr + wl + wf + ws), bps(&c["score"]), "{c}");
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn schedule_reply_factors_reproduce_each_score() {
     let mut h = Harness::new().await;
     for (id, boost) in [("n-1", 0), ("n-2", 4), ("n-3", 12)] {

@@ -502,7 +502,11 @@ impl NodeBook {
                     touched.execution = Some(e.request_id);
                 }
             }
-            DomainEvent::RotationCompleted(_) => {}
+            // Ejection is each scheduler copy's own outlier state: recorded for the audit trail, it
+            // changes neither reputation nor status.
+            DomainEvent::RotationCompleted(_)
+            | DomainEvent::NodeEjected(_)
+            | DomainEvent::NodeRestored(_) => {}
         }
         touched
     }

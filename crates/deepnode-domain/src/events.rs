@@ -345,6 +345,26 @@ pub struct NodeSlashed {
     pub reason: String,
 }
 
+/// `NodeEjected`: a scheduler copy stopped routing to a node after consecutive failed attempts
+/// (POLICY.md "Ejection"); its `causation_id` is the `AttemptFailed` that tipped it. Ejection is kept
+/// per scheduler copy (as an outlier detector per proxy), so `producer` in the metadata names the copy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeEjected {
+    pub node_id: NodeId,
+    /// This is the node's `k`-th ejection in a row (30 s × k, capped).
+    pub ejections: u32,
+    /// When a probe request may decide whether it comes back.
+    pub until: DateTime<Utc>,
+    pub reason: String,
+}
+
+/// `NodeRestored`: a probe request to an ejected node succeeded and that scheduler copy routes to it
+/// again; `causation_id` is the probe's `AttemptSucceeded`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRestored {
+    pub node_id: NodeId,
+}
+
 /// `RotationCompleted`: a rotation epoch finished (the moves themselves are deployment events).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RotationCompleted {
@@ -400,6 +420,8 @@ pub enum DomainEvent {
     ExecutionReported(ExecutionReported),
     NodeStatusChanged(NodeStatusChanged),
     NodeSlashed(NodeSlashed),
+    NodeEjected(NodeEjected),
+    NodeRestored(NodeRestored),
     RotationCompleted(RotationCompleted),
 }
 
@@ -419,6 +441,8 @@ pub const EVENT_TYPES: &[(&str, i32)] = &[
     ("ExecutionReported", 1),
     ("NodeStatusChanged", 1),
     ("NodeSlashed", 1),
+    ("NodeEjected", 1),
+    ("NodeRestored", 1),
     ("RotationCompleted", 1),
 ];
 
@@ -461,6 +485,8 @@ impl DomainEvent {
             DomainEvent::ExecutionReported(_) => "ExecutionReported",
             DomainEvent::NodeStatusChanged(_) => "NodeStatusChanged",
             DomainEvent::NodeSlashed(_) => "NodeSlashed",
+            DomainEvent::NodeEjected(_) => "NodeEjected",
+            DomainEvent::NodeRestored(_) => "NodeRestored",
             DomainEvent::RotationCompleted(_) => "RotationCompleted",
         }
     }
@@ -483,6 +509,8 @@ impl DomainEvent {
             DomainEvent::NodeDeregistered(e) => format!("node-{}", e.node_id),
             DomainEvent::NodeStatusChanged(e) => format!("node-{}", e.node_id),
             DomainEvent::NodeSlashed(e) => format!("node-{}", e.node_id),
+            DomainEvent::NodeEjected(e) => format!("node-{}", e.node_id),
+            DomainEvent::NodeRestored(e) => format!("node-{}", e.node_id),
             DomainEvent::ModelDeployed(e) => format!("model-{}", e.model_id),
             DomainEvent::DeploymentAssigned(e) => format!("model-{}", e.model_id),
             DomainEvent::DeploymentRevoked(e) => format!("model-{}", e.model_id),
@@ -536,6 +564,8 @@ impl DomainEvent {
             DomainEvent::ExecutionReported(e) => serde_json::to_value(e),
             DomainEvent::NodeStatusChanged(e) => serde_json::to_value(e),
             DomainEvent::NodeSlashed(e) => serde_json::to_value(e),
+            DomainEvent::NodeEjected(e) => serde_json::to_value(e),
+            DomainEvent::NodeRestored(e) => serde_json::to_value(e),
             DomainEvent::RotationCompleted(e) => serde_json::to_value(e),
         };
         value.unwrap_or_default()
@@ -607,6 +637,8 @@ impl DomainEvent {
             "ExecutionReported" => DomainEvent::ExecutionReported(parse(t, v, payload)?),
             "NodeStatusChanged" => DomainEvent::NodeStatusChanged(parse(t, v, payload)?),
             "NodeSlashed" => DomainEvent::NodeSlashed(parse(t, v, payload)?),
+            "NodeEjected" => DomainEvent::NodeEjected(parse(t, v, payload)?),
+            "NodeRestored" => DomainEvent::NodeRestored(parse(t, v, payload)?),
             "RotationCompleted" => DomainEvent::RotationCompleted(parse(t, v, payload)?),
             _ => {
                 return Err(DecodeError::UnknownEventType {
@@ -725,6 +757,15 @@ mod tests {
                 amount: 0.0125,
                 reason: "downtime".into(),
             }),
+            DomainEvent::NodeEjected(NodeEjected {
+                node_id: node("n1"),
+                ejections: 2,
+                until: t0(),
+                reason: "3 consecutive failures".into(),
+            }),
+            DomainEvent::NodeRestored(NodeRestored {
+                node_id: node("n1"),
+            }),
             DomainEvent::RotationCompleted(RotationCompleted {
                 epoch: 7,
                 moves: 1,
@@ -773,7 +814,9 @@ mod tests {
         assert_eq!(all[2].stream_id().as_str(), "model-m1");
         assert_eq!(all[7].stream_id().as_str(), "exec-r1");
         assert_eq!(all[11].stream_id().as_str(), "report-r1");
-        assert_eq!(all[14].stream_id().as_str(), "rotation");
+        assert_eq!(all[14].stream_id().as_str(), "node-n1");
+        assert_eq!(all[15].stream_id().as_str(), "node-n1");
+        assert_eq!(all[16].stream_id().as_str(), "rotation");
         let longest = "x".repeat(crate::ids::MAX_ID_LEN);
         let reported = DomainEvent::NodeDeregistered(NodeDeregistered {
             node_id: node(&longest),

@@ -29,9 +29,11 @@ use bytes::Bytes;
 use chrono::Utc;
 use deepnode_bus::envelope::{parse_command, ErrorBody, ErrorCode, Reply};
 use deepnode_bus::rpc::{Request, CORRELATION_HEADER};
+use deepnode_domain::ejection::Transition;
 use deepnode_domain::events::{
     AttemptDispatched, AttemptFailed, AttemptSucceeded, DomainEvent, ExecutionCompleted,
-    ExecutionFailed, ExecutionRequested, Failure, Metadata, Outcome, Role,
+    ExecutionFailed, ExecutionRequested, Failure, Metadata, NodeEjected, NodeRestored, Outcome,
+    Role,
 };
 use deepnode_domain::ids::{ModelId, NodeId, RequestId};
 use deepnode_domain::log::{ExpectedVersion, NewEvent, RecordedEvent, StreamId};
@@ -236,12 +238,13 @@ impl Scheduler {
         )
     }
 
-    /// Waits for an attempt and feeds its outcome to the outlier tracker.
+    /// Waits for an attempt and feeds its outcome to the outlier tracker, returning what the tracker
+    /// decided (an ejection or a restoration is recorded once the execution is).
     async fn finish_attempt(
         &self,
         node: &NodeId,
         task: JoinHandle<AttemptResult>,
-    ) -> AttemptResult {
+    ) -> (Classified, u64, Transition) {
         let (classified, latency_ms) = match task.await {
             Ok(result) => result,
             Err(e) => (
@@ -260,11 +263,11 @@ impl Scheduler {
             "outcome" => outcome.as_str(),
         )
         .increment(1);
-        {
+        let transition = {
             let book = self.book.read();
-            self.live.record_outcome(node, failure, Utc::now(), &book);
-        }
-        (classified, latency_ms)
+            self.live.record_outcome(node, failure, Utc::now(), &book)
+        };
+        (classified, latency_ms, transition)
     }
 
     /// Records a finished execution with one `NoStream` append and returns `reply`, or the recorded
@@ -275,6 +278,7 @@ impl Scheduler {
         stream: &StreamId,
         request_id: &RequestId,
         events: Vec<NewEvent>,
+        decisions: Vec<(StreamId, NewEvent)>,
         reply: Reply,
     ) -> Reply {
         let mut backoff = Duration::from_millis(50);
@@ -285,7 +289,10 @@ impl Scheduler {
                 .append(stream, ExpectedVersion::NoStream, events.clone())
                 .await
             {
-                Ok(_) => return reply,
+                Ok(_) => {
+                    self.record_decisions(decisions);
+                    return reply;
+                }
                 Err(StoreError::Conflict { .. }) => {
                     return self.recorded_answer(stream, request_id).await
                 }
@@ -298,6 +305,27 @@ impl Scheduler {
             }
         }
         store_failure(&StoreError::Closed)
+    }
+
+    /// Appends the outlier tracker's decisions (`NodeEjected`, `NodeRestored`) to their nodes' streams,
+    /// after the execution whose attempt caused them is in the log, without holding up the reply.
+    /// They are already in force in this process; a failure to record one is logged, not retried.
+    fn record_decisions(&self, decisions: Vec<(StreamId, NewEvent)>) {
+        for (stream, decision) in decisions {
+            let store = self.ctx.store.clone();
+            tokio::spawn(
+                async move {
+                    let event_type = decision.event_type.clone();
+                    if let Err(e) = store
+                        .append(&stream, ExpectedVersion::Any, vec![decision])
+                        .await
+                    {
+                        tracing::warn!(error = %e, %stream, event_type, "could not record an ejection decision");
+                    }
+                }
+                .in_current_span(),
+            );
+        }
     }
 
     /// Answers a repeated request id from the log, waiting (bounded) for one still in flight.
@@ -479,7 +507,8 @@ async fn execute(
         }
     }
     let mut record = vec![requested, dispatched_1];
-    let (result_1, latency_1) = s.finish_attempt(&primary, task_1).await;
+    let mut decisions = Vec::new();
+    let (result_1, latency_1, transition_1) = s.finish_attempt(&primary, task_1).await;
     let mut attempts = Vec::with_capacity(2);
     let (failure_1, detail_1) = match result_1 {
         Classified::Success(output) => {
@@ -489,18 +518,10 @@ async fn execute(
                 output,
                 latency_ms: latency_1,
                 cause: cause_1,
+                transition: transition_1,
             };
-            return complete(
-                &s,
-                &stream,
-                &request_id,
-                &model_id,
-                &meta,
-                record,
-                attempts,
-                success,
-            )
-            .await;
+            let done = (record, decisions, attempts);
+            return complete(&s, &stream, &request_id, &model_id, &meta, done, success).await;
         }
         Classified::Failed(f, detail) => (f, detail),
     };
@@ -514,6 +535,13 @@ async fn execute(
     let failed_1 = failed(&primary, failure_1, latency_1, detail_1, cause_1);
     let cause_fail_1 = failed_1.event_id;
     record.push(failed_1);
+    decisions.extend(tracker_decision(
+        &primary,
+        transition_1,
+        Some(failure_1),
+        cause_fail_1,
+        &meta,
+    ));
 
     // Attempt 2: the other replica, if there is one and the retry budget allows.
     let backup = decision.backup.clone().filter(|b| *b != primary);
@@ -533,14 +561,16 @@ async fn execute(
             cause_fail_1,
         ));
         let reply = failure_reply(&request_id, message, &attempts);
-        return s.record(&stream, &request_id, record, reply).await;
+        return s
+            .record(&stream, &request_id, record, decisions, reply)
+            .await;
     };
     metrics::counter!("deepnode_exec_fallbacks_total").increment(1);
     let dispatched_2 = dispatched(&backup, Role::Backup, 2, cause_fail_1);
     let cause_2 = dispatched_2.event_id;
     record.push(dispatched_2);
     let task_2 = s.spawn_attempt(&backup, body, &correlation_id, timeout);
-    let (result_2, latency_2) = s.finish_attempt(&backup, task_2).await;
+    let (result_2, latency_2, transition_2) = s.finish_attempt(&backup, task_2).await;
     match result_2 {
         Classified::Success(output) => {
             let success = Success {
@@ -549,18 +579,10 @@ async fn execute(
                 output,
                 latency_ms: latency_2,
                 cause: cause_2,
+                transition: transition_2,
             };
-            complete(
-                &s,
-                &stream,
-                &request_id,
-                &model_id,
-                &meta,
-                record,
-                attempts,
-                success,
-            )
-            .await
+            let done = (record, decisions, attempts);
+            complete(&s, &stream, &request_id, &model_id, &meta, done, success).await
         }
         Classified::Failed(failure_2, detail_2) => {
             attempts.push(AttemptView {
@@ -573,6 +595,13 @@ async fn execute(
             let failed_2 = failed(&backup, failure_2, latency_2, detail_2, cause_2);
             let cause_fail_2 = failed_2.event_id;
             record.push(failed_2);
+            decisions.extend(tracker_decision(
+                &backup,
+                transition_2,
+                Some(failure_2),
+                cause_fail_2,
+                &meta,
+            ));
             let message = failure_message(&attempts, None);
             record.push(execution_failed(
                 &request_id,
@@ -583,7 +612,8 @@ async fn execute(
                 cause_fail_2,
             ));
             let reply = failure_reply(&request_id, message, &attempts);
-            s.record(&stream, &request_id, record, reply).await
+            s.record(&stream, &request_id, record, decisions, reply)
+                .await
         }
     }
 }
@@ -621,18 +651,54 @@ struct Success<'a> {
     latency_ms: u64,
     /// Its `AttemptDispatched` event.
     cause: Uuid,
+    /// What the outlier tracker made of it (a probe's success restores an ejected node).
+    transition: Transition,
+}
+
+/// The record so far, the tracker's decisions and the attempts, as `complete` takes them.
+type Done = (Vec<NewEvent>, Vec<(StreamId, NewEvent)>, Vec<AttemptView>);
+
+/// The event recording an outlier-tracker decision about `node`, caused by `cause` (the attempt's
+/// `AttemptFailed` or `AttemptSucceeded`), with the stream it belongs to.
+fn tracker_decision(
+    node: &NodeId,
+    transition: Transition,
+    failure: Option<Failure>,
+    cause: Uuid,
+    meta: &Metadata,
+) -> Option<(StreamId, NewEvent)> {
+    let event = match transition {
+        Transition::Ejected { k, until } => DomainEvent::NodeEjected(NodeEjected {
+            node_id: node.clone(),
+            ejections: k,
+            until,
+            reason: match failure {
+                Some(f) => format!(
+                    "consecutive failed attempts, the last one {}",
+                    Outcome::from(f).as_str()
+                ),
+                None => "consecutive failed attempts".to_owned(),
+            },
+        }),
+        Transition::Restored => DomainEvent::NodeRestored(NodeRestored {
+            node_id: node.clone(),
+        }),
+        Transition::None | Transition::KeptLastHealthy => return None,
+    };
+    Some((
+        event.stream_id(),
+        new_event(event, meta.clone().caused_by(cause)),
+    ))
 }
 
 /// Records the execution ending in `[AttemptSucceeded, ExecutionCompleted{charged}]` and answers.
-#[allow(clippy::too_many_arguments)]
 async fn complete(
     s: &Scheduler,
     stream: &StreamId,
     request_id: &RequestId,
     model_id: &ModelId,
     meta: &Metadata,
-    mut record: Vec<NewEvent>,
-    mut attempts: Vec<AttemptView>,
+    (mut record, mut decisions, mut attempts): Done,
     success: Success<'_>,
 ) -> Reply {
     attempts.push(AttemptView {
@@ -663,8 +729,15 @@ async fn complete(
         "output",
         success.output.clone(),
     );
+    decisions.extend(tracker_decision(
+        success.node,
+        success.transition,
+        None,
+        succeeded.event_id,
+        meta,
+    ));
     record.push(succeeded);
     record.push(completed);
     let reply = success_reply(request_id, success.node, success.output, &attempts);
-    s.record(stream, request_id, record, reply).await
+    s.record(stream, request_id, record, decisions, reply).await
 }

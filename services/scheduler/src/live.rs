@@ -2,9 +2,11 @@
 //! per node (the load L the score sees), the outlier tracker fed by attempt outcomes (ejection,
 //! probes) and the retry budget.
 //!
-//! It is deliberately per process and not in the log: with several scheduler copies each sees its own
-//! in-flight counts and ejections (as Envoy's outlier detection does per proxy). Reputation and
-//! failure rate, which must agree across copies and on replay, come from the log instead.
+//! It is deliberately per process: with several scheduler copies each sees its own in-flight counts
+//! and ejections (as Envoy's outlier detection does per proxy). Reputation and failure rate, which must
+//! agree across copies and on replay, come from the log instead. Each ejection and restoration is still
+//! a decision on the record: `exec` appends `NodeEjected` / `NodeRestored` to the node's stream, caused
+//! by the attempt that triggered it, with this copy as `producer`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};

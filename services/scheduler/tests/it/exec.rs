@@ -364,6 +364,95 @@ async fn a_node_failing_every_request_is_ejected_and_the_backup_takes_over() {
         schedule["filtered"],
         json!([{"node_id": "bad", "reason": "ejected"}])
     );
+
+    // The ejection is an event on the node's stream, caused by the failed attempt that tipped it.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let ejected: Vec<(Value, Value)> = loop {
+        let rows = sqlx::query_as(
+            "SELECT payload, metadata FROM events
+              WHERE stream_id = 'node-bad' AND event_type = 'NodeEjected'",
+        )
+        .fetch_all(h.store.pool())
+        .await
+        .unwrap();
+        if !rows.is_empty() || tokio::time::Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(ejected.len(), 1, "{ejected:?}");
+    let (payload, metadata) = &ejected[0];
+    assert_eq!(payload["node_id"], json!("bad"));
+    assert_eq!(payload["ejections"], json!(1));
+    assert_eq!(metadata["producer"], json!("scheduler"));
+    let cause: (String, String, Value) = sqlx::query_as(
+        "SELECT stream_id, event_type, payload FROM events WHERE event_id = $1::uuid",
+    )
+    .bind(metadata["causation_id"].as_str().unwrap())
+    .fetch_one(h.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        (cause.0.as_str(), cause.1.as_str(), &cause.2["node_id"]),
+        ("exec-r-2", "AttemptFailed", &json!("bad"))
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_probe_that_succeeds_restores_an_ejected_node_and_records_it() {
+    let mut h = Harness::new().await;
+    pair(&h, "m-1", "bad", "good").await;
+    h.boost("bad", 30).await;
+    h.start_sim(vec![sim("bad", Behaviour::always_error())])
+        .await;
+    h.start_sim(vec![sim("good", healthy())]).await;
+    let mut policy = test_policy();
+    policy.ejection.base_ejection_ms = 300;
+    h.start_scheduler(policy, "scheduler").await;
+    for i in 0..3 {
+        h.exec(json!({"request_id": format!("r-{i}"), "model_id": "m-1", "input": i}))
+            .await;
+    }
+    // given `bad` ejected, then repaired: its operator restarts it healthy
+    h.sims.remove(0).stop().await;
+    h.start_sim(vec![sim("bad", healthy())]).await;
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+
+    // when the ejection is over, the next request is its probe, and it succeeds
+    let reply = h
+        .exec(json!({"request_id": "probe", "model_id": "m-1", "input": 9}))
+        .await;
+    assert_eq!(attempts(&reply), vec![att("bad", "primary", "success")]);
+
+    // then `NodeRestored` follows `NodeEjected` on its stream, caused by the probe's success
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let node_events: Vec<(String, Value)> = loop {
+        let rows: Vec<(String, Value)> = sqlx::query_as(
+            "SELECT event_type, metadata FROM events
+              WHERE stream_id = 'node-bad' AND event_type IN ('NodeEjected', 'NodeRestored')
+              ORDER BY global_position",
+        )
+        .fetch_all(h.store.pool())
+        .await
+        .unwrap();
+        if rows.len() >= 2 || tokio::time::Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let types: Vec<&str> = node_events.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(types, ["NodeEjected", "NodeRestored"]);
+    let cause: (String, String) =
+        sqlx::query_as("SELECT stream_id, event_type FROM events WHERE event_id = $1::uuid")
+            .bind(node_events[1].1["causation_id"].as_str().unwrap())
+            .fetch_one(h.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        cause,
+        ("exec-probe".to_owned(), "AttemptSucceeded".to_owned())
+    );
     h.stop().await;
 }
 

@@ -5,10 +5,11 @@
 //! parses names; it does not subscribe or publish.
 //!
 //! Note on node ids: CONTRACT §3 allows `.` in ids, which NATS treats as a token separator, so
-//! `node.<id>.infer` for an id containing `.` spans several tokens. Exact subjects still work, but
-//! [`Subjects::heartbeat_wildcard`] (`node.*.heartbeat`) only matches single-token ids.
+//! `node.<id>.infer` for an id containing `.` spans several tokens. Exact subjects work as they are;
+//! hearing every node's heartbeat takes one wildcard per token count
+//! ([`Subjects::heartbeat_wildcards`]), as NATS has no "any number of tokens, then `heartbeat`".
 
-use deepnode_domain::ids::NodeId;
+use deepnode_domain::ids::{NodeId, MAX_NODE_ID_TOKENS};
 
 /// Why a prefix cannot be used as a subject root.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -125,9 +126,17 @@ impl Subjects {
         self.sub(&format!("node.{node}.heartbeat"))
     }
 
-    /// `<prefix>.node.*.heartbeat`: every node's heartbeat (single-token ids, see the module doc).
+    /// `<prefix>.node.*.heartbeat`: the heartbeat of every node whose id has no `.`.
     pub fn heartbeat_wildcard(&self) -> String {
         self.sub("node.*.heartbeat")
+    }
+
+    /// `<prefix>.node.*.heartbeat`, `<prefix>.node.*.*.heartbeat`, …: one wildcard per number of
+    /// tokens a node id can span, together every node's heartbeat (see the module doc).
+    pub fn heartbeat_wildcards(&self) -> Vec<String> {
+        (1..=MAX_NODE_ID_TOKENS)
+            .map(|tokens| self.sub(&format!("node.{}heartbeat", "*.".repeat(tokens))))
+            .collect()
     }
 
     /// The node id in a heartbeat subject, if `subject` is one under this prefix.
@@ -206,6 +215,15 @@ mod tests {
         assert_eq!(s.node_infer(&n), "deepnode.node.n1.infer");
         assert_eq!(s.node_heartbeat(&n), "deepnode.node.n1.heartbeat");
         assert_eq!(s.heartbeat_wildcard(), "deepnode.node.*.heartbeat");
+        let all = s.heartbeat_wildcards();
+        assert_eq!(all.len(), 64);
+        assert_eq!(all[0], s.heartbeat_wildcard());
+        assert_eq!(all[2], "deepnode.node.*.*.*.heartbeat");
+        let dotted = NodeId::parse("gpu.rack-2.n01").unwrap();
+        assert_eq!(
+            s.node_of_heartbeat(&s.node_heartbeat(&dotted)),
+            Some(dotted)
+        );
         assert_eq!(s.ingest_execution(), "deepnode.ingest.execution");
         assert_eq!(s.events("NodeRegistered"), "deepnode.events.NodeRegistered");
         assert_eq!(s.events_wildcard(), "deepnode.events.>");

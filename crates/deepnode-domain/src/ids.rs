@@ -1,5 +1,7 @@
 //! Identifier newtypes, parsed once at the edge (`NodeId::parse`) so the rest of the code can trust
 //! them. Ids are non-empty strings of at most 128 characters from `[A-Za-z0-9._:-]` (CONTRACT §3).
+//! A node id is also part of NATS subjects (`deepnode.node.<id>.infer`), where `.` separates tokens,
+//! so it may not start or end with `.` or hold `..` (an empty token makes no valid subject).
 
 use serde::{Deserialize, Serialize};
 
@@ -7,6 +9,9 @@ use crate::log::is_id_char;
 
 /// Longest accepted id.
 pub const MAX_ID_LEN: usize = 128;
+
+/// Most `.`-separated tokens a node id can span in a subject (128 characters, no empty token).
+pub const MAX_NODE_ID_TOKENS: usize = MAX_ID_LEN.div_ceil(2);
 
 /// Why a raw string is not a valid id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -17,6 +22,8 @@ pub enum IdError {
     TooLong { kind: &'static str, len: usize },
     #[error("{kind} contains a character outside [A-Za-z0-9._:-]")]
     Charset { kind: &'static str },
+    #[error("{kind} must not start or end with '.' or contain '..': it names NATS subjects")]
+    EmptySubjectToken { kind: &'static str },
 }
 
 fn check(kind: &'static str, raw: &str) -> Result<(), IdError> {
@@ -29,6 +36,9 @@ fn check(kind: &'static str, raw: &str) -> Result<(), IdError> {
     }
     if !raw.chars().all(is_id_char) {
         return Err(IdError::Charset { kind });
+    }
+    if kind == "node_id" && raw.split('.').any(str::is_empty) {
+        return Err(IdError::EmptySubjectToken { kind });
     }
     Ok(())
 }
@@ -121,5 +131,20 @@ mod tests {
         ));
         let json: Result<NodeId, _> = serde_json::from_str("\"bad id\"");
         assert!(json.is_err());
+        for unusable in [".n1", "n1.", "gpu..n1"] {
+            assert_eq!(
+                NodeId::parse(unusable),
+                Err(IdError::EmptySubjectToken { kind: "node_id" }),
+                "{unusable}"
+            );
+        }
+        assert!(NodeId::parse("gpu.rack-2.n01").is_ok());
+        assert!(
+            ModelId::parse("m..1").is_ok(),
+            "only node ids name subjects"
+        );
+        let widest = ["x"; MAX_NODE_ID_TOKENS].join(".");
+        assert_eq!(widest.len(), MAX_ID_LEN - 1);
+        assert!(NodeId::parse(&widest).is_ok());
     }
 }

@@ -1,5 +1,5 @@
-//! Liveness: every copy subscribes to every heartbeat (`deepnode.node.*.heartbeat`, deliberately not
-//! a queue group) and keeps, in memory, when it last heard from each node. A periodic tick (wall
+//! Liveness: every copy subscribes to every heartbeat (`deepnode.node.*.heartbeat`, `…node.*.*.heartbeat`
+//! and so on for ids containing `.`; deliberately not a queue group) and keeps, in memory, when it last heard from each node. A periodic tick (wall
 //! clock, here in the shell — never in the domain) then:
 //! - declares offline (`NodeStatusChanged`, reason "missed heartbeats") an active or probation node
 //!   silent for `offline_after` (policy: 2 × 30 s). A node is first "heard" when this copy first sees
@@ -12,8 +12,6 @@
 //! events. Every append goes through [`crate::decide`], so copies racing on the same transition log
 //! it once. The beat's body (`{in_flight}`) is not needed for liveness and is not parsed: being able
 //! to publish on its own subject is what counts (NATS permissions keep a node to its own subject).
-//! Ids containing `.` span several subject tokens and are not matched by the wildcard (see
-//! `deepnode_bus::subjects`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,23 +21,28 @@ use chrono::Utc;
 use deepnode_domain::events::{DomainEvent, Metadata, NodeStatus, NodeStatusChanged};
 use deepnode_domain::ids::NodeId;
 use deepnode_domain::penalties;
+use futures::stream::SelectAll;
 use futures::StreamExt;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::decide::{decide_and_append, Decision};
 use crate::{Error, Shared, Stats};
 
-/// Subscribes to every node's heartbeat (plain subscription: each copy needs every beat).
-pub(crate) async fn subscribe(shared: &Shared) -> Result<Subscriber, Error> {
-    Ok(shared
-        .ctx
-        .nats
-        .subscribe(shared.ctx.subjects.heartbeat_wildcard())
-        .await?)
+/// Every node's heartbeat: one plain subscription per number of subject tokens a node id can span
+/// (each copy needs every beat), read as one stream.
+pub(crate) type Beats = SelectAll<Subscriber>;
+
+/// Subscribes to every node's heartbeat, dotted ids included (see `Subjects::heartbeat_wildcards`).
+pub(crate) async fn subscribe(shared: &Shared) -> Result<Beats, Error> {
+    let mut beats = SelectAll::new();
+    for subject in shared.ctx.subjects.heartbeat_wildcards() {
+        beats.push(shared.ctx.nats.subscribe(subject).await?);
+    }
+    Ok(beats)
 }
 
 /// Handles beats and ticks until the service stops.
-pub(crate) async fn run(shared: Arc<Shared>, mut beats: Subscriber) -> Result<(), Error> {
+pub(crate) async fn run(shared: Arc<Shared>, mut beats: Beats) -> Result<(), Error> {
     let mut last_heard: HashMap<NodeId, Instant> = HashMap::new();
     let mut tick = tokio::time::interval(shared.options.tick);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -56,7 +59,9 @@ pub(crate) async fn run(shared: Arc<Shared>, mut beats: Subscriber) -> Result<()
             _ = tick.tick() => on_tick(&shared, &mut last_heard).await,
         }
     }
-    let _ = beats.unsubscribe().await;
+    for subscription in beats.iter_mut() {
+        let _ = subscription.unsubscribe().await;
+    }
     Ok(())
 }
 

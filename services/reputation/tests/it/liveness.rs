@@ -39,15 +39,20 @@ async fn silent_nodes_go_offline_and_come_back_when_they_beat() {
     let b = common::start(&db, &subjects, &policy, fast()).await;
     common::register(&a.ctx, "alive").await;
     common::register(&a.ctx, "quiet").await;
+    // an id with dots spans several subject tokens: `node.gpu.rack-2.n01.heartbeat`
+    common::register(&a.ctx, "gpu.rack-2.n01").await;
 
-    // "alive" beats every 200 ms throughout
+    // "alive" and the dotted node beat every 200 ms throughout
     let nats = a.ctx.nats.clone();
-    let alive = subjects.node_heartbeat(&NodeId::parse("alive").unwrap());
+    let beating =
+        ["alive", "gpu.rack-2.n01"].map(|id| subjects.node_heartbeat(&NodeId::parse(id).unwrap()));
     let beater = tokio::spawn(async move {
         loop {
-            nats.publish(alive.clone(), r#"{"in_flight":0}"#.into())
-                .await
-                .unwrap();
+            for subject in &beating {
+                nats.publish(subject.clone(), r#"{"in_flight":0}"#.into())
+                    .await
+                    .unwrap();
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
@@ -92,6 +97,10 @@ async fn silent_nodes_go_offline_and_come_back_when_they_beat() {
         ]
     );
     assert!(changes(&log, "alive").is_empty(), "a beating node stays up");
+    assert!(
+        changes(&log, "gpu.rack-2.n01").is_empty(),
+        "a beating node with a dotted id stays up"
+    );
 
     // a restart does not mark the fleet offline: "quiet" has been silent longer than the limit
     // while no copy ran, yet the new copy gives it a full grace period first

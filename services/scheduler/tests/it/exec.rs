@@ -366,22 +366,10 @@ async fn a_node_failing_every_request_is_ejected_and_the_backup_takes_over() {
     );
 
     // The ejection is an event on the node's stream, caused by the failed attempt that tipped it.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-    let ejected: Vec<(Value, Value)> = loop {
-        let rows = sqlx::query_as(
-            "SELECT payload, metadata FROM events
-              WHERE stream_id = 'node-bad' AND event_type = 'NodeEjected'",
-        )
-        .fetch_all(h.store.pool())
-        .await
-        .unwrap();
-        if !rows.is_empty() || tokio::time::Instant::now() > deadline {
-            break rows;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    let ejected = tracker_decisions(&h, "bad", 1).await;
     assert_eq!(ejected.len(), 1, "{ejected:?}");
-    let (payload, metadata) = &ejected[0];
+    let (event_type, payload, metadata) = &ejected[0];
+    assert_eq!(event_type, "NodeEjected");
     assert_eq!(payload["node_id"], json!("bad"));
     assert_eq!(payload["ejections"], json!(1));
     assert_eq!(metadata["producer"], json!("scheduler"));
@@ -397,6 +385,28 @@ async fn a_node_failing_every_request_is_ejected_and_the_backup_takes_over() {
         ("exec-r-2", "AttemptFailed", &json!("bad"))
     );
     h.stop().await;
+}
+
+/// The outlier tracker's decisions (`NodeEjected`, `NodeRestored`) on `node`'s stream, in log order
+/// as (type, payload, metadata), once there are at least `n` (they follow the execution record
+/// asynchronously) or after 5 s.
+async fn tracker_decisions(h: &Harness, node: &str, n: usize) -> Vec<(String, Value, Value)> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let rows: Vec<(String, Value, Value)> = sqlx::query_as(
+            "SELECT event_type, payload, metadata FROM events
+              WHERE stream_id = $1 AND event_type IN ('NodeEjected', 'NodeRestored')
+              ORDER BY global_position",
+        )
+        .bind(format!("node-{node}"))
+        .fetch_all(h.store.pool())
+        .await
+        .unwrap();
+        if rows.len() >= n || tokio::time::Instant::now() > deadline {
+            return rows;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
@@ -426,26 +436,12 @@ async fn a_probe_that_succeeds_restores_an_ejected_node_and_records_it() {
     assert_eq!(attempts(&reply), vec![att("bad", "primary", "success")]);
 
     // then `NodeRestored` follows `NodeEjected` on its stream, caused by the probe's success
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-    let node_events: Vec<(String, Value)> = loop {
-        let rows: Vec<(String, Value)> = sqlx::query_as(
-            "SELECT event_type, metadata FROM events
-              WHERE stream_id = 'node-bad' AND event_type IN ('NodeEjected', 'NodeRestored')
-              ORDER BY global_position",
-        )
-        .fetch_all(h.store.pool())
-        .await
-        .unwrap();
-        if rows.len() >= 2 || tokio::time::Instant::now() > deadline {
-            break rows;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
-    let types: Vec<&str> = node_events.iter().map(|(t, _)| t.as_str()).collect();
+    let node_events = tracker_decisions(&h, "bad", 2).await;
+    let types: Vec<&str> = node_events.iter().map(|(t, _, _)| t.as_str()).collect();
     assert_eq!(types, ["NodeEjected", "NodeRestored"]);
     let cause: (String, String) =
         sqlx::query_as("SELECT stream_id, event_type FROM events WHERE event_id = $1::uuid")
-            .bind(node_events[1].1["causation_id"].as_str().unwrap())
+            .bind(node_events[1].2["causation_id"].as_str().unwrap())
             .fetch_one(h.store.pool())
             .await
             .unwrap();

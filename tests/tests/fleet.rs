@@ -333,3 +333,109 @@ async fn fleet_of_eight_end_to_end() {
         .unwrap();
     assert!(report.is_clean(), "audit found differences: {report:?}");
 }
+
+/// POLICY "Ejection": a model whose only eligible replica keeps failing gets an emergency
+/// re-placement now, not at the next rotation epoch (the rotation service here runs no periodic
+/// rounds at all, so only the scheduler's request can start one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_model_left_with_one_failing_replica_is_re_placed_at_once() {
+    let mut cluster = Cluster::new(PolicyConfig::default()).await.unwrap();
+    cluster.start_reputation().await.unwrap();
+    cluster.start_rotation().await.unwrap();
+    cluster.start_scheduler("scheduler").await.unwrap();
+    let node = |id: &str, behaviour: Behaviour| {
+        let mut n = SimNode::new(NodeId::parse(id).unwrap(), "text").with_behaviour(behaviour);
+        n.capacity = 8;
+        n
+    };
+    let config = |nodes| SimConfig {
+        nodes,
+        seed: 3,
+        register: true,
+        register_timeout: Duration::from_secs(20),
+        ..SimConfig::default()
+    };
+    let healthy = || Behaviour::healthy(Latency::fixed_ms(1));
+
+    // given m-1 on `a` and `b` only, then a spare `c`
+    let pair = Sim::start(
+        cluster.client.clone(),
+        cluster.subjects.clone(),
+        config(vec![
+            node("a", healthy()),
+            node("b", Behaviour::always_error()),
+        ]),
+    )
+    .await
+    .unwrap();
+    let deploy = json!({"model_id": "m-1", "domain": "text", "replicas": 2});
+    let reply = cluster
+        .request(&cluster.subjects.cmd_model_deploy(), &deploy)
+        .await
+        .unwrap();
+    assert_eq!(reply["ok"], true, "{reply}");
+    let spare = Sim::start(
+        cluster.client.clone(),
+        cluster.subjects.clone(),
+        config(vec![node("c", healthy())]),
+    )
+    .await
+    .unwrap();
+    // and `a` leaving the network: `b`, which fails every request, is the only eligible replica
+    let reply = cluster
+        .request(
+            &cluster.subjects.cmd_node_deregister(),
+            &json!({"node_id": "a", "reason": "maintenance"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply["ok"], true, "{reply}");
+
+    // when requests keep failing on `b` (which may not be ejected: it is the last healthy replica)
+    let replicas = |cluster: &Cluster| {
+        let pool = cluster.store.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT node_id FROM deployments WHERE model_id = 'm-1' ORDER BY node_id",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut i = 0;
+    while !replicas(&cluster).await.contains(&"c".to_owned()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "m-1 was not re-placed: {:?}",
+            replicas(&cluster).await
+        );
+        let body = json!({"request_id": format!("em-{i}"), "model_id": "m-1", "input": i});
+        cluster
+            .request(&cluster.subjects.cmd_exec(), &body)
+            .await
+            .unwrap();
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // then rotation moved `a`'s replica to `c`, and requests are served again
+    assert_eq!(replicas(&cluster).await, ["b", "c"]);
+    let served = loop {
+        let body = json!({"request_id": format!("em-{i}"), "model_id": "m-1", "input": i});
+        let reply = cluster
+            .request(&cluster.subjects.cmd_exec(), &body)
+            .await
+            .unwrap();
+        i += 1;
+        if reply["ok"] == true || tokio::time::Instant::now() > deadline {
+            break reply;
+        }
+    };
+    assert_eq!(served["node_id"], "c", "{served}");
+
+    pair.stop().await;
+    spare.stop().await;
+    cluster.stop().await.unwrap();
+}

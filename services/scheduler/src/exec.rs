@@ -307,6 +307,28 @@ impl Scheduler {
         store_failure(&StoreError::Closed)
     }
 
+    /// Asks the rotation service for a round now, for a model left without a healthy replica (see
+    /// `emergency`); at most once per cooldown per model from this process.
+    async fn ask_for_replacement(&self, model: &ModelId, why: &str) {
+        if !self.emergencies.should_ask(model, Instant::now()) {
+            return;
+        }
+        tracing::warn!(model_id = %model, why, "asking rotation for an emergency re-placement");
+        metrics::counter!("deepnode_emergency_rounds_requested_total").increment(1);
+        let body = json!({"reason": "emergency", "model_id": model, "why": why});
+        if let Err(e) = self
+            .ctx
+            .nats
+            .publish(
+                self.ctx.subjects.cmd_rotation_run(),
+                body.to_string().into(),
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "could not ask for an emergency rotation round");
+        }
+    }
+
     /// Appends the outlier tracker's decisions (`NodeEjected`, `NodeRestored`) to their nodes' streams,
     /// after the execution whose attempt caused them is in the log, without holding up the reply.
     /// They are already in force in this process; a failure to record one is logged, not retried.
@@ -454,6 +476,10 @@ async fn execute(
             return Reply::err(e);
         }
     };
+    if decision.emergency_replacement {
+        s.ask_for_replacement(&model_id, "no healthy replica left")
+            .await;
+    }
     let decision_json = serde_json::to_value(&decision).unwrap_or_default();
     let timeout = Duration::from_millis(timeout_ms);
     let meta = Metadata::new(s.ctx.producer.clone(), correlation_id.clone());
@@ -509,6 +535,10 @@ async fn execute(
     let mut record = vec![requested, dispatched_1];
     let mut decisions = Vec::new();
     let (result_1, latency_1, transition_1) = s.finish_attempt(&primary, task_1).await;
+    if transition_1 == Transition::KeptLastHealthy {
+        s.ask_for_replacement(&model_id, "the last healthy replica keeps failing")
+            .await;
+    }
     let mut attempts = Vec::with_capacity(2);
     let (failure_1, detail_1) = match result_1 {
         Classified::Success(output) => {
@@ -571,6 +601,10 @@ async fn execute(
     record.push(dispatched_2);
     let task_2 = s.spawn_attempt(&backup, body, &correlation_id, timeout);
     let (result_2, latency_2, transition_2) = s.finish_attempt(&backup, task_2).await;
+    if transition_2 == Transition::KeptLastHealthy {
+        s.ask_for_replacement(&model_id, "the last healthy replica keeps failing")
+            .await;
+    }
     match result_2 {
         Classified::Success(output) => {
             let success = Success {

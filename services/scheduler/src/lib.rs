@@ -10,6 +10,7 @@
 
 mod budget;
 mod classify;
+mod emergency;
 mod exec;
 mod live;
 mod replies;
@@ -91,6 +92,7 @@ pub(crate) struct Scheduler {
     replies: Arc<replies::Replies>,
     params: SnapshotParams,
     options: SchedulerOptions,
+    emergencies: emergency::Emergencies,
 }
 
 /// `cmd.schedule` body.
@@ -148,6 +150,7 @@ pub async fn run(
         replies: Arc::new(replies),
         params,
         options,
+        emergencies: emergency::Emergencies::default(),
     });
     let sweeper = tokio::spawn(sweep::run(
         scheduler.clone(),

@@ -7,7 +7,7 @@
 //! Note on node ids: CONTRACT §3 allows `.` in ids, which NATS treats as a token separator, so
 //! `node.<id>.infer` for an id containing `.` spans several tokens. Exact subjects work as they are;
 //! hearing every node's heartbeat takes one wildcard per token count
-//! ([`Subjects::heartbeat_wildcards`]), as NATS has no "any number of tokens, then `heartbeat`".
+//! ([`Subjects::heartbeat_wildcard_of`]), as NATS has no "any number of tokens, then `heartbeat`".
 
 use deepnode_domain::ids::{NodeId, MAX_NODE_ID_TOKENS};
 
@@ -128,15 +128,15 @@ impl Subjects {
 
     /// `<prefix>.node.*.heartbeat`: the heartbeat of every node whose id has no `.`.
     pub fn heartbeat_wildcard(&self) -> String {
-        self.sub("node.*.heartbeat")
+        self.heartbeat_wildcard_of(1)
     }
 
-    /// `<prefix>.node.*.heartbeat`, `<prefix>.node.*.*.heartbeat`, …: one wildcard per number of
-    /// tokens a node id can span, together every node's heartbeat (see the module doc).
-    pub fn heartbeat_wildcards(&self) -> Vec<String> {
-        (1..=MAX_NODE_ID_TOKENS)
-            .map(|tokens| self.sub(&format!("node.{}heartbeat", "*.".repeat(tokens))))
-            .collect()
+    /// The heartbeats of every node whose id spans `tokens` subject tokens (`tokens − 1` dots):
+    /// `<prefix>.node.*.*.heartbeat` for 2, and so on (see the module doc). `tokens` is clamped to
+    /// `1..=MAX_NODE_ID_TOKENS`.
+    pub fn heartbeat_wildcard_of(&self, tokens: usize) -> String {
+        let tokens = tokens.clamp(1, MAX_NODE_ID_TOKENS);
+        self.sub(&format!("node.{}heartbeat", "*.".repeat(tokens)))
     }
 
     /// The node id in a heartbeat subject, if `subject` is one under this prefix.
@@ -215,10 +215,10 @@ mod tests {
         assert_eq!(s.node_infer(&n), "deepnode.node.n1.infer");
         assert_eq!(s.node_heartbeat(&n), "deepnode.node.n1.heartbeat");
         assert_eq!(s.heartbeat_wildcard(), "deepnode.node.*.heartbeat");
-        let all = s.heartbeat_wildcards();
-        assert_eq!(all.len(), 64);
-        assert_eq!(all[0], s.heartbeat_wildcard());
-        assert_eq!(all[2], "deepnode.node.*.*.*.heartbeat");
+        assert_eq!(s.heartbeat_wildcard_of(1), s.heartbeat_wildcard());
+        assert_eq!(s.heartbeat_wildcard_of(3), "deepnode.node.*.*.*.heartbeat");
+        assert_eq!(s.heartbeat_wildcard_of(0), s.heartbeat_wildcard());
+        assert_eq!(s.heartbeat_wildcard_of(1_000).matches('*').count(), 64);
         let dotted = NodeId::parse("gpu.rack-2.n01").unwrap();
         assert_eq!(
             s.node_of_heartbeat(&s.node_heartbeat(&dotted)),

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use async_nats::Subscriber;
 use chrono::Utc;
 use deepnode_domain::events::{DomainEvent, Metadata, NodeStatus, NodeStatusChanged};
-use deepnode_domain::ids::NodeId;
+use deepnode_domain::ids::{NodeId, MAX_NODE_ID_TOKENS};
 use deepnode_domain::penalties;
 use futures::stream::SelectAll;
 use futures::StreamExt;
@@ -28,16 +28,46 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::decide::{decide_and_append, Decision};
 use crate::{Error, Shared, Stats};
 
-/// Every node's heartbeat: one plain subscription per number of subject tokens a node id can span
-/// (each copy needs every beat), read as one stream.
-pub(crate) type Beats = SelectAll<Subscriber>;
+/// Every node's heartbeat: plain subscriptions (each copy needs every beat), one per number of subject
+/// tokens the registered node ids span — `node.*.heartbeat`, then `node.*.*.heartbeat` once a node id
+/// with one dot is registered, and so on — read as one stream. Widening on demand keeps a NATS
+/// account that permits only the token counts in use free of permission violations.
+pub(crate) struct Beats {
+    subscriptions: SelectAll<Subscriber>,
+    tokens: usize,
+}
 
-/// Subscribes to every node's heartbeat, dotted ids included (see `Subjects::heartbeat_wildcards`).
-pub(crate) async fn subscribe(shared: &Shared) -> Result<Beats, Error> {
-    let mut beats = SelectAll::new();
-    for subject in shared.ctx.subjects.heartbeat_wildcards() {
-        beats.push(shared.ctx.nats.subscribe(subject).await?);
+impl Beats {
+    /// Subscribes for the token counts up to `tokens` not yet covered.
+    async fn widen(&mut self, shared: &Shared, tokens: usize) -> Result<(), Error> {
+        while self.tokens < tokens.min(MAX_NODE_ID_TOKENS) {
+            let subject = shared.ctx.subjects.heartbeat_wildcard_of(self.tokens + 1);
+            self.subscriptions
+                .push(shared.ctx.nats.subscribe(subject).await?);
+            self.tokens += 1;
+        }
+        Ok(())
     }
+}
+
+/// Subject tokens the longest registered node id spans (at least 1).
+fn tokens_in_use(shared: &Shared) -> usize {
+    let view = shared.view.read();
+    view.book
+        .nodes()
+        .keys()
+        .map(|id| id.as_str().split('.').count())
+        .max()
+        .unwrap_or(1)
+}
+
+/// Subscribes to the heartbeats of every registered node, dotted ids included.
+pub(crate) async fn subscribe(shared: &Shared) -> Result<Beats, Error> {
+    let mut beats = Beats {
+        subscriptions: SelectAll::new(),
+        tokens: 0,
+    };
+    beats.widen(shared, tokens_in_use(shared).max(1)).await?;
     Ok(beats)
 }
 
@@ -49,17 +79,24 @@ pub(crate) async fn run(shared: Arc<Shared>, mut beats: Beats) -> Result<(), Err
     loop {
         tokio::select! {
             () = shared.stop.wait() => break,
-            beat = beats.next() => match beat {
+            beat = beats.subscriptions.next() => match beat {
                 Some(beat) => on_beat(&shared, &mut last_heard, &beat.subject).await,
                 None => {
                     tracing::warn!("heartbeat subscription ended");
                     break;
                 }
             },
-            _ = tick.tick() => on_tick(&shared, &mut last_heard).await,
+            _ = tick.tick() => {
+                // A node id with more dots than any before: hear its token count from now on (its
+                // grace period starts when this copy first sees it, so no beat is missed for good).
+                if let Err(e) = beats.widen(&shared, tokens_in_use(&shared)).await {
+                    tracing::warn!(error = %e, "could not subscribe to more heartbeat subjects");
+                }
+                on_tick(&shared, &mut last_heard).await;
+            }
         }
     }
-    for subscription in beats.iter_mut() {
+    for subscription in beats.subscriptions.iter_mut() {
         let _ = subscription.unsubscribe().await;
     }
     Ok(())

@@ -182,6 +182,8 @@ fn log_event(name: &str, event: Event) {
         Event::Disconnected => tracing::warn!(name, "NATS connection lost; reconnecting"),
         Event::LameDuckMode => tracing::warn!(name, "NATS server entering lame duck mode"),
         Event::SlowConsumer(sid) => tracing::warn!(name, sid, "slow consumer: messages dropped"),
+        // e.g. a permissions violation: the account does not allow what this service tried.
+        Event::ServerError(e) => tracing::warn!(name, error = %e, "NATS server error"),
         other => tracing::debug!(name, event = %other, "NATS event"),
     }
 }

@@ -5,3 +5,4 @@ mod flood;
 mod fuzz;
 mod nats_permissions;
 mod pg_roles;
+mod services_under_nats_conf;

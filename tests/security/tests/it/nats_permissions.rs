@@ -5,9 +5,8 @@
 //! (JetStream acks them) but not commands; anonymous and wrong-password connections are refused.
 //!
 //! Evidence is twofold: a watcher with the admin credential receives nothing for a refused publish,
-//! and the offending client's connection reports the server's "Permissions Violation" error. It
-//! deliberately does not run the services here (their bad-input and flood behaviour is tested
-//! against the shared server elsewhere in this package).
+//! and the offending client's connection reports the server's "Permissions Violation" error. The
+//! services themselves run under the same file in `services_under_nats_conf`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
@@ -20,7 +19,7 @@ use deepnode_bus::Subjects;
 use deepnode_security_tests::NatsServer;
 use futures::StreamExt;
 
-const PASSWORDS: &[(&str, &str)] = &[
+pub(crate) const PASSWORDS: &[(&str, &str)] = &[
     ("DEEPNODE_NATS_SCHEDULER_PASSWORD", "sched-secret"),
     ("DEEPNODE_NATS_REPUTATION_PASSWORD", "rep-secret"),
     ("DEEPNODE_NATS_ROTATION_PASSWORD", "rot-secret"),
@@ -30,7 +29,7 @@ const PASSWORDS: &[(&str, &str)] = &[
     ("DEEPNODE_NATS_ADMIN_PASSWORD", "admin-secret"),
 ];
 
-fn conf() -> PathBuf {
+pub(crate) fn conf() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/nats.conf")
 }
 

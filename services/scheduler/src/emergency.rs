@@ -1,7 +1,8 @@
 //! Emergency re-placement requests (POLICY.md "Ejection"): when a model has no healthy replica left,
-//! or its last healthy replica keeps failing and may not be ejected, the scheduler routes to the
-//! least bad replica and asks the rotation service for a round now (`cmd.rotation.run`) instead of
-//! waiting for the next epoch. That round re-places replicas that break a hard rule (an offline,
+//! or its last healthy replica keeps failing and may not be ejected while another replica sits on a
+//! node that may not serve, the scheduler routes to the least bad replica and asks the rotation
+//! service for a round now (`cmd.rotation.run`) instead of waiting for the next epoch. (When every
+//! replica is eligible and merely failing, a round would move nothing, so none is asked for.) That round re-places replicas that break a hard rule (an offline,
 //! jailed, deregistered or phased-out node) with make-before-break moves, overriding hysteresis and
 //! residency.
 //!

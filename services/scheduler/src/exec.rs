@@ -307,6 +307,18 @@ impl Scheduler {
         store_failure(&StoreError::Closed)
     }
 
+    /// Whether one of `model`'s replicas is on a node that may not serve (offline, jailed,
+    /// deregistered, phased out): what a rotation round re-places. When every replica is eligible and
+    /// merely failing, a round could not help, and none is asked for.
+    fn has_ineligible_replica(&self, model: &ModelId) -> bool {
+        let book = self.book.read();
+        book.deployments().get(model).is_some_and(|replicas| {
+            replicas
+                .keys()
+                .any(|n| !book.node(n).is_some_and(|s| s.status.is_eligible()))
+        })
+    }
+
     /// Asks the rotation service for a round now, for a model left without a healthy replica (see
     /// `emergency`); at most once per cooldown per model from this process.
     async fn ask_for_replacement(&self, model: &ModelId, why: &str) {
@@ -535,7 +547,7 @@ async fn execute(
     let mut record = vec![requested, dispatched_1];
     let mut decisions = Vec::new();
     let (result_1, latency_1, transition_1) = s.finish_attempt(&primary, task_1).await;
-    if transition_1 == Transition::KeptLastHealthy {
+    if transition_1 == Transition::KeptLastHealthy && s.has_ineligible_replica(&model_id) {
         s.ask_for_replacement(&model_id, "the last healthy replica keeps failing")
             .await;
     }
@@ -601,7 +613,7 @@ async fn execute(
     record.push(dispatched_2);
     let task_2 = s.spawn_attempt(&backup, body, &correlation_id, timeout);
     let (result_2, latency_2, transition_2) = s.finish_attempt(&backup, task_2).await;
-    if transition_2 == Transition::KeptLastHealthy {
+    if transition_2 == Transition::KeptLastHealthy && s.has_ineligible_replica(&model_id) {
         s.ask_for_replacement(&model_id, "the last healthy replica keeps failing")
             .await;
     }

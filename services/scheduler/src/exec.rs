@@ -238,11 +238,13 @@ impl Scheduler {
         )
     }
 
-    /// Waits for an attempt and feeds its outcome to the outlier tracker, returning what the tracker
-    /// decided (an ejection or a restoration is recorded once the execution is).
+    /// Waits for an attempt to `node` (a replica of `model`) and feeds its outcome to the outlier
+    /// tracker, returning what the tracker decided (an ejection or a restoration is recorded once the
+    /// execution is). A last healthy replica kept despite its failures asks for an emergency round.
     async fn finish_attempt(
         &self,
         node: &NodeId,
+        model: &ModelId,
         task: JoinHandle<AttemptResult>,
     ) -> (Classified, u64, Transition) {
         let (classified, latency_ms) = match task.await {
@@ -267,6 +269,10 @@ impl Scheduler {
             let book = self.book.read();
             self.live.record_outcome(node, failure, Utc::now(), &book)
         };
+        if transition == Transition::KeptLastHealthy && self.has_ineligible_replica(model) {
+            self.ask_for_replacement(model, "the last healthy replica keeps failing")
+                .await;
+        }
         (classified, latency_ms, transition)
     }
 
@@ -514,19 +520,6 @@ async fn execute(
             meta.clone().caused_by(cause),
         )
     };
-    let failed = |node: &NodeId, outcome: Failure, latency_ms: u64, detail: String, cause: Uuid| {
-        new_event(
-            DomainEvent::AttemptFailed(AttemptFailed {
-                request_id: request_id.clone(),
-                node_id: node.clone(),
-                outcome,
-                latency_ms,
-                detail,
-            }),
-            meta.clone().caused_by(cause),
-        )
-    };
-
     // Attempt 1, while the log is checked for this request id.
     let primary = decision.primary.clone();
     let requested = new_event(requested, meta.clone());
@@ -544,46 +537,31 @@ async fn execute(
             return store_failure(&e);
         }
     }
-    let mut record = vec![requested, dispatched_1];
-    let mut decisions = Vec::new();
-    let (result_1, latency_1, transition_1) = s.finish_attempt(&primary, task_1).await;
-    if transition_1 == Transition::KeptLastHealthy && s.has_ineligible_replica(&model_id) {
-        s.ask_for_replacement(&model_id, "the last healthy replica keeps failing")
-            .await;
-    }
-    let mut attempts = Vec::with_capacity(2);
-    let (failure_1, detail_1) = match result_1 {
+    let mut trail = Trail {
+        record: vec![requested, dispatched_1],
+        decisions: Vec::new(),
+        attempts: Vec::with_capacity(2),
+    };
+    let (result_1, latency_ms, transition) = s.finish_attempt(&primary, &model_id, task_1).await;
+    let attempt_1 = Attempt {
+        node: &primary,
+        role: Role::Primary,
+        latency_ms,
+        dispatched: cause_1,
+        transition,
+    };
+    let cause_fail_1 = match result_1 {
         Classified::Success(output) => {
             let success = Success {
-                node: &primary,
-                role: Role::Primary,
+                attempt: attempt_1,
                 output,
-                latency_ms: latency_1,
-                cause: cause_1,
-                transition: transition_1,
             };
-            let done = (record, decisions, attempts);
-            return complete(&s, &stream, &request_id, &model_id, &meta, done, success).await;
+            return complete(&s, &stream, &request_id, &model_id, &meta, trail, success).await;
         }
-        Classified::Failed(f, detail) => (f, detail),
+        Classified::Failed(failure, detail) => {
+            trail.failed(attempt_1, failure, detail, &request_id, &meta)
+        }
     };
-    attempts.push(AttemptView {
-        node_id: primary.clone(),
-        role: Role::Primary,
-        outcome: failure_1.into(),
-        latency_ms: latency_1,
-    });
-    tracing::info!(node_id = %primary, outcome = Outcome::from(failure_1).as_str(), %detail_1, "primary attempt failed");
-    let failed_1 = failed(&primary, failure_1, latency_1, detail_1, cause_1);
-    let cause_fail_1 = failed_1.event_id;
-    record.push(failed_1);
-    decisions.extend(tracker_decision(
-        &primary,
-        transition_1,
-        Some(failure_1),
-        cause_fail_1,
-        &meta,
-    ));
 
     // Attempt 2: the other replica, if there is one and the retry budget allows.
     let backup = decision.backup.clone().filter(|b| *b != primary);
@@ -593,72 +571,42 @@ async fn execute(
         Some(_) => None,
     };
     let Some(backup) = backup.filter(|_| refusal.is_none()) else {
-        let message = failure_message(&attempts, refusal);
-        record.push(execution_failed(
-            &request_id,
-            &model_id,
-            1,
-            &message,
-            &meta,
-            cause_fail_1,
-        ));
-        let reply = failure_reply(&request_id, message, &attempts);
+        let message = failure_message(&trail.attempts, refusal);
+        let end = execution_failed(&request_id, &model_id, 1, &message, &meta, cause_fail_1);
+        trail.record.push(end);
+        let reply = failure_reply(&request_id, message, &trail.attempts);
         return s
-            .record(&stream, &request_id, record, decisions, reply)
+            .record(&stream, &request_id, trail.record, trail.decisions, reply)
             .await;
     };
     metrics::counter!("deepnode_exec_fallbacks_total").increment(1);
     let dispatched_2 = dispatched(&backup, Role::Backup, 2, cause_fail_1);
     let cause_2 = dispatched_2.event_id;
-    record.push(dispatched_2);
+    trail.record.push(dispatched_2);
     let task_2 = s.spawn_attempt(&backup, body, &correlation_id, timeout);
-    let (result_2, latency_2, transition_2) = s.finish_attempt(&backup, task_2).await;
-    if transition_2 == Transition::KeptLastHealthy && s.has_ineligible_replica(&model_id) {
-        s.ask_for_replacement(&model_id, "the last healthy replica keeps failing")
-            .await;
-    }
+    let (result_2, latency_ms, transition) = s.finish_attempt(&backup, &model_id, task_2).await;
+    let attempt_2 = Attempt {
+        node: &backup,
+        role: Role::Backup,
+        latency_ms,
+        dispatched: cause_2,
+        transition,
+    };
     match result_2 {
         Classified::Success(output) => {
             let success = Success {
-                node: &backup,
-                role: Role::Backup,
+                attempt: attempt_2,
                 output,
-                latency_ms: latency_2,
-                cause: cause_2,
-                transition: transition_2,
             };
-            let done = (record, decisions, attempts);
-            complete(&s, &stream, &request_id, &model_id, &meta, done, success).await
+            complete(&s, &stream, &request_id, &model_id, &meta, trail, success).await
         }
-        Classified::Failed(failure_2, detail_2) => {
-            attempts.push(AttemptView {
-                node_id: backup.clone(),
-                role: Role::Backup,
-                outcome: failure_2.into(),
-                latency_ms: latency_2,
-            });
-            tracing::info!(node_id = %backup, outcome = Outcome::from(failure_2).as_str(), %detail_2, "backup attempt failed");
-            let failed_2 = failed(&backup, failure_2, latency_2, detail_2, cause_2);
-            let cause_fail_2 = failed_2.event_id;
-            record.push(failed_2);
-            decisions.extend(tracker_decision(
-                &backup,
-                transition_2,
-                Some(failure_2),
-                cause_fail_2,
-                &meta,
-            ));
-            let message = failure_message(&attempts, None);
-            record.push(execution_failed(
-                &request_id,
-                &model_id,
-                2,
-                &message,
-                &meta,
-                cause_fail_2,
-            ));
-            let reply = failure_reply(&request_id, message, &attempts);
-            s.record(&stream, &request_id, record, decisions, reply)
+        Classified::Failed(failure, detail) => {
+            let cause_fail_2 = trail.failed(attempt_2, failure, detail, &request_id, &meta);
+            let message = failure_message(&trail.attempts, None);
+            let end = execution_failed(&request_id, &model_id, 2, &message, &meta, cause_fail_2);
+            trail.record.push(end);
+            let reply = failure_reply(&request_id, message, &trail.attempts);
+            s.record(&stream, &request_id, trail.record, trail.decisions, reply)
                 .await
         }
     }
@@ -689,20 +637,77 @@ fn execution_failed(
     )
 }
 
-/// The attempt that answered.
-struct Success<'a> {
+/// One settled attempt, as the record and the reply need it.
+struct Attempt<'a> {
     node: &'a NodeId,
     role: Role,
-    output: Value,
     latency_ms: u64,
     /// Its `AttemptDispatched` event.
-    cause: Uuid,
-    /// What the outlier tracker made of it (a probe's success restores an ejected node).
+    dispatched: Uuid,
+    /// What the outlier tracker made of it (an ejection, a probe's success restoring a node).
     transition: Transition,
 }
 
-/// The record so far, the tracker's decisions and the attempts, as `complete` takes them.
-type Done = (Vec<NewEvent>, Vec<(StreamId, NewEvent)>, Vec<AttemptView>);
+/// The attempt that answered, and its answer.
+struct Success<'a> {
+    attempt: Attempt<'a>,
+    output: Value,
+}
+
+/// What an execution has produced so far: its record (appended once, at the end), the outlier
+/// tracker's decisions to record after it, and the attempts its reply lists.
+struct Trail {
+    record: Vec<NewEvent>,
+    decisions: Vec<(StreamId, NewEvent)>,
+    attempts: Vec<AttemptView>,
+}
+
+impl Trail {
+    /// Notes a failed attempt: in the reply's list, as `AttemptFailed` in the record, and the
+    /// tracker's decision it caused. Returns the `AttemptFailed` event id.
+    fn failed(
+        &mut self,
+        attempt: Attempt<'_>,
+        failure: Failure,
+        detail: String,
+        request_id: &RequestId,
+        meta: &Metadata,
+    ) -> Uuid {
+        let role = if attempt.role == Role::Primary {
+            "primary"
+        } else {
+            "backup"
+        };
+        let outcome = Outcome::from(failure);
+        tracing::info!(node_id = %attempt.node, outcome = outcome.as_str(), %detail, "{role} attempt failed");
+        self.attempts.push(AttemptView {
+            node_id: attempt.node.clone(),
+            role: attempt.role,
+            outcome,
+            latency_ms: attempt.latency_ms,
+        });
+        let event = new_event(
+            DomainEvent::AttemptFailed(AttemptFailed {
+                request_id: request_id.clone(),
+                node_id: attempt.node.clone(),
+                outcome: failure,
+                latency_ms: attempt.latency_ms,
+                detail,
+            }),
+            meta.clone().caused_by(attempt.dispatched),
+        );
+        let id = event.event_id;
+        self.record.push(event);
+        self.decisions.extend(tracker_decision(
+            attempt.node,
+            attempt.transition,
+            Some(failure),
+            id,
+            meta,
+        ));
+        id
+    }
+}
 
 /// The event recording an outlier-tracker decision about `node`, caused by `cause` (the attempt's
 /// `AttemptFailed` or `AttemptSucceeded`), with the stream it belongs to.
@@ -744,46 +749,47 @@ async fn complete(
     request_id: &RequestId,
     model_id: &ModelId,
     meta: &Metadata,
-    (mut record, mut decisions, mut attempts): Done,
-    success: Success<'_>,
+    mut trail: Trail,
+    Success { attempt, output }: Success<'_>,
 ) -> Reply {
-    attempts.push(AttemptView {
-        node_id: success.node.clone(),
-        role: success.role,
+    trail.attempts.push(AttemptView {
+        node_id: attempt.node.clone(),
+        role: attempt.role,
         outcome: Outcome::Success,
-        latency_ms: success.latency_ms,
+        latency_ms: attempt.latency_ms,
     });
     let succeeded = new_event(
         DomainEvent::AttemptSucceeded(AttemptSucceeded {
             request_id: request_id.clone(),
-            node_id: success.node.clone(),
-            latency_ms: success.latency_ms,
+            node_id: attempt.node.clone(),
+            latency_ms: attempt.latency_ms,
         }),
-        meta.clone().caused_by(success.cause),
+        meta.clone().caused_by(attempt.dispatched),
     );
     let completed = with_field(
         new_event(
             DomainEvent::ExecutionCompleted(ExecutionCompleted {
                 request_id: request_id.clone(),
                 model_id: model_id.clone(),
-                node_id: success.node.clone(),
-                attempts: u8::try_from(attempts.len()).unwrap_or(u8::MAX),
+                node_id: attempt.node.clone(),
+                attempts: u8::try_from(trail.attempts.len()).unwrap_or(u8::MAX),
                 charged: true,
             }),
             meta.clone().caused_by(succeeded.event_id),
         ),
         "output",
-        success.output.clone(),
+        output.clone(),
     );
-    decisions.extend(tracker_decision(
-        success.node,
-        success.transition,
+    trail.decisions.extend(tracker_decision(
+        attempt.node,
+        attempt.transition,
         None,
         succeeded.event_id,
         meta,
     ));
-    record.push(succeeded);
-    record.push(completed);
-    let reply = success_reply(request_id, success.node, success.output, &attempts);
-    s.record(stream, request_id, record, decisions, reply).await
+    trail.record.push(succeeded);
+    trail.record.push(completed);
+    let reply = success_reply(request_id, attempt.node, output, &trail.attempts);
+    s.record(stream, request_id, trail.record, trail.decisions, reply)
+        .await
 }

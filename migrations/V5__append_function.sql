@@ -17,7 +17,8 @@
 -- in order (`o_append` is its 1-based index).
 --
 -- Events are passed as parallel arrays, the appends' events concatenated in order; `p_count` says
--- how many belong to each append.
+-- how many belong to each append. `p_repeated` names the event ids given more than once in the batch
+-- (concurrent retries of one append), the only ones whose writes later appends must see as priors.
 CREATE FUNCTION deepnode_append(
     p_stream     text[],
     p_expected   bigint[],
@@ -30,6 +31,7 @@ CREATE FUNCTION deepnode_append(
     p_occurred   timestamptz[],
     p_identity   bytea[],
     p_body       bytea[],
+    p_repeated   uuid[],
     p_recorded   timestamptz,
     p_tag        bytea,
     OUT o_append         integer,
@@ -52,7 +54,6 @@ DECLARE
     prev          bytea;
     versions      jsonb;
     priors        jsonb;
-    repeated      uuid[];
     n_events      integer := coalesce(array_length(p_event_id, 1), 0);
     -- Per event, NULL where the event is not written.
     w_position    bigint[] := array_fill(NULL::bigint, ARRAY[n_events]);
@@ -82,10 +83,6 @@ BEGIN
                                           e.event_type, e.schema_version, e.payload)), '{}')
       INTO priors
       FROM events e WHERE e.event_id = ANY (p_event_id);
-
-    -- Ids given more than once in this batch: the only ones whose writes must join `priors`.
-    SELECT coalesce(array_agg(r.id), '{}') INTO repeated
-      FROM (SELECT unnest(p_event_id) AS id) r GROUP BY r.id HAVING count(*) > 1;
 
     FOR a IN 1 .. coalesce(array_length(p_stream, 1), 0) LOOP
         first_event := last_event + 1;
@@ -149,7 +146,7 @@ BEGIN
                            || p_body[i]);
             w_hash[i] := prev;
             o_positions := o_positions || pos;
-            IF p_event_id[i] = ANY (repeated) THEN
+            IF p_event_id[i] = ANY (p_repeated) THEN
                 priors := priors || jsonb_build_object(p_event_id[i]::text,
                     jsonb_build_array(pos, p_stream[a], version, p_event_type[i], p_schema[i],
                                       p_payload[i]::jsonb));
@@ -176,4 +173,4 @@ END;
 $$;
 
 GRANT EXECUTE ON FUNCTION deepnode_append(text[], bigint[], integer[], uuid[], text[], integer[],
-    text[], text[], timestamptz[], bytea[], bytea[], timestamptz, bytea) TO deepnode_service;
+    text[], text[], timestamptz[], bytea[], bytea[], uuid[], timestamptz, bytea) TO deepnode_service;

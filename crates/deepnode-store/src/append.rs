@@ -19,6 +19,8 @@
 //! `deepnode_store_append_batch_events`, `deepnode_store_appends_total{result}`); without an
 //! installed recorder those calls do nothing, so the store carries no exporter.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use deepnode_domain::log::{
     canonical_body, canonical_identity, normalize_json, to_json_bytes, to_micros, CanonicalRow,
@@ -263,7 +265,7 @@ async fn write_in(
     }
     let rows = sqlx::query(
         "SELECT o_append, o_outcome, o_stream_version, o_positions, o_actual, o_event_id
-           FROM deepnode_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+           FROM deepnode_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
     )
     .bind(&streams)
     .bind(&expected)
@@ -276,6 +278,7 @@ async fn write_in(
     .bind(&cols.occurred_at)
     .bind(&cols.identity)
     .bind(&cols.body)
+    .bind(repeated_ids(&cols.event_id))
     .bind(recorded_at)
     .bind(CANONICAL_TAG)
     .fetch_all(&mut *conn)
@@ -309,6 +312,16 @@ async fn write_in(
         .into_iter()
         .map(|r| r.unwrap_or(Err(Error::Closed)))
         .collect())
+}
+
+/// Event ids given more than once in a batch (concurrent retries of one append sharing a commit),
+/// sorted; usually none.
+fn repeated_ids(ids: &[Uuid]) -> Vec<Uuid> {
+    let mut seen = HashSet::with_capacity(ids.len());
+    let mut repeated: Vec<Uuid> = ids.iter().copied().filter(|id| !seen.insert(*id)).collect();
+    repeated.sort_unstable();
+    repeated.dedup();
+    repeated
 }
 
 /// Per-event columns of one `deepnode_append` call, the appends' events concatenated in order.
@@ -358,5 +371,17 @@ impl<'a> Columns<'a> {
             occurred_at: event.occurred_at,
             recorded_at,
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_ids_are_those_given_twice_once_each() {
+        let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+        assert!(repeated_ids(&[a, b, c]).is_empty());
+        assert_eq!(repeated_ids(&[c, a, c, b, c, a]), vec![a, c]);
     }
 }

@@ -27,7 +27,7 @@ use serde::Deserialize;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::{Error, Shared, Stats};
+use crate::{pull, Error, Shared, Stats};
 
 /// One report on `deepnode.ingest.execution` (CONTRACT §3).
 #[derive(Debug, Deserialize)]
@@ -61,17 +61,7 @@ pub(crate) async fn consumer(shared: &Shared) -> Result<PullConsumer, Error> {
 /// Consumes reports until the service stops; in-flight ones are finished first.
 pub(crate) async fn run(shared: Arc<Shared>, consumer: PullConsumer) -> Result<(), Error> {
     let name = shared.options.ingest_consumer.clone();
-    while !shared.stop.is_triggered() {
-        let messages = match consumer.messages().await {
-            Ok(messages) => messages,
-            Err(e) => {
-                tracing::warn!(consumer = %name, error = %e, "cannot pull ingest reports; retrying");
-                tokio::select! {
-                    () = shared.stop.wait() => break,
-                    () = tokio::time::sleep(shared.options.nak_delay) => continue,
-                }
-            }
-        };
+    while let Some(messages) = pull::messages(&shared, &consumer, &name, "ingest reports").await {
         let stop = shared.stop.clone();
         messages
             .take_until(async move { stop.wait().await })

@@ -15,6 +15,7 @@ mod decide;
 mod ingest;
 mod liveness;
 mod outcomes;
+mod pull;
 pub mod view;
 
 use std::sync::atomic::{AtomicU64, Ordering};

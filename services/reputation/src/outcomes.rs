@@ -21,7 +21,7 @@ use deepnode_runtime::wire;
 use futures::StreamExt;
 
 use crate::decide::{decide_and_append, Decision};
-use crate::{Error, Shared, Stats};
+use crate::{pull, Error, Shared, Stats};
 
 /// The event types whose outcomes can trigger a penalty decision.
 pub(crate) const TRIGGERS: [&str; 3] = ["AttemptSucceeded", "AttemptFailed", "ExecutionReported"];
@@ -37,17 +37,7 @@ pub(crate) async fn consumer(shared: &Shared) -> Result<PullConsumer, Error> {
 /// Assesses outcome events one at a time (in stream order) until the service stops.
 pub(crate) async fn run(shared: Arc<Shared>, consumer: PullConsumer) -> Result<(), Error> {
     let name = shared.options.outcome_consumer.clone();
-    while !shared.stop.is_triggered() {
-        let messages = match consumer.messages().await {
-            Ok(messages) => messages,
-            Err(e) => {
-                tracing::warn!(consumer = %name, error = %e, "cannot pull outcome events; retrying");
-                tokio::select! {
-                    () = shared.stop.wait() => break,
-                    () = tokio::time::sleep(shared.options.nak_delay) => continue,
-                }
-            }
-        };
+    while let Some(messages) = pull::messages(&shared, &consumer, &name, "outcome events").await {
         let stop = shared.stop.clone();
         let messages = messages.take_until(async move { stop.wait().await });
         tokio::pin!(messages);

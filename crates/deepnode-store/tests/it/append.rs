@@ -238,6 +238,74 @@ async fn concurrent_duplicates_in_one_group_commit_are_written_once() {
     assert_eq!(count(&store).await, 1);
 }
 
+/// The table's own CHECKs (migration V6) hold the stream id and event type to CONTRACT §1's shapes
+/// for any writer, not only for this crate's validation: the boundaries pass, one step past refuses.
+#[tokio::test]
+async fn the_database_checks_stream_ids_and_event_types_itself() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let insert = |stream_id: String, event_type: String| {
+        let pool = store.pool().clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let result = sqlx::query(
+                "INSERT INTO events (global_position, event_id, stream_id, stream_version, event_type,
+                                     schema_version, payload, metadata, occurred_at, recorded_at,
+                                     prev_hash, hash)
+                 VALUES (1, gen_random_uuid(), $1, 1, $2, 1, '{}', '{}', now(), now(),
+                         decode(repeat('00', 32), 'hex'), decode(repeat('00', 32), 'hex'))",
+            )
+            .bind(stream_id)
+            .bind(event_type)
+            .execute(&mut *tx)
+            .await;
+            tx.rollback().await.unwrap();
+            match result {
+                Ok(_) => Ok(()),
+                Err(sqlx::Error::Database(e)) => Err(e.constraint().unwrap_or_default().to_owned()),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    let ok_type = || "NodeRegistered".to_owned();
+    let ok_stream = || "node-n1".to_owned();
+    for stream_id in ["a".to_owned(), "A-z_0.9:x".to_owned(), "s".repeat(200)] {
+        assert_eq!(insert(stream_id, ok_type()).await, Ok(()));
+    }
+    for stream_id in [
+        String::new(),
+        "s".repeat(201),
+        "a b".into(),
+        "a/b".into(),
+        "é".into(),
+    ] {
+        let refused = insert(stream_id.clone(), ok_type()).await;
+        assert_eq!(
+            refused,
+            Err("events_stream_id_check".into()),
+            "{stream_id:?}"
+        );
+    }
+    for event_type in ["A".to_owned(), format!("N{}", "x9".repeat(63) + "y")] {
+        assert_eq!(insert(ok_stream(), event_type).await, Ok(()));
+    }
+    for event_type in [
+        String::new(),
+        "nodeRegistered".into(),
+        "Node_Registered".into(),
+        format!("N{}", "x".repeat(128)),
+        "Nodé".into(),
+    ] {
+        let refused = insert(ok_stream(), event_type.clone()).await;
+        assert_eq!(
+            refused,
+            Err("events_event_type_check".into()),
+            "{event_type:?}"
+        );
+    }
+    assert_eq!(count(&store).await, 0);
+}
+
 #[tokio::test]
 async fn bad_input_is_refused_with_a_typed_error_and_nothing_is_written() {
     let db = TestDb::new().await;

@@ -519,6 +519,8 @@ async fn store_scenario(
         .head_position()
         .await
         .context("reading the log head")?;
+    let placed_before = store.writer_stats().placed();
+    let looked_up_before = store.writer_stats().looked_up();
     let mut handles = Vec::with_capacity(writers);
     let window = Window::new(plan);
     for worker in 0..writers {
@@ -565,6 +567,9 @@ async fn store_scenario(
         .await
         .context("reading the log head")?;
     outcome.note = batch_note(admin, head_before, head_after, per_append).await?;
+    let placed = store.writer_stats().placed() - placed_before;
+    let looked_up = store.writer_stats().looked_up() - looked_up_before;
+    outcome.note += &format!("; {placed} placed, {looked_up} looked up");
     Ok(outcome)
 }
 

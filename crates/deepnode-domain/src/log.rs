@@ -318,6 +318,25 @@ fn put_prefixed(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
+/// `chain_hash(prev_hash, canonical_bytes(row))` from the row's parts as the appender holds them
+/// (see [`canonical_bytes`] for the layout), without concatenating them first.
+pub fn chain_hash_of_parts(
+    prev_hash: &[u8],
+    global_position: i64,
+    identity: &[u8],
+    stream_version: i64,
+    body: &[u8],
+) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(prev_hash);
+    hasher.update(CANONICAL_TAG);
+    hasher.update(global_position.to_be_bytes());
+    hasher.update(identity);
+    hasher.update(stream_version.to_be_bytes());
+    hasher.update(body);
+    hasher.finalize().into()
+}
+
 /// `sha256(prev_hash ‖ canonical)`.
 pub fn chain_hash(prev_hash: &[u8], canonical: &[u8]) -> [u8; 32] {
     let mut hasher = Sha256::new();
@@ -423,5 +442,39 @@ mod tests {
             chain_hash(&GENESIS_HASH, &row(&a)),
             chain_hash(&[1u8; 32], &row(&a))
         );
+    }
+
+    #[test]
+    fn hashing_the_parts_equals_hashing_the_canonical_bytes() {
+        let (payload, metadata) = (br#"{"a":1}"#.as_slice(), b"{}".as_slice());
+        let row = CanonicalRow {
+            global_position: 41,
+            event_id: Uuid::from_u128(7),
+            stream_id: "exec-1",
+            stream_version: 3,
+            event_type: "ExecutionCompleted",
+            schema_version: 2,
+            payload_json: payload,
+            metadata_json: metadata,
+            occurred_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
+            recorded_at: DateTime::from_timestamp_micros(1_700_000_000_654_321).unwrap(),
+        };
+        let prev = [9u8; 32];
+        let parts = chain_hash_of_parts(
+            &prev,
+            row.global_position,
+            &canonical_identity(row.event_id, row.stream_id),
+            row.stream_version,
+            &canonical_body(&row),
+        );
+        assert_eq!(parts, chain_hash(&prev, &canonical_bytes(&row)));
+        let moved = chain_hash_of_parts(
+            &prev,
+            row.global_position + 1,
+            &canonical_identity(row.event_id, row.stream_id),
+            row.stream_version,
+            &canonical_body(&row),
+        );
+        assert_ne!(parts, moved);
     }
 }

@@ -1,30 +1,42 @@
 //! Appending to the log with group commit.
 //!
 //! Every append in this process goes through one writer task. The writer takes whatever appends are
-//! waiting and hands them all to one call of the database function `deepnode_append` (migration V5),
-//! a statement that is its own transaction: it locks the single `log_head` row (which serialises all
-//! appenders, in this process and in others), decides each append — idempotent replay by event id,
-//! expected-version check, position and stream-version assignment, hash chain — inserts all new rows
-//! with one `INSERT`, moves the head and commits. Concurrent callers thus share one round trip and one
-//! commit (one WAL flush), while positions stay contiguous and commit order equals position order.
-//! The appender encodes the parts of each event's canonical bytes that do not depend on its place in
-//! the log, so the function only concatenates and hashes ([`deepnode_domain::log::canonical_bytes`]
-//! defines the format).
+//! waiting and writes them all with one statement, which is its own transaction: it locks the single
+//! `log_head` row (which serialises all appenders, in this process and in others), so positions stay
+//! contiguous and commit order equals position order. Concurrent callers thus share one round trip
+//! and one commit (one WAL flush), while the hash chain follows position order.
 //!
-//! A rejected append (conflict, reused id) does not abort the batch: the function decides it and
+//! Two statements can write a batch:
+//! - `deepnode_append_at` (migration V7), the fast path: the writer remembers the head it last
+//!   wrote and a lower bound of each stream's version, so when every append of the batch can be
+//!   decided from those (a new stream, or a known stream at the expected version) it places the
+//!   events itself — positions, stream versions, hashes ([`chain_hash_of_parts`]) — and the
+//!   function only checks that the head has not moved and inserts. What the writer could not know is
+//!   enforced by the unique indexes: an id already in the log or a stream another appender moved on
+//!   refuses the whole statement, and the batch goes to
+//! - `deepnode_append` (migration V5), which looks up stream versions and prior ids and decides each
+//!   append — idempotent replay by event id, expected-version check, positions, stream versions, hash
+//!   chain — before inserting the accepted ones. The appender encodes the parts of each event's
+//!   canonical bytes that do not depend on its place in the log, so the function only concatenates
+//!   and hashes ([`deepnode_domain::log::canonical_bytes`] defines the format).
+//!
+//! A rejected append (conflict, reused id) does not abort the batch: `deepnode_append` decides it and
 //! writes the others. Should the database still refuse a batch (a constraint the checks missed), each
 //! append of it is retried alone, so one bad append never fails its neighbours.
 //!
 //! Each group commit is measured through the `metrics` facade (`deepnode_store_append_seconds`,
-//! `deepnode_store_append_batch_events`, `deepnode_store_appends_total{result}`); without an
-//! installed recorder those calls do nothing, so the store carries no exporter.
+//! `deepnode_store_append_batch_events`, `deepnode_store_appends_total{result}`,
+//! `deepnode_store_group_commits_total{path}`); without an installed recorder those calls do
+//! nothing, so the store carries no exporter.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use deepnode_domain::log::{
-    canonical_body, canonical_identity, normalize_json, to_json_bytes, to_micros, CanonicalRow,
-    ExpectedVersion, NewEvent, StreamId, CANONICAL_TAG,
+    canonical_body, canonical_identity, chain_hash_of_parts, normalize_json, to_json_bytes,
+    to_micros, CanonicalRow, ExpectedVersion, NewEvent, StreamId, CANONICAL_TAG,
 };
 use serde_json::Value;
 use sqlx::{Executor, PgConnection, PgPool, Row};
@@ -90,9 +102,38 @@ impl PreparedEvent {
     }
 }
 
+/// Counts of one store's group commits by the statement that wrote them.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    placed: AtomicU64,
+    looked_up: AtomicU64,
+}
+
+impl WriterStats {
+    /// Batches the writer placed itself and wrote with `deepnode_append_at`.
+    pub fn placed(&self) -> u64 {
+        self.placed.load(Ordering::Relaxed)
+    }
+
+    /// Batches decided by `deepnode_append` (looked up in the database).
+    pub fn looked_up(&self) -> u64 {
+        self.looked_up.load(Ordering::Relaxed)
+    }
+}
+
 /// Runs until every sender is dropped, committing waiting appends in batches.
-pub(crate) async fn run_writer(pool: PgPool, mut rx: mpsc::Receiver<AppendRequest>) {
-    let mut writer = Writer { pool, conn: None };
+pub(crate) async fn run_writer(
+    pool: PgPool,
+    mut rx: mpsc::Receiver<AppendRequest>,
+    stats: Arc<WriterStats>,
+) {
+    let mut writer = Writer {
+        pool,
+        conn: None,
+        head: None,
+        versions: KnownVersions::default(),
+        stats,
+    };
     let mut last_size = 1;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -135,22 +176,46 @@ fn take_waiting(
     }
 }
 
-/// The group-commit writer's own connection: one long-lived session, so no pool round trip per batch
-/// and `deepnode_append`'s cached plans are reused. Unlike the pool's sessions it plans its one
-/// statement generically: re-planning the function call on every batch cost ~0.06 ms.
+/// The group-commit writer's own connection (one long-lived session, so no pool round trip per batch
+/// and the functions' cached plans are reused) and what it remembers between batches: the head it
+/// last wrote and the stream versions it has seen. Unlike the pool's sessions it plans its statements
+/// generically: re-planning the function call on every batch cost ~0.06 ms.
 struct Writer {
     pool: PgPool,
     conn: Option<PgConnection>,
+    /// Where the log ended after this writer's last statement, when it knows.
+    head: Option<Head>,
+    versions: KnownVersions,
+    stats: Arc<WriterStats>,
 }
 
+/// The log's last position and hash: what the next event chains to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Head {
+    position: i64,
+    hash: [u8; 32],
+}
+
+/// How one call of `deepnode_append_at` ended.
+enum Placed {
+    /// The rows are in the log; the head after them.
+    Written(Head),
+    /// Another appender moved the head first; nothing was written. The actual head.
+    Moved(Head),
+}
+
+/// Most statements one batch tries on the fast path: learning the head (when unknown), writing, and
+/// writing once more after another appender moved the head in between.
+const PLACED_ATTEMPTS: usize = 3;
+
 impl Writer {
-    async fn connection(&mut self) -> Result<&mut PgConnection, Error> {
+    async fn connection(&mut self) -> Result<(), Error> {
         if self.conn.is_none() {
             let mut conn = self.pool.acquire().await?.detach();
             conn.execute("SET plan_cache_mode = auto").await?;
             self.conn = Some(conn);
         }
-        self.conn.as_mut().ok_or(Error::Closed)
+        Ok(())
     }
 
     async fn write_and_reply(&mut self, batch: Vec<AppendRequest>) {
@@ -179,21 +244,249 @@ impl Writer {
         }
     }
 
-    /// Writes one batch as one statement, `deepnode_append`, which is its own transaction: one round
-    /// trip and one commit whatever the batch size. `Ok` carries one result per request (some may be
+    /// Writes one batch in one transaction. `Ok` carries one result per request (some may be
     /// rejections); `Err` means nothing of the batch was written.
+    ///
+    /// The fast path: when every append can be decided from what this writer remembers (see
+    /// [`KnownVersions::place`]), the writer places the events itself — positions from the head it
+    /// last wrote, stream versions, the hash chain — and `deepnode_append_at` only checks the head and
+    /// inserts. Otherwise, or when the database refuses the placement (an id already in the log, a
+    /// stream moved on by another appender), `deepnode_append` looks everything up and decides.
     async fn write_batch(
         &mut self,
         requests: &[&AppendRequest],
     ) -> Result<Vec<Result<AppendResult, Error>>, Error> {
-        let conn = self.connection().await?;
-        write_in(conn, requests).await.inspect_err(|e| {
+        self.connection().await?;
+        let recorded_at = to_micros(Utc::now());
+        let cols = Columns::of(requests, recorded_at);
+        let written = self.write_columns(requests, &cols, recorded_at).await;
+        if let Err(e) = &written {
             // The connection failed mid-statement: the outcome is unknown to us, so the error is
             // transient; a retry with the same event ids is answered from the log (idempotent).
             if e.is_transient() {
                 self.conn = None;
+                self.head = None;
             }
+        }
+        written
+    }
+
+    async fn write_columns(
+        &mut self,
+        requests: &[&AppendRequest],
+        cols: &Columns<'_>,
+        recorded_at: DateTime<Utc>,
+    ) -> Result<Vec<Result<AppendResult, Error>>, Error> {
+        let Writer {
+            conn,
+            head,
+            versions,
+            stats,
+            ..
+        } = self;
+        let conn = conn.as_mut().ok_or(Error::Closed)?;
+        let placement = cols
+            .repeated
+            .is_empty()
+            .then(|| versions.place(requests))
+            .flatten();
+        if let Some(starts) = placement {
+            for _ in 0..PLACED_ATTEMPTS {
+                let placed = match *head {
+                    Some(from) => write_placed(conn, from, requests, cols, &starts, recorded_at),
+                    None => write_placed(conn, UNKNOWN_HEAD, &[], cols, &[], recorded_at),
+                };
+                match placed.await {
+                    Ok(Placed::Written(to)) => {
+                        *head = Some(to);
+                        stats.placed.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("deepnode_store_group_commits_total", "path" => "placed")
+                            .increment(1);
+                        let from = to.position - cols.event_id.len() as i64;
+                        return Ok(placed_results(requests, &starts, from, versions));
+                    }
+                    Ok(Placed::Moved(actual)) => *head = Some(actual),
+                    Err(e) if crate::error::is_transient(&e) => return Err(e.into()),
+                    // An id already in the log or a stream moved on (unique_violation), or any other
+                    // refusal: deepnode_append decides, and reports, each append.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "placed batch refused; looking it up");
+                        break;
+                    }
+                }
+            }
+        }
+        *head = None;
+        let results = call_append(conn, requests, cols).await?;
+        stats.looked_up.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("deepnode_store_group_commits_total", "path" => "looked_up").increment(1);
+        versions.learn(requests, &results);
+        Ok(results)
+    }
+}
+
+/// A head no log has: asks `deepnode_append_at` for the actual one without writing.
+const UNKNOWN_HEAD: Head = Head {
+    position: -1,
+    hash: [0; 32],
+};
+
+/// Places the events of `requests` after `from` — positions, stream versions from `starts` (each
+/// append's stream version before it), the hash chain — and writes them with `deepnode_append_at`
+/// if the log's head is still `from`. With no requests it only reads the head.
+async fn write_placed(
+    conn: &mut PgConnection,
+    from: Head,
+    requests: &[&AppendRequest],
+    cols: &Columns<'_>,
+    starts: &[i64],
+    recorded_at: DateTime<Utc>,
+) -> Result<Placed, sqlx::Error> {
+    // No requests: only read the head (the arrays go empty).
+    let events = if requests.is_empty() {
+        0
+    } else {
+        cols.event_id.len()
+    };
+    let mut stream_versions = Vec::with_capacity(events);
+    let mut hashes = Vec::with_capacity(events);
+    let mut prev = from.hash;
+    let mut position = from.position;
+    let mut i = 0;
+    for (request, start) in requests.iter().zip(starts) {
+        for version in (start + 1..).take(request.events.len()) {
+            position += 1;
+            prev = chain_hash_of_parts(&prev, position, &cols.identity[i], version, &cols.body[i]);
+            stream_versions.push(version);
+            hashes.push(prev.to_vec());
+            i += 1;
+        }
+    }
+    let row = sqlx::query(
+        "SELECT o_written, o_position, o_hash
+           FROM deepnode_append_at($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+    )
+    .bind(from.position)
+    .bind(&from.hash[..])
+    .bind(&cols.event_id[..events])
+    .bind(&cols.event_stream[..events])
+    .bind(&stream_versions)
+    .bind(&cols.event_type[..events])
+    .bind(&cols.schema_version[..events])
+    .bind(&cols.payload[..events])
+    .bind(&cols.metadata[..events])
+    .bind(&cols.occurred_at[..events])
+    .bind(&hashes)
+    .bind(recorded_at)
+    .fetch_one(&mut *conn)
+    .await?;
+    let written: bool = row.try_get(0)?;
+    let hash: Vec<u8> = row.try_get(2)?;
+    let head = Head {
+        position: row.try_get(1)?,
+        hash: hash
+            .try_into()
+            .map_err(|_| sqlx::Error::Decode("log_head.hash is not 32 bytes".into()))?,
+    };
+    Ok(if written {
+        Placed::Written(head)
+    } else {
+        Placed::Moved(head)
+    })
+}
+
+/// The results of a placed batch written after position `from`; records the streams' new versions.
+fn placed_results(
+    requests: &[&AppendRequest],
+    starts: &[i64],
+    from: i64,
+    versions: &mut KnownVersions,
+) -> Vec<Result<AppendResult, Error>> {
+    let mut position = from;
+    requests
+        .iter()
+        .zip(starts)
+        .map(|(request, start)| {
+            let n = request.events.len() as i64;
+            let positions = (position + 1..=position + n).collect();
+            position += n;
+            versions.raise(request.stream.as_str(), start + n);
+            Ok(AppendResult {
+                positions,
+                stream_version: start + n,
+                duplicate: false,
+            })
         })
+        .collect()
+}
+
+/// Lower bounds of the versions of streams this writer has appended to or been told about (a stream
+/// only grows), for placing appends without looking their streams up. A bound that another appender
+/// has since overtaken is harmless: the version placed after it already exists, and the unique index
+/// on (stream_id, stream_version) refuses the batch. Two generations keep memory bounded: when the
+/// current one fills it becomes the previous, and the older one is dropped.
+#[derive(Default)]
+struct KnownVersions {
+    current: HashMap<String, i64>,
+    previous: HashMap<String, i64>,
+}
+
+impl KnownVersions {
+    /// Streams remembered per generation.
+    const GENERATION: usize = 16_384;
+
+    fn get(&self, stream: &str) -> Option<i64> {
+        self.current
+            .get(stream)
+            .or_else(|| self.previous.get(stream))
+            .copied()
+    }
+
+    fn raise(&mut self, stream: &str, version: i64) {
+        let version = self.get(stream).map_or(version, |known| known.max(version));
+        if let Some(known) = self.current.get_mut(stream) {
+            *known = version;
+            return;
+        }
+        if self.current.len() >= Self::GENERATION {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(stream.to_owned(), version);
+    }
+
+    /// Each append's stream version before it, if every append of the batch can be decided from
+    /// what is known: a stream that must not exist and is not known to (written at 1), or a stream
+    /// whose known version is the one expected (exactly, or any). Anything else — a stream never
+    /// seen with an exact or any expectation, a certain conflict — is for `deepnode_append`.
+    fn place(&self, requests: &[&AppendRequest]) -> Option<Vec<i64>> {
+        let mut after: HashMap<&str, i64> = HashMap::new();
+        requests
+            .iter()
+            .map(|request| {
+                let stream = request.stream.as_str();
+                let known = after.get(stream).copied().or_else(|| self.get(stream));
+                let start = match (request.expected, known) {
+                    (ExpectedVersion::NoStream, None | Some(0)) => 0,
+                    (ExpectedVersion::Exact(v), Some(k)) if k == v => v,
+                    (ExpectedVersion::Any, Some(k)) => k,
+                    _ => return None,
+                };
+                after.insert(stream, start + request.events.len() as i64);
+                Some(start)
+            })
+            .collect()
+    }
+
+    /// Remembers the versions `deepnode_append` reported: streams appended to and conflicts' actual
+    /// versions.
+    fn learn(&mut self, requests: &[&AppendRequest], results: &[Result<AppendResult, Error>]) {
+        for (request, result) in requests.iter().zip(results) {
+            match result {
+                Ok(r) if !r.duplicate => self.raise(request.stream.as_str(), r.stream_version),
+                Err(Error::Conflict { actual, .. }) => self.raise(request.stream.as_str(), *actual),
+                _ => {}
+            }
+        }
     }
 }
 
@@ -232,44 +525,28 @@ pub(crate) async fn append_in(
     conn: &mut PgConnection,
     request: &AppendRequest,
 ) -> Result<AppendResult, Error> {
-    let mut results = write_in(conn, &[request]).await?;
+    let cols = Columns::of(&[request], to_micros(Utc::now()));
+    let mut results = call_append(conn, &[request], &cols).await?;
     results.pop().unwrap_or(Err(Error::Closed))
 }
 
 /// Decides and writes `requests` on `conn` with one call of `deepnode_append` (migration V5), which
-/// locks the head until the surrounding transaction ends, assigns positions and stream versions,
-/// chains the hashes and inserts the accepted events. The appender encodes the position-free parts
-/// of each event's canonical bytes, so the database only concatenates and hashes. Returns one result
-/// per request.
-async fn write_in(
+/// locks the head until the surrounding transaction ends, looks up stream versions and prior event
+/// ids, assigns positions and stream versions, chains the hashes and inserts the accepted events.
+/// The appender encodes the position-free parts of each event's canonical bytes, so the database
+/// only concatenates and hashes. Returns one result per request.
+async fn call_append(
     conn: &mut PgConnection,
     requests: &[&AppendRequest],
+    cols: &Columns<'_>,
 ) -> Result<Vec<Result<AppendResult, Error>>, Error> {
-    let recorded_at = to_micros(Utc::now());
-    let events: usize = requests.iter().map(|r| r.events.len()).sum();
-    let mut streams = Vec::with_capacity(requests.len());
-    let mut expected = Vec::with_capacity(requests.len());
-    let mut counts = Vec::with_capacity(requests.len());
-    let mut cols = Columns::with_capacity(events);
-    for request in requests {
-        streams.push(request.stream.as_str());
-        expected.push(match request.expected {
-            ExpectedVersion::Any => None,
-            ExpectedVersion::NoStream => Some(0),
-            ExpectedVersion::Exact(v) => Some(v),
-        });
-        counts.push(request.events.len() as i32);
-        for event in &request.events {
-            cols.push(request.stream.as_str(), event, recorded_at);
-        }
-    }
     let rows = sqlx::query(
         "SELECT o_append, o_outcome, o_stream_version, o_positions, o_actual, o_event_id
            FROM deepnode_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
     )
-    .bind(&streams)
-    .bind(&expected)
-    .bind(&counts)
+    .bind(&cols.stream)
+    .bind(&cols.expected)
+    .bind(&cols.count)
     .bind(&cols.event_id)
     .bind(&cols.event_type)
     .bind(&cols.schema_version)
@@ -278,8 +555,8 @@ async fn write_in(
     .bind(&cols.occurred_at)
     .bind(&cols.identity)
     .bind(&cols.body)
-    .bind(repeated_ids(&cols.event_id))
-    .bind(recorded_at)
+    .bind(&cols.repeated)
+    .bind(cols.recorded_at)
     .bind(CANONICAL_TAG)
     .fetch_all(&mut *conn)
     .await?;
@@ -324,34 +601,66 @@ fn repeated_ids(ids: &[Uuid]) -> Vec<Uuid> {
     repeated
 }
 
-/// Per-event columns of one `deepnode_append` call, the appends' events concatenated in order.
+/// One batch as the database functions take it: per append its stream, expectation and event count,
+/// and per event its columns, the appends' events concatenated in order.
 struct Columns<'a> {
+    stream: Vec<&'a str>,
+    expected: Vec<Option<i64>>,
+    count: Vec<i32>,
     event_id: Vec<Uuid>,
+    event_stream: Vec<&'a str>,
     event_type: Vec<&'a str>,
     schema_version: Vec<i32>,
     payload: Vec<&'a str>,
     metadata: Vec<&'a str>,
     occurred_at: Vec<DateTime<Utc>>,
+    /// The position- and version-free parts of each event's canonical bytes.
     identity: Vec<Vec<u8>>,
     body: Vec<Vec<u8>>,
+    /// Event ids given more than once in the batch.
+    repeated: Vec<Uuid>,
+    recorded_at: DateTime<Utc>,
 }
 
 impl<'a> Columns<'a> {
-    fn with_capacity(n: usize) -> Self {
-        Columns {
-            event_id: Vec::with_capacity(n),
-            event_type: Vec::with_capacity(n),
-            schema_version: Vec::with_capacity(n),
-            payload: Vec::with_capacity(n),
-            metadata: Vec::with_capacity(n),
-            occurred_at: Vec::with_capacity(n),
-            identity: Vec::with_capacity(n),
-            body: Vec::with_capacity(n),
+    fn of(requests: &[&'a AppendRequest], recorded_at: DateTime<Utc>) -> Self {
+        let events: usize = requests.iter().map(|r| r.events.len()).sum();
+        let mut cols = Columns {
+            stream: Vec::with_capacity(requests.len()),
+            expected: Vec::with_capacity(requests.len()),
+            count: Vec::with_capacity(requests.len()),
+            event_id: Vec::with_capacity(events),
+            event_stream: Vec::with_capacity(events),
+            event_type: Vec::with_capacity(events),
+            schema_version: Vec::with_capacity(events),
+            payload: Vec::with_capacity(events),
+            metadata: Vec::with_capacity(events),
+            occurred_at: Vec::with_capacity(events),
+            identity: Vec::with_capacity(events),
+            body: Vec::with_capacity(events),
+            repeated: Vec::new(),
+            recorded_at,
+        };
+        for request in requests {
+            let stream = request.stream.as_str();
+            cols.stream.push(stream);
+            cols.expected.push(match request.expected {
+                ExpectedVersion::Any => None,
+                ExpectedVersion::NoStream => Some(0),
+                ExpectedVersion::Exact(v) => Some(v),
+            });
+            cols.count.push(request.events.len() as i32);
+            for event in &request.events {
+                cols.push_event(stream, event);
+            }
         }
+        cols.repeated = repeated_ids(&cols.event_id);
+        cols
     }
 
-    fn push(&mut self, stream: &str, event: &'a PreparedEvent, recorded_at: DateTime<Utc>) {
+    fn push_event(&mut self, stream: &'a str, event: &'a PreparedEvent) {
         self.event_id.push(event.event_id);
+        self.event_stream.push(stream);
         self.event_type.push(&event.event_type);
         self.schema_version.push(event.schema_version);
         self.payload.push(&event.payload_json);
@@ -369,7 +678,7 @@ impl<'a> Columns<'a> {
             payload_json: event.payload_json.as_bytes(),
             metadata_json: event.metadata_json.as_bytes(),
             occurred_at: event.occurred_at,
-            recorded_at,
+            recorded_at: self.recorded_at,
         }));
     }
 }

@@ -69,7 +69,7 @@ impl From<sqlx::Error> for Error {
 }
 
 /// Connection loss, pool exhaustion, server shutdown or serialisation failures: worth a retry.
-fn is_transient(e: &sqlx::Error) -> bool {
+pub(crate) fn is_transient(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
         sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,

@@ -21,7 +21,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
-pub use append::AppendResult;
+pub use append::{AppendResult, WriterStats};
 pub use chain::{verify_chain, verify_chain_with, BreakKind, ChainBreak, ChainReport};
 pub use deepnode_domain::log::{ExpectedVersion, NewEvent, RecordedEvent, StreamId};
 pub use error::Error;
@@ -38,6 +38,7 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/deepn
 pub struct EventStore {
     pool: PgPool,
     writer: mpsc::Sender<append::AppendRequest>,
+    stats: std::sync::Arc<WriterStats>,
 }
 
 impl EventStore {
@@ -61,8 +62,18 @@ impl EventStore {
     /// starts the group-commit writer task, which ends when the last clone is dropped.
     pub fn from_pool(pool: PgPool) -> EventStore {
         let (writer, rx) = mpsc::channel(4_096);
-        tokio::spawn(append::run_writer(pool.clone(), rx));
-        EventStore { pool, writer }
+        let stats = std::sync::Arc::new(WriterStats::default());
+        tokio::spawn(append::run_writer(pool.clone(), rx, stats.clone()));
+        EventStore {
+            pool,
+            writer,
+            stats,
+        }
+    }
+
+    /// How this store's group commits were written so far (diagnostics: benchmarks and tests).
+    pub fn writer_stats(&self) -> &WriterStats {
+        &self.stats
     }
 
     /// The connection pool, for projections and admin queries.

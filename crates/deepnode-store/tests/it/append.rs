@@ -217,6 +217,80 @@ async fn reappending_the_same_ids_returns_the_original_positions_and_writes_noth
     assert_eq!(count(&store).await, 3);
 }
 
+/// A writer places appends it can decide from memory (the head it wrote, the stream versions it saw)
+/// and writes them without lookups; what another writer changed behind its back is caught by the
+/// database and decided by lookup, with the same answers a lookup alone gives.
+#[tokio::test]
+async fn a_writer_places_what_it_knows_and_looks_up_what_another_writer_moved() {
+    let db = TestDb::new().await;
+    // Two stores = two writers with their own memory, like two processes.
+    let (a, b) = (db.store().await, db.store().await);
+    let s = stream("node-n1");
+    let stats = |store: &EventStore| {
+        let stats = store.writer_stats();
+        (stats.placed(), stats.looked_up())
+    };
+    let one = |t: &str| vec![event(t, json!({"t": t}))];
+
+    // A new stream, then the version `a` itself wrote: both placed.
+    let r = a
+        .append(&s, ExpectedVersion::NoStream, one("A1"))
+        .await
+        .unwrap();
+    assert_eq!((r.positions, r.stream_version), (vec![1], 1));
+    let r = a
+        .append(&s, ExpectedVersion::Exact(1), one("A2"))
+        .await
+        .unwrap();
+    assert_eq!((r.positions, r.stream_version), (vec![2], 2));
+    assert_eq!(stats(&a), (2, 0));
+
+    // `b` has never seen the stream: an exact expectation is looked up.
+    let r = b
+        .append(&s, ExpectedVersion::Exact(2), one("B3"))
+        .await
+        .unwrap();
+    assert_eq!((r.positions, r.stream_version), (vec![3], 3));
+    assert_eq!(stats(&b), (0, 1));
+
+    // `a` still believes the stream is at 2: its placement collides with B3, and the lookup reports
+    // the actual version.
+    let err = a
+        .append(&s, ExpectedVersion::Exact(2), one("A3"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict { actual: 3, .. }), "{err}");
+    assert_eq!(stats(&a), (2, 1));
+
+    // Learned from the conflict: placed again, after the head `b` moved.
+    let r = a
+        .append(&s, ExpectedVersion::Exact(3), one("A4"))
+        .await
+        .unwrap();
+    assert_eq!((r.positions, r.stream_version), (vec![4], 4));
+    // `b` moves the head again; `a`'s next placement finds it moved, re-places and lands after it.
+    b.append(&stream("node-n2"), ExpectedVersion::NoStream, one("B1"))
+        .await
+        .unwrap();
+    let again = one("A5");
+    let r = a
+        .append(&s, ExpectedVersion::Any, again.clone())
+        .await
+        .unwrap();
+    assert_eq!((r.positions, r.stream_version), (vec![6], 5));
+    assert_eq!(stats(&a), (4, 1));
+
+    // Re-appending A5's id is placed, collides on the id, and is answered as the duplicate it is.
+    let r = a.append(&s, ExpectedVersion::Any, again).await.unwrap();
+    assert!(r.duplicate);
+    assert_eq!((r.positions, r.stream_version), (vec![6], 5));
+    assert_eq!(stats(&a), (4, 2));
+
+    assert_eq!(count(&a).await, 6);
+    let report = a.verify_chain(1, None).await.unwrap();
+    assert_eq!((report.verified, report.first_break), (6, None));
+}
+
 #[tokio::test]
 async fn concurrent_duplicates_in_one_group_commit_are_written_once() {
     let db = TestDb::new().await;

@@ -142,6 +142,13 @@ pub struct NewEvent {
 impl NewEvent {
     /// Checks what the store checks before writing: type name, version, object bodies, size, no NUL.
     pub fn validate(&self) -> Result<(), LogError> {
+        self.validate_shape()?;
+        check_event_size(json_len(&self.payload) + json_len(&self.metadata))
+    }
+
+    /// Everything [`NewEvent::validate`] checks but the size: for an appender that serialises the
+    /// bodies anyway and checks the size of those bytes with [`check_event_size`].
+    pub fn validate_shape(&self) -> Result<(), LogError> {
         let mut chars = self.event_type.chars();
         let pascal = chars.next().is_some_and(|c| c.is_ascii_uppercase())
             && chars.all(|c| c.is_ascii_alphanumeric())
@@ -160,15 +167,19 @@ impl NewEvent {
                 return Err(LogError::NulCharacter { field });
             }
         }
-        let size = json_len(&self.payload) + json_len(&self.metadata);
-        if size > MAX_EVENT_BYTES {
-            return Err(LogError::TooLarge {
-                size,
-                max: MAX_EVENT_BYTES,
-            });
-        }
         Ok(())
     }
+}
+
+/// Refuses an event whose payload and metadata serialise to more than [`MAX_EVENT_BYTES`] together.
+pub fn check_event_size(size: usize) -> Result<(), LogError> {
+    if size > MAX_EVENT_BYTES {
+        return Err(LogError::TooLarge {
+            size,
+            max: MAX_EVENT_BYTES,
+        });
+    }
+    Ok(())
 }
 
 fn json_len(value: &Value) -> usize {

@@ -35,8 +35,8 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use deepnode_domain::log::{
-    canonical_body, canonical_identity, chain_hash_of_parts, normalize_json, to_json_bytes,
-    to_micros, CanonicalRow, ExpectedVersion, NewEvent, StreamId, CANONICAL_TAG,
+    canonical_body, canonical_identity, chain_hash_of_parts, check_event_size, normalize_json,
+    to_json_bytes, to_micros, CanonicalRow, ExpectedVersion, NewEvent, StreamId, CANONICAL_TAG,
 };
 use serde_json::Value;
 use sqlx::{Executor, PgConnection, PgPool, Row};
@@ -86,17 +86,19 @@ pub(crate) struct PreparedEvent {
 
 impl PreparedEvent {
     pub(crate) fn prepare(mut event: NewEvent) -> Result<PreparedEvent, Error> {
-        event.validate()?;
+        event.validate_shape()?;
         normalize_json(&mut event.payload);
         normalize_json(&mut event.metadata);
         // serde_json only ever writes UTF-8.
         let json = |v: &Value| String::from_utf8(to_json_bytes(v)).unwrap_or_default();
+        let (payload_json, metadata_json) = (json(&event.payload), json(&event.metadata));
+        check_event_size(payload_json.len() + metadata_json.len())?;
         Ok(PreparedEvent {
             event_id: event.event_id,
             event_type: event.event_type,
             schema_version: event.schema_version,
-            payload_json: json(&event.payload),
-            metadata_json: json(&event.metadata),
+            payload_json,
+            metadata_json,
             occurred_at: to_micros(event.occurred_at),
         })
     }

@@ -259,9 +259,8 @@ impl Writer {
         requests: &[&AppendRequest],
     ) -> Result<Vec<Result<AppendResult, Error>>, Error> {
         self.connection().await?;
-        let recorded_at = to_micros(Utc::now());
-        let cols = Columns::of(requests, recorded_at);
-        let written = self.write_columns(requests, &cols, recorded_at).await;
+        let cols = Columns::of(requests, to_micros(Utc::now()));
+        let written = self.write_columns(requests, &cols).await;
         if let Err(e) = &written {
             // The connection failed mid-statement: the outcome is unknown to us, so the error is
             // transient; a retry with the same event ids is answered from the log (idempotent).
@@ -277,7 +276,6 @@ impl Writer {
         &mut self,
         requests: &[&AppendRequest],
         cols: &Columns<'_>,
-        recorded_at: DateTime<Utc>,
     ) -> Result<Vec<Result<AppendResult, Error>>, Error> {
         let Writer {
             conn,
@@ -295,8 +293,8 @@ impl Writer {
         if let Some(starts) = placement {
             for _ in 0..PLACED_ATTEMPTS {
                 let placed = match *head {
-                    Some(from) => write_placed(conn, from, requests, cols, &starts, recorded_at),
-                    None => write_placed(conn, UNKNOWN_HEAD, &[], cols, &[], recorded_at),
+                    Some(from) => write_placed(conn, from, requests, cols, &starts),
+                    None => write_placed(conn, UNKNOWN_HEAD, &[], cols, &[]),
                 };
                 match placed.await {
                     Ok(Placed::Written(to)) => {
@@ -342,7 +340,6 @@ async fn write_placed(
     requests: &[&AppendRequest],
     cols: &Columns<'_>,
     starts: &[i64],
-    recorded_at: DateTime<Utc>,
 ) -> Result<Placed, sqlx::Error> {
     // No requests: only read the head (the arrays go empty).
     let events = if requests.is_empty() {
@@ -379,7 +376,7 @@ async fn write_placed(
     .bind(&cols.metadata[..events])
     .bind(&cols.occurred_at[..events])
     .bind(&hashes)
-    .bind(recorded_at)
+    .bind(cols.recorded_at)
     .fetch_one(&mut *conn)
     .await?;
     let written: bool = row.try_get(0)?;

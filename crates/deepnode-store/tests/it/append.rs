@@ -230,60 +230,62 @@ async fn a_writer_places_what_it_knows_and_looks_up_what_another_writer_moved() 
         let stats = store.writer_stats();
         (stats.placed(), stats.looked_up())
     };
-    let one = |t: &str| vec![event(t, json!({"t": t}))];
+    // Appends one event of type `t`: (positions, stream version, duplicate).
+    let append = |store: &EventStore, s: &StreamId, expected, t: &str| {
+        let (store, s, t) = (store.clone(), s.clone(), t.to_owned());
+        async move {
+            let events = vec![event(&t, json!({"t": t}))];
+            let r = store.append(&s, expected, events).await?;
+            Ok::<_, Error>((r.positions, r.stream_version, r.duplicate))
+        }
+    };
 
     // A new stream, then the version `a` itself wrote: both placed.
-    let r = a
-        .append(&s, ExpectedVersion::NoStream, one("A1"))
-        .await
-        .unwrap();
-    assert_eq!((r.positions, r.stream_version), (vec![1], 1));
-    let r = a
-        .append(&s, ExpectedVersion::Exact(1), one("A2"))
-        .await
-        .unwrap();
-    assert_eq!((r.positions, r.stream_version), (vec![2], 2));
+    let first = append(&a, &s, ExpectedVersion::NoStream, "A1").await;
+    assert_eq!(first.unwrap(), (vec![1], 1, false));
+    let second = append(&a, &s, ExpectedVersion::Exact(1), "A2").await;
+    assert_eq!(second.unwrap(), (vec![2], 2, false));
     assert_eq!(stats(&a), (2, 0));
 
     // `b` has never seen the stream: an exact expectation is looked up.
-    let r = b
-        .append(&s, ExpectedVersion::Exact(2), one("B3"))
-        .await
-        .unwrap();
-    assert_eq!((r.positions, r.stream_version), (vec![3], 3));
+    let by_b = append(&b, &s, ExpectedVersion::Exact(2), "B3").await;
+    assert_eq!(by_b.unwrap(), (vec![3], 3, false));
     assert_eq!(stats(&b), (0, 1));
 
     // `a` still believes the stream is at 2: its placement collides with B3, and the lookup reports
     // the actual version.
-    let err = a
-        .append(&s, ExpectedVersion::Exact(2), one("A3"))
+    let err = append(&a, &s, ExpectedVersion::Exact(2), "A3")
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Conflict { actual: 3, .. }), "{err}");
     assert_eq!(stats(&a), (2, 1));
 
     // Learned from the conflict: placed again, after the head `b` moved.
-    let r = a
-        .append(&s, ExpectedVersion::Exact(3), one("A4"))
-        .await
-        .unwrap();
-    assert_eq!((r.positions, r.stream_version), (vec![4], 4));
+    let learned = append(&a, &s, ExpectedVersion::Exact(3), "A4").await;
+    assert_eq!(learned.unwrap(), (vec![4], 4, false));
     // `b` moves the head again; `a`'s next placement finds it moved, re-places and lands after it.
-    b.append(&stream("node-n2"), ExpectedVersion::NoStream, one("B1"))
+    append(&b, &stream("node-n2"), ExpectedVersion::NoStream, "B1")
         .await
         .unwrap();
-    let again = one("A5");
-    let r = a
-        .append(&s, ExpectedVersion::Any, again.clone())
-        .await
-        .unwrap();
-    assert_eq!((r.positions, r.stream_version), (vec![6], 5));
+    let again = event("A5", json!({}));
+    let moved = a
+        .append(&s, ExpectedVersion::Any, vec![again.clone()])
+        .await;
+    assert_eq!(
+        moved.map(|r| (r.positions, r.stream_version)).unwrap(),
+        (vec![6], 5)
+    );
     assert_eq!(stats(&a), (4, 1));
 
     // Re-appending A5's id is placed, collides on the id, and is answered as the duplicate it is.
-    let r = a.append(&s, ExpectedVersion::Any, again).await.unwrap();
-    assert!(r.duplicate);
-    assert_eq!((r.positions, r.stream_version), (vec![6], 5));
+    let r = a
+        .append(&s, ExpectedVersion::Any, vec![again])
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.positions, r.stream_version, r.duplicate),
+        (vec![6], 5, true)
+    );
     assert_eq!(stats(&a), (4, 2));
 
     assert_eq!(count(&a).await, 6);

@@ -57,36 +57,56 @@ pub async fn run(db: &BenchDb, args: &AppendArgs) -> Result<String> {
     let mut ratios = String::new();
     let mut raw_one_client: Option<f64> = None;
     for &clients in &args.clients {
-        eprintln!("scenario: {clients} client(s), 1 row per transaction");
-        let raw = if args.skip_raw {
-            None
-        } else {
-            let raw =
-                raw_scenario(db, plan, clients, 1, RawShape::Statements, payload_bytes).await?;
-            eprintln!("  raw: {:.0} rows/s", raw.rate());
-            Some(raw)
-        };
-        let ours = store_scenario(&store, &mut admin, args, clients, 1).await?;
-        eprintln!("  deepnode: {:.0} events/s ({})", ours.rate(), ours.note);
-        if let Some(raw) = raw {
-            ratios.push_str(&ratio_row(
-                &format!("{clients} writer(s) vs raw {clients} client(s), 1 row each"),
-                &ours,
-                &raw,
-            ));
-            if clients == 1 {
-                raw_one_client = Some(raw.rate());
-            } else if let Some(one) = raw_one_client {
-                ratios.push_str(&format!(
-                    "| {clients} writer(s) vs raw 1 client | {} | {} | {:.2}× |\n",
-                    thousands(ours.rate()),
-                    thousands(one),
-                    ours.rate() / one.max(f64::MIN_POSITIVE)
+        let rounds = args.rounds.max(1);
+        let mut pair_ratios = Vec::with_capacity(rounds);
+        for round in 1..=rounds {
+            let of = if rounds > 1 {
+                format!(" (round {round} of {rounds})")
+            } else {
+                String::new()
+            };
+            eprintln!("scenario: {clients} client(s), 1 row per transaction{of}");
+            let raw = if args.skip_raw {
+                None
+            } else {
+                let raw =
+                    raw_scenario(db, plan, clients, 1, RawShape::Statements, payload_bytes).await?;
+                eprintln!("  raw: {:.0} rows/s", raw.rate());
+                Some(raw)
+            };
+            let ours = store_scenario(&store, &mut admin, args, clients, 1).await?;
+            eprintln!("  deepnode: {:.0} events/s ({})", ours.rate(), ours.note);
+            if let Some(raw) = raw {
+                ratios.push_str(&ratio_row(
+                    &format!("{clients} writer(s) vs raw {clients} client(s), 1 row each{of}"),
+                    &ours,
+                    &raw,
                 ));
+                pair_ratios.push(ours.rate() / raw.rate().max(f64::MIN_POSITIVE));
+                if clients == 1 {
+                    raw_one_client = Some(raw.rate());
+                } else if let Some(one) = raw_one_client {
+                    ratios.push_str(&format!(
+                        "| {clients} writer(s) vs raw 1 client{of} | {} | {} | {:.2}× |\n",
+                        thousands(ours.rate()),
+                        thousands(one),
+                        ours.rate() / one.max(f64::MIN_POSITIVE)
+                    ));
+                }
+                rows.push(raw);
             }
-            rows.push(raw);
+            rows.push(ours);
         }
-        rows.push(ours);
+        if pair_ratios.len() > 1 {
+            pair_ratios.sort_by(f64::total_cmp);
+            let all: Vec<String> = pair_ratios.iter().map(|r| format!("{r:.2}")).collect();
+            ratios.push_str(&format!(
+                "| {clients} writer(s) vs raw {clients} client(s): median of {} rounds ({}) | | | **{:.2}×** |\n",
+                pair_ratios.len(),
+                all.join(", "),
+                median(&pair_ratios)
+            ));
+        }
     }
     if args.batch > 0 {
         let batch = args.batch;
@@ -146,6 +166,22 @@ pub async fn run(db: &BenchDb, args: &AppendArgs) -> Result<String> {
         out.push_str(&ratios);
     }
     Ok(out)
+}
+
+/// A number for each scenario run, so that repeated rounds of one shape write fresh streams.
+fn next_run() -> usize {
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+    RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The middle of sorted values (the mean of the two middle ones for an even count).
+fn median(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => sorted[n / 2],
+        _ => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
 }
 
 fn ratio_row(label: &str, ours: &Outcome, raw: &Outcome) -> String {
@@ -458,10 +494,11 @@ async fn raw_scenario(
         RawShape::MultiRow => "m",
     };
     let mut conns = Vec::with_capacity(clients);
+    let run = next_run();
     for worker in 0..clients {
         conns.push(RawClient {
             conn: db.connect().await?,
-            stream: format!("raw-{tag}{rows}x{clients}-{worker}"),
+            stream: format!("raw-{tag}{rows}x{clients}-{run}-{worker}"),
             version: 0,
             worker,
         });
@@ -523,8 +560,9 @@ async fn store_scenario(
     let looked_up_before = store.writer_stats().looked_up();
     let mut handles = Vec::with_capacity(writers);
     let window = Window::new(plan);
+    let run = next_run();
     for worker in 0..writers {
-        let raw_stream = format!("bench-{per_append}x{writers}-{worker}");
+        let raw_stream = format!("bench-{per_append}x{writers}-{run}-{worker}");
         let stream =
             StreamId::parse(&raw_stream).with_context(|| format!("stream id {raw_stream}"))?;
         let writer = StoreWriter {
@@ -599,4 +637,16 @@ async fn batch_note(
         p50 / per,
         max / per_append as i64
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_is_the_middle_value_or_the_mean_of_the_two_middle_ones() {
+        assert_eq!(median(&[]), 0.0);
+        assert_eq!(median(&[1.4, 1.5, 2.6]), 1.5);
+        assert_eq!(median(&[1.0, 1.5, 2.0, 9.0]), 1.75);
+    }
 }

@@ -72,6 +72,10 @@ pub struct AppendArgs {
     /// Approximate size of each event's JSON payload in bytes.
     #[arg(long, default_value_t = 300)]
     pub payload_bytes: usize,
+    /// Raw/deepnode pairs per concurrency level, run alternately; with more than one, the comparison
+    /// adds each level's median ratio (for a machine whose speed drifts between scenarios).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
 }
 
 /// Options of `read`.

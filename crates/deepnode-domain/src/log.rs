@@ -290,14 +290,28 @@ pub const CANONICAL_TAG: &[u8] = b"deepnode-event-v1";
 /// between parts the appender can encode beforehand, so the database function that assigns them
 /// (`deepnode_append`) only concatenates and hashes, and the format is defined here alone.
 pub fn canonical_bytes(row: &CanonicalRow<'_>) -> Vec<u8> {
-    let identity = canonical_identity(row.event_id, row.stream_id);
-    let body = canonical_body(row);
+    canonical_bytes_of_parts(
+        row.global_position,
+        &canonical_identity(row.event_id, row.stream_id),
+        row.stream_version,
+        &canonical_body(row),
+    )
+}
+
+/// The canonical bytes of a row from its position, stream version and the two parts the appender
+/// encodes beforehand ([`canonical_identity`], [`canonical_body`]).
+pub fn canonical_bytes_of_parts(
+    global_position: i64,
+    identity: &[u8],
+    stream_version: i64,
+    body: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(CANONICAL_TAG.len() + 16 + identity.len() + body.len());
     out.extend_from_slice(CANONICAL_TAG);
-    out.extend_from_slice(&row.global_position.to_be_bytes());
-    out.extend_from_slice(&identity);
-    out.extend_from_slice(&row.stream_version.to_be_bytes());
-    out.extend_from_slice(&body);
+    out.extend_from_slice(&global_position.to_be_bytes());
+    out.extend_from_slice(identity);
+    out.extend_from_slice(&stream_version.to_be_bytes());
+    out.extend_from_slice(body);
     out
 }
 
@@ -327,25 +341,6 @@ pub fn canonical_body(row: &CanonicalRow<'_>) -> Vec<u8> {
 fn put_prefixed(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
     out.extend_from_slice(bytes);
-}
-
-/// `chain_hash(prev_hash, canonical_bytes(row))` from the row's parts as the appender holds them
-/// (see [`canonical_bytes`] for the layout), without concatenating them first.
-pub fn chain_hash_of_parts(
-    prev_hash: &[u8],
-    global_position: i64,
-    identity: &[u8],
-    stream_version: i64,
-    body: &[u8],
-) -> [u8; 32] {
-    let mut hasher = Sha256::new();
-    hasher.update(prev_hash);
-    hasher.update(CANONICAL_TAG);
-    hasher.update(global_position.to_be_bytes());
-    hasher.update(identity);
-    hasher.update(stream_version.to_be_bytes());
-    hasher.update(body);
-    hasher.finalize().into()
 }
 
 /// `sha256(prev_hash ‖ canonical)`.
@@ -456,7 +451,7 @@ mod tests {
     }
 
     #[test]
-    fn hashing_the_parts_equals_hashing_the_canonical_bytes() {
+    fn the_canonical_bytes_of_a_row_are_those_of_its_parts() {
         let (payload, metadata) = (br#"{"a":1}"#.as_slice(), b"{}".as_slice());
         let row = CanonicalRow {
             global_position: 41,
@@ -470,22 +465,12 @@ mod tests {
             occurred_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
             recorded_at: DateTime::from_timestamp_micros(1_700_000_000_654_321).unwrap(),
         };
-        let prev = [9u8; 32];
-        let parts = chain_hash_of_parts(
-            &prev,
-            row.global_position,
-            &canonical_identity(row.event_id, row.stream_id),
-            row.stream_version,
-            &canonical_body(&row),
-        );
-        assert_eq!(parts, chain_hash(&prev, &canonical_bytes(&row)));
-        let moved = chain_hash_of_parts(
-            &prev,
-            row.global_position + 1,
-            &canonical_identity(row.event_id, row.stream_id),
-            row.stream_version,
-            &canonical_body(&row),
-        );
-        assert_ne!(parts, moved);
+        let identity = canonical_identity(row.event_id, row.stream_id);
+        let body = canonical_body(&row);
+        let parts = canonical_bytes_of_parts(41, &identity, 3, &body);
+        assert_eq!(parts, canonical_bytes(&row));
+        assert!(parts.starts_with(CANONICAL_TAG));
+        assert_ne!(parts, canonical_bytes_of_parts(42, &identity, 3, &body));
+        assert_ne!(parts, canonical_bytes_of_parts(41, &identity, 4, &body));
     }
 }

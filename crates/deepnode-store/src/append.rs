@@ -10,10 +10,10 @@
 //! - `deepnode_append_at` (migration V7), the fast path: the writer remembers the head it last
 //!   wrote and a lower bound of each stream's version, so when every append of the batch can be
 //!   decided from those (a new stream, or a known stream at the expected version) it places the
-//!   events itself — positions, stream versions, hashes ([`chain_hash_of_parts`]) — and the
-//!   function only checks that the head has not moved and inserts. What the writer could not know is
-//!   enforced by the unique indexes: an id already in the log or a stream another appender moved on
-//!   refuses the whole statement, and the batch goes to
+//!   events itself — positions, stream versions, hashes ([`chain_hash`] of
+//!   [`canonical_bytes_of_parts`]) — and the function only checks that the head has not moved and
+//!   inserts. What the writer could not know is enforced by the unique indexes: an id already in the
+//!   log or a stream another appender moved on refuses the whole statement, and the batch goes to
 //! - `deepnode_append` (migration V5), which looks up stream versions and prior ids and decides each
 //!   append — idempotent replay by event id, expected-version check, positions, stream versions, hash
 //!   chain — before inserting the accepted ones. The appender encodes the parts of each event's
@@ -35,8 +35,9 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use deepnode_domain::log::{
-    canonical_body, canonical_identity, chain_hash_of_parts, check_event_size, normalize_json,
-    to_json_bytes, to_micros, CanonicalRow, ExpectedVersion, NewEvent, StreamId, CANONICAL_TAG,
+    canonical_body, canonical_bytes_of_parts, canonical_identity, chain_hash, check_event_size,
+    normalize_json, to_json_bytes, to_micros, CanonicalRow, ExpectedVersion, NewEvent, StreamId,
+    CANONICAL_TAG,
 };
 use serde_json::Value;
 use sqlx::{Executor, PgConnection, PgPool, Row};
@@ -355,7 +356,9 @@ async fn write_placed(
     for (request, start) in requests.iter().zip(starts) {
         for version in (start + 1..).take(request.events.len()) {
             position += 1;
-            prev = chain_hash_of_parts(&prev, position, &cols.identity[i], version, &cols.body[i]);
+            let canonical =
+                canonical_bytes_of_parts(position, &cols.identity[i], version, &cols.body[i]);
+            prev = chain_hash(&prev, &canonical);
             stream_versions.push(version);
             hashes.push(prev.to_vec());
             i += 1;

@@ -238,15 +238,18 @@ impl Scheduler {
         )
     }
 
-    /// Waits for an attempt to `node` (a replica of `model`) and feeds its outcome to the outlier
-    /// tracker, returning what the tracker decided (an ejection or a restoration is recorded once the
-    /// execution is). A last healthy replica kept despite its failures asks for an emergency round.
-    async fn finish_attempt(
+    /// Waits for an attempt to `node` (a replica of `model`, dispatched by the `AttemptDispatched`
+    /// event `dispatched`) and feeds its outcome to the outlier tracker; the settled attempt carries
+    /// what the tracker decided (an ejection or a restoration is recorded once the execution is). A
+    /// last healthy replica kept despite its failures asks for an emergency round.
+    async fn finish_attempt<'a>(
         &self,
-        node: &NodeId,
+        node: &'a NodeId,
+        role: Role,
+        dispatched: Uuid,
         model: &ModelId,
         task: JoinHandle<AttemptResult>,
-    ) -> (Classified, u64, Transition) {
+    ) -> (Classified, Attempt<'a>) {
         let (classified, latency_ms) = match task.await {
             Ok(result) => result,
             Err(e) => (
@@ -273,7 +276,14 @@ impl Scheduler {
             self.ask_for_replacement(model, "the last healthy replica keeps failing")
                 .await;
         }
-        (classified, latency_ms, transition)
+        let attempt = Attempt {
+            node,
+            role,
+            latency_ms,
+            dispatched,
+            transition,
+        };
+        (classified, attempt)
     }
 
     /// Records a finished execution with one `NoStream` append and returns `reply`, or the recorded
@@ -542,14 +552,9 @@ async fn execute(
         decisions: Vec::new(),
         attempts: Vec::with_capacity(2),
     };
-    let (result_1, latency_ms, transition) = s.finish_attempt(&primary, &model_id, task_1).await;
-    let attempt_1 = Attempt {
-        node: &primary,
-        role: Role::Primary,
-        latency_ms,
-        dispatched: cause_1,
-        transition,
-    };
+    let (result_1, attempt_1) = s
+        .finish_attempt(&primary, Role::Primary, cause_1, &model_id, task_1)
+        .await;
     let cause_fail_1 = match result_1 {
         Classified::Success(output) => {
             let success = Success {
@@ -571,27 +576,17 @@ async fn execute(
         Some(_) => None,
     };
     let Some(backup) = backup.filter(|_| refusal.is_none()) else {
-        let message = failure_message(&trail.attempts, refusal);
-        let end = execution_failed(&request_id, &model_id, 1, &message, &meta, cause_fail_1);
-        trail.record.push(end);
-        let reply = failure_reply(&request_id, message, &trail.attempts);
-        return s
-            .record(&stream, &request_id, trail.record, trail.decisions, reply)
-            .await;
+        let end = (refusal, cause_fail_1);
+        return give_up(&s, &stream, &request_id, &model_id, &meta, trail, end).await;
     };
     metrics::counter!("deepnode_exec_fallbacks_total").increment(1);
     let dispatched_2 = dispatched(&backup, Role::Backup, 2, cause_fail_1);
     let cause_2 = dispatched_2.event_id;
     trail.record.push(dispatched_2);
     let task_2 = s.spawn_attempt(&backup, body, &correlation_id, timeout);
-    let (result_2, latency_ms, transition) = s.finish_attempt(&backup, &model_id, task_2).await;
-    let attempt_2 = Attempt {
-        node: &backup,
-        role: Role::Backup,
-        latency_ms,
-        dispatched: cause_2,
-        transition,
-    };
+    let (result_2, attempt_2) = s
+        .finish_attempt(&backup, Role::Backup, cause_2, &model_id, task_2)
+        .await;
     match result_2 {
         Classified::Success(output) => {
             let success = Success {
@@ -602,14 +597,39 @@ async fn execute(
         }
         Classified::Failed(failure, detail) => {
             let cause_fail_2 = trail.failed(attempt_2, failure, detail, &request_id, &meta);
-            let message = failure_message(&trail.attempts, None);
-            let end = execution_failed(&request_id, &model_id, 2, &message, &meta, cause_fail_2);
-            trail.record.push(end);
-            let reply = failure_reply(&request_id, message, &trail.attempts);
-            s.record(&stream, &request_id, trail.record, trail.decisions, reply)
-                .await
+            give_up(
+                &s,
+                &stream,
+                &request_id,
+                &model_id,
+                &meta,
+                trail,
+                (None, cause_fail_2),
+            )
+            .await
         }
     }
+}
+
+/// Ends an execution no replica served: `ExecutionFailed` (not charged) after the last
+/// `AttemptFailed`, recorded before the `all_replicas_failed` reply goes out. `end` is why no further
+/// replica was tried (`None` when none was left to try) and the last `AttemptFailed` event id.
+async fn give_up(
+    s: &Scheduler,
+    stream: &StreamId,
+    request_id: &RequestId,
+    model_id: &ModelId,
+    meta: &Metadata,
+    mut trail: Trail,
+    (refusal, cause): (Option<&str>, Uuid),
+) -> Reply {
+    let message = failure_message(&trail.attempts, refusal);
+    let attempts = u8::try_from(trail.attempts.len()).unwrap_or(u8::MAX);
+    let end = execution_failed(request_id, model_id, attempts, &message, meta, cause);
+    trail.record.push(end);
+    let reply = failure_reply(request_id, message, &trail.attempts);
+    s.record(stream, request_id, trail.record, trail.decisions, reply)
+        .await
 }
 
 /// `ExecutionFailed` (not charged), carrying the reply's message for repeated request ids.

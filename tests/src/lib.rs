@@ -47,6 +47,16 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// A fresh database and prefix with the relay and the three services running (one scheduler
+    /// copy, producer `scheduler`).
+    pub async fn with_services(policy: PolicyConfig) -> anyhow::Result<Cluster> {
+        let mut cluster = Cluster::new(policy).await?;
+        cluster.start_reputation().await?;
+        cluster.start_rotation().await?;
+        cluster.start_scheduler("scheduler").await?;
+        Ok(cluster)
+    }
+
     /// A fresh database and prefix, with the relay running and no service yet.
     pub async fn new(policy: PolicyConfig) -> anyhow::Result<Cluster> {
         let db = TestDb::new().await;

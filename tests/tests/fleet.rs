@@ -339,10 +339,9 @@ async fn fleet_of_eight_end_to_end() {
 /// rounds at all, so only the scheduler's request can start one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_model_left_with_one_failing_replica_is_re_placed_at_once() {
-    let mut cluster = Cluster::new(PolicyConfig::default()).await.unwrap();
-    cluster.start_reputation().await.unwrap();
-    cluster.start_rotation().await.unwrap();
-    cluster.start_scheduler("scheduler").await.unwrap();
+    let mut cluster = Cluster::with_services(PolicyConfig::default())
+        .await
+        .unwrap();
     let node = |id: &str, behaviour: Behaviour| {
         let mut n = SimNode::new(NodeId::parse(id).unwrap(), "text").with_behaviour(behaviour);
         n.capacity = 8;

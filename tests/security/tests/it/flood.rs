@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use deepnode_bus::rpc;
+use deepnode_domain::config::PolicyConfig;
 use deepnode_domain::ids::NodeId;
 use deepnode_e2e::Cluster;
 use deepnode_security_tests::rss_bytes;
@@ -25,7 +26,9 @@ const PROMPT: Duration = Duration::from_secs(25);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flood_beyond_capacity_is_answered_promptly_and_recovers() {
-    let mut stack = start_stack().await;
+    let mut stack = Cluster::with_services(PolicyConfig::default())
+        .await
+        .unwrap();
     let nodes: Vec<SimNode> = [("fl-a", 1), ("fl-b", 2), ("fl-c", 1)]
         .into_iter()
         .map(|(id, capacity)| SimNode {
@@ -163,15 +166,4 @@ async fn a_flood_beyond_capacity_is_answered_promptly_and_recovers() {
     assert_eq!(after["ok"], json!(true), "after the flood: {after}");
     sim.stop().await;
     stack.stop().await.unwrap();
-}
-
-/// The three services (and the relay) in-process on a fresh database and a random subject prefix.
-async fn start_stack() -> Cluster {
-    let mut stack = Cluster::new(deepnode_domain::config::PolicyConfig::default())
-        .await
-        .unwrap();
-    stack.start_reputation().await.unwrap();
-    stack.start_rotation().await.unwrap();
-    stack.start_scheduler("scheduler").await.unwrap();
-    stack
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use deepnode_bus::async_nats::HeaderMap;
 use deepnode_bus::{rpc, MAX_COMMAND_BYTES};
+use deepnode_domain::config::PolicyConfig;
 use deepnode_e2e::Cluster;
 use deepnode_reputation::Stats;
 use deepnode_security_tests::rss_bytes;
@@ -433,7 +434,9 @@ async fn ten_thousand_malformed_messages_are_refused_and_append_nothing() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x5eed_f00d);
-    let mut stack = start_stack().await;
+    let mut stack = Cluster::with_services(PolicyConfig::default())
+        .await
+        .unwrap();
 
     // Control: one valid registration (so deregister/ingest can name a real node).
     let reply = stack
@@ -591,15 +594,4 @@ async fn ten_thousand_malformed_messages_are_refused_and_append_nothing() {
 fn preview(body: &[u8]) -> String {
     let s = String::from_utf8_lossy(&body[..body.len().min(120)]).into_owned();
     format!("{s:?} ({} bytes)", body.len())
-}
-
-/// The three services (and the relay) in-process on a fresh database and a random subject prefix.
-async fn start_stack() -> Cluster {
-    let mut stack = Cluster::new(deepnode_domain::config::PolicyConfig::default())
-        .await
-        .unwrap();
-    stack.start_reputation().await.unwrap();
-    stack.start_rotation().await.unwrap();
-    stack.start_scheduler("scheduler").await.unwrap();
-    stack
 }

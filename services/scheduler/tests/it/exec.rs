@@ -218,6 +218,33 @@ async fn a_repeated_request_id_returns_the_recorded_answer_and_appends_nothing()
 }
 
 #[tokio::test]
+async fn a_repeat_on_a_slow_node_is_answered_from_the_log_without_waiting_for_it() {
+    let mut h = Harness::new().await;
+    pair(&h, "m-1", "a", "b").await;
+    let slow = || Behaviour::healthy(Latency::fixed_ms(600));
+    h.start_sim(vec![sim("a", slow()), sim("b", slow())]).await;
+    h.start_scheduler(test_policy(), "scheduler").await;
+
+    // given an execution recorded after its node took 600 ms
+    let body = json!({"request_id": "slow-1", "model_id": "m-1", "input": 1});
+    let first = h.exec(body.clone()).await;
+    assert_eq!(first["ok"], json!(true), "{first}");
+    let head = h.head().await;
+    // when it is repeated
+    let started = std::time::Instant::now();
+    let again = h.exec(body).await;
+    let took = started.elapsed();
+    // then the log answers it, long before the node could have, and nothing is appended
+    assert_eq!(first, again);
+    assert!(
+        took < Duration::from_millis(300),
+        "the repeat took {took:?}"
+    );
+    assert_eq!(h.head().await, head);
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn two_copies_in_one_queue_group_record_each_request_once() {
     let mut h = Harness::new().await;
     // Room for the whole burst: at capacity a request is refused (`no_eligible_nodes`, tested

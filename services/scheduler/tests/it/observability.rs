@@ -262,8 +262,8 @@ async fn metrics_match_the_executions_table_and_views_answer() {
     assert!(succeeded > 0 && failed > 0 && fallbacks > 0);
 
     // Each m-twice request got a second answer after its attempt had been settled. (The repeated
-    // r-1 may add one: its node request overlaps the duplicate check and is abandoned when that
-    // check finds the recorded answer, so the node's answer finds no one waiting either.)
+    // r-1 asks its node too, and may add one: a node slower than the scheduler's log check is
+    // abandoned when the check finds the recorded answer, so its answer finds no one waiting.)
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
     let (status, text) = loop {
         let (status, text) = get(addr, "/metrics").await;
@@ -301,7 +301,13 @@ async fn metrics_match_the_executions_table_and_views_answer() {
         ),
         1
     );
-    assert_eq!(metric("deepnode_exec_attempts_total", &[]), attempts);
+    // The repeated r-1's attempt counts when its node answered before the log check (then its
+    // record conflicts and returns the recorded answer), not when the check abandoned it.
+    let counted = metric("deepnode_exec_attempts_total", &[]);
+    assert!(
+        counted == attempts || counted == attempts + 1,
+        "attempts counted {counted}, recorded {attempts}"
+    );
     assert_eq!(metric("deepnode_exec_fallbacks_total", &[]), fallbacks);
     // Per node and outcome too (c, m-fall's failing primary, may be ejected after a few failures).
     let c_errors: i64 = sqlx::query_scalar(

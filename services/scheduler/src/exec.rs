@@ -244,10 +244,11 @@ impl Scheduler {
         )
     }
 
-    /// Settles a finished attempt to `node` (a replica of `model`, dispatched by the `AttemptDispatched`
-    /// event `dispatched`; `joined` is its task's end) and feeds its outcome to the outlier tracker; the settled attempt carries
-    /// what the tracker decided (an ejection or a restoration is recorded once the execution is). A
-    /// last healthy replica kept despite its failures asks for an emergency round.
+    /// Settles a finished attempt to `node` (a replica of `model`, dispatched by the
+    /// `AttemptDispatched` event `dispatched`; `joined` is how its task ended) and feeds its outcome
+    /// to the outlier tracker; the settled attempt carries what the tracker decided (an ejection or
+    /// a restoration is recorded once the execution is). A last healthy replica kept despite its
+    /// failures asks for an emergency round.
     async fn finish_attempt<'a>(
         &self,
         node: &'a NodeId,
@@ -303,6 +304,14 @@ impl Scheduler {
             return Ok(None);
         }
         Ok(Some(self.recorded_answer(stream, request_id).await))
+    }
+
+    /// [`Scheduler::recorded`] for a request about to be (re)tried: a log that cannot be read is
+    /// `unavailable` rather than a reason to execute unrecorded.
+    async fn answer_if_recorded(&self, stream: &StreamId, request_id: &RequestId) -> Option<Reply> {
+        self.recorded(stream, request_id)
+            .await
+            .unwrap_or_else(|e| Some(store_failure(&e)))
     }
 
     /// Records a finished execution with one `NoStream` append and returns `reply`, or the recorded
@@ -561,16 +570,9 @@ async fn execute(
         .ok();
     let checked = quick.is_none();
     if checked {
-        match s.recorded(&stream, &request_id).await {
-            Ok(None) => {}
-            Ok(Some(reply)) => {
-                task_1.abort();
-                return reply;
-            }
-            Err(e) => {
-                task_1.abort();
-                return store_failure(&e);
-            }
+        if let Some(reply) = s.answer_if_recorded(&stream, &request_id).await {
+            task_1.abort();
+            return reply;
         }
     }
     let joined_1 = match quick {
@@ -600,10 +602,8 @@ async fn execute(
 
     // A repeat is not retried: it has its recorded answer.
     if !checked {
-        match s.recorded(&stream, &request_id).await {
-            Ok(None) => {}
-            Ok(Some(reply)) => return reply,
-            Err(e) => return store_failure(&e),
+        if let Some(reply) = s.answer_if_recorded(&stream, &request_id).await {
+            return reply;
         }
     }
 

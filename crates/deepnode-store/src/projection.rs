@@ -107,6 +107,7 @@ impl<P: Projection> ProjectionRunner<P> {
         let mut backoff = Duration::from_millis(100);
         loop {
             waker.arm().await;
+            waker.drain();
             let step = tokio::select! {
                 _ = &mut shutdown => return Ok(()),
                 step = self.run_to_head() => step,

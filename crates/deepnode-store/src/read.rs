@@ -163,6 +163,17 @@ async fn read_range(
     }
 }
 
+/// What [`Waker::arm`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Armed {
+    /// Listening since before the previous call: every commit since has notified.
+    Listening,
+    /// Listening from now on: a commit before now may have gone unnoticed.
+    Reconnected,
+    /// Not listening: only the poll timer wakes.
+    Polling,
+}
+
 /// Wakes a follower when the log may have grown: a LISTEN on the commit channel, with a poll timer as
 /// the safety net for missed notifications and dropped connections.
 pub(crate) struct Waker {
@@ -182,16 +193,28 @@ impl Waker {
 
     /// Makes sure a listener is connected (best effort; polling covers failures). Call before reading,
     /// so a commit between the read and the wait still wakes the next wait.
-    pub(crate) async fn arm(&mut self) {
+    pub(crate) async fn arm(&mut self) -> Armed {
         if self.listener.is_some() {
-            return;
+            return Armed::Listening;
         }
         match PgListener::connect_with(&self.pool).await {
             Ok(mut listener) => match listener.listen(NOTIFY_CHANNEL).await {
-                Ok(()) => self.listener = Some(listener),
+                Ok(()) => {
+                    self.listener = Some(listener);
+                    return Armed::Reconnected;
+                }
                 Err(e) => tracing::debug!(error = %e, "LISTEN failed; polling"),
             },
             Err(e) => tracing::debug!(error = %e, "listener connection failed; polling"),
+        }
+        Armed::Polling
+    }
+
+    /// Drops the notifications already received: they are for commits a read starting now sees.
+    /// Without this, every commit folded by one read would wake one more, empty, read.
+    pub(crate) fn drain(&mut self) {
+        if let Some(listener) = self.listener.as_mut() {
+            while listener.next_buffered().is_some() {}
         }
     }
 
@@ -222,6 +245,8 @@ pub struct Subscription {
     buffer: VecDeque<RecordedEvent>,
     waker: Waker,
     page: i64,
+    /// The last read ended at the head of the log (it returned less than a page).
+    caught_up: bool,
 }
 
 impl Subscription {
@@ -232,6 +257,7 @@ impl Subscription {
             position: after,
             buffer: VecDeque::new(),
             page: 1_000,
+            caught_up: false,
         }
     }
 
@@ -261,14 +287,21 @@ impl Subscription {
                 self.position = event.global_position;
                 return Ok(event);
             }
-            self.waker.arm().await;
+            // After a read that reached the head, wait for a commit's notification (or the poll
+            // interval) rather than read again at once — unless the listener was just reconnected,
+            // when a commit in between may not have notified.
+            if self.waker.arm().await != Armed::Reconnected && self.caught_up {
+                self.waker.wait().await;
+            }
+            self.waker.drain();
             match read_all(&self.pool, self.position, self.page).await {
-                Ok(events) if events.is_empty() => self.waker.wait().await,
                 Ok(events) => {
                     backoff = Duration::from_millis(50);
+                    self.caught_up = (events.len() as i64) < self.page;
                     self.buffer.extend(events);
                 }
                 Err(e) if e.is_transient() => {
+                    self.caught_up = false;
                     tracing::warn!(error = %e, position = self.position, "subscription read failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));

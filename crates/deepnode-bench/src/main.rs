@@ -10,8 +10,10 @@
 
 mod append;
 mod db;
+mod procs;
 mod read;
 mod report;
+mod system;
 
 use std::time::Duration;
 
@@ -45,6 +47,10 @@ enum Command {
     Append(AppendArgs),
     /// Fill a log through the store, then time `stream_all` over all of it and watch memory.
     Read(ReadArgs),
+    /// The whole deployment: its own nats-server, the three release service binaries as separate
+    /// processes (one copy each, then two), `deepnode sim` as the nodes, and this process as the
+    /// outside client (figures in `docs/BENCHMARKS-system.md`).
+    System(system::SystemArgs),
 }
 
 /// Options of `append`.
@@ -108,6 +114,10 @@ fn main() -> Result<()> {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    if let Command::System(args) = &cli.command {
+        // One fresh database (and NATS server) per deployment, made by the benchmark itself.
+        return system::run(&cli.database_url, cli.keep, args).await;
+    }
     let bench_db = db::BenchDb::create(&cli.database_url).await?;
     eprintln!("benchmark database: {}", bench_db.name);
     if cli.log_statements {
@@ -116,6 +126,7 @@ async fn run(cli: Cli) -> Result<()> {
     let outcome = match &cli.command {
         Command::Append(args) => append::run(&bench_db, args).await,
         Command::Read(args) => read::run(&bench_db, args).await,
+        Command::System(_) => unreachable!("handled above"),
     };
     if cli.keep {
         eprintln!("kept database {}", bench_db.name);

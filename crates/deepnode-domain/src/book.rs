@@ -5,8 +5,9 @@
 //! The fold uses only what is in the events (`occurred_at` included) and the policy it was built with;
 //! it never reads a clock, and every map is a `BTreeMap`, so folding the same log twice gives identical
 //! state and identical rows. Row views ([`NodeRow`], [`DeploymentRow`], [`ExecutionRow`]) match the SQL
-//! columns of CONTRACT §5 exactly. Memory per node is bounded (fixed-size windows, capped fault
-//! history). This module makes no decisions: penalties are assessed in `penalties`, placement and
+//! columns of CONTRACT §5 exactly. Memory is bounded by the network, not the log: per node by
+//! fixed-size windows and a capped fault history, and executions are held only while in flight —
+//! an ended execution's final row is handed out once, in [`Touched::ended`], and forgotten. This module makes no decisions: penalties are assessed in `penalties`, placement and
 //! routing elsewhere; events about unknown nodes are ignored rather than invented.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -261,6 +262,10 @@ pub struct Touched {
     pub deployment: Option<(ModelId, NodeId)>,
     pub execution: Option<RequestId>,
     pub model: Option<ModelId>,
+    /// The final row of an execution this event ended. The book forgets an execution once it has
+    /// ended (nothing in the log changes it afterwards), so this is the only place its row is
+    /// handed out: the projector writes it, the audit compares it.
+    pub ended: Option<ExecutionRow>,
 }
 
 impl Touched {
@@ -484,21 +489,23 @@ impl NodeBook {
                 touched.execution = Some(e.request_id);
             }
             DomainEvent::ExecutionCompleted(e) => {
-                if let Some(exec) = self.executions.get_mut(&e.request_id) {
+                if let Some(mut exec) = self.executions.remove(&e.request_id) {
                     exec.status = ExecutionStatus::Succeeded;
                     exec.node_id = Some(e.node_id);
                     exec.attempts = e.attempts;
                     exec.charged = e.charged;
                     exec.completed_at = Some(at);
+                    touched.ended = Some(execution_row(&e.request_id, &exec));
                     touched.execution = Some(e.request_id);
                 }
             }
             DomainEvent::ExecutionFailed(e) => {
-                if let Some(exec) = self.executions.get_mut(&e.request_id) {
+                if let Some(mut exec) = self.executions.remove(&e.request_id) {
                     exec.status = ExecutionStatus::Failed;
                     exec.attempts = e.attempts;
                     exec.charged = false;
                     exec.completed_at = Some(at);
+                    touched.ended = Some(execution_row(&e.request_id, &exec));
                     touched.execution = Some(e.request_id);
                 }
             }
@@ -541,7 +548,9 @@ impl NodeBook {
         &self.deployments
     }
 
-    /// Every execution in request id order.
+    /// Every execution still in flight, in request id order. Ended executions are not kept: their
+    /// final rows leave the fold in [`Touched::ended`], so the book's memory is bounded by what is
+    /// in flight, not by the length of the log.
     pub fn executions(&self) -> &BTreeMap<RequestId, ExecutionState> {
         &self.executions
     }
@@ -573,14 +582,15 @@ impl NodeBook {
             .flat_map(|(m, replicas)| replicas.iter().map(move |(n, d)| deployment_row(m, n, d)))
     }
 
-    /// The `executions` row of a request.
+    /// The `executions` row of a request still in flight (`None` once it ended: see
+    /// [`Touched::ended`]).
     pub fn execution_row(&self, request_id: &RequestId) -> Option<ExecutionRow> {
         self.executions
             .get(request_id)
             .map(|e| execution_row(request_id, e))
     }
 
-    /// Every `executions` row in key order.
+    /// The `executions` rows of the requests still in flight, in key order.
     pub fn execution_rows(&self) -> impl Iterator<Item = ExecutionRow> + '_ {
         self.executions.iter().map(|(r, e)| execution_row(r, e))
     }

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use chrono::{DateTime, Utc};
-use deepnode_domain::book::NodeBook;
+use deepnode_domain::book::{ExecutionRow, NodeBook};
 use deepnode_domain::config::PolicyConfig;
 use deepnode_domain::events::*;
 use deepnode_domain::ids::{ModelId, NodeId, RequestId};
@@ -61,11 +61,20 @@ impl Log {
     }
 
     fn fold(&self) -> NodeBook {
+        self.fold_with_executions().0
+    }
+
+    /// The book, and every execution's row as the fold handed it out: the final rows of those that
+    /// ended (the book does not keep them), then those still in flight, in request id order.
+    fn fold_with_executions(&self) -> (NodeBook, Vec<ExecutionRow>) {
         let mut book = NodeBook::default();
+        let mut rows = Vec::new();
         for row in &self.rows {
-            book.evolve(row).unwrap();
+            rows.extend(book.evolve(row).unwrap().ended);
         }
-        book
+        rows.extend(book.execution_rows());
+        rows.sort_by(|a, b| a.request_id.cmp(&b.request_id));
+        (book, rows)
     }
 }
 
@@ -118,6 +127,60 @@ fn a_registered_node_is_a_probation_row_at_the_prior() {
         (4, 100.0, t(0))
     );
     assert_eq!(book.last_position(), 1);
+}
+
+#[test]
+fn an_ended_execution_is_handed_out_once_and_not_retained() {
+    // given 10,000 executions that ended and one still in flight
+    let mut log = Log::new();
+    log.push(register("n1", 1.0), t(0));
+    for i in 0..10_001 {
+        log.push(
+            DomainEvent::ExecutionRequested(ExecutionRequested {
+                request_id: r(&format!("r{i}")),
+                model_id: m("m1"),
+                timeout_ms: 5000,
+            }),
+            t(1),
+        );
+        if i == 10_000 {
+            break;
+        }
+        let end = if i % 2 == 0 {
+            DomainEvent::ExecutionCompleted(ExecutionCompleted {
+                request_id: r(&format!("r{i}")),
+                model_id: m("m1"),
+                node_id: n("n1"),
+                attempts: 1,
+                charged: true,
+            })
+        } else {
+            DomainEvent::ExecutionFailed(ExecutionFailed {
+                request_id: r(&format!("r{i}")),
+                model_id: m("m1"),
+                attempts: 2,
+                charged: false,
+                error_code: "all_replicas_failed".into(),
+            })
+        };
+        log.push(end, t(2));
+    }
+    // when folded
+    let (book, rows) = log.fold_with_executions();
+    // then the book holds only the execution in flight: memory does not grow with the log
+    assert_eq!(book.executions().len(), 1);
+    assert_eq!(
+        book.execution_row(&r("r10000")).map(|e| e.status),
+        Some("in_flight".to_owned())
+    );
+    assert_eq!(book.execution_row(&r("r0")), None);
+    // and every ended execution's final row came out of the fold exactly once
+    assert_eq!(rows.len(), 10_001);
+    let ended: Vec<&ExecutionRow> = rows.iter().filter(|e| e.status != "in_flight").collect();
+    assert_eq!(ended.len(), 10_000);
+    assert!(ended
+        .iter()
+        .all(|e| e.completed_at == Some(t(2)) && e.charged == (e.status == "succeeded")));
 }
 
 #[test]
@@ -175,9 +238,11 @@ fn an_execution_and_its_deployments_project_to_rows() {
         t(4),
     );
     // when folded
-    let mut book = log.fold();
+    let (mut book, executions) = log.fold_with_executions();
     // then the execution row says succeeded on n2 after two attempts, charged
-    let exec = book.execution_row(&r("r1")).unwrap();
+    let exec = &executions[0];
+    assert_eq!(executions.len(), 1);
+    assert_eq!(exec.request_id, "r1");
     assert_eq!(exec.status, "succeeded");
     assert_eq!(exec.node_id.as_deref(), Some("n2"));
     assert_eq!((exec.attempts, exec.charged), (2, true));
@@ -538,8 +603,10 @@ proptest! {
     fn replay_is_deterministic(steps in steps()) {
         let cfg = PolicyConfig::default();
         let log = history(&steps, &cfg);
-        let (a, b) = (log.fold(), log.fold());
+        let ((a, a_executions), (b, b_executions)) =
+            (log.fold_with_executions(), log.fold_with_executions());
         prop_assert_eq!(&a, &b);
+        prop_assert_eq!(a_executions, b_executions);
         prop_assert_eq!(a.node_rows().collect::<Vec<_>>(), b.node_rows().collect::<Vec<_>>());
         prop_assert_eq!(
             a.deployment_rows().collect::<Vec<_>>(),

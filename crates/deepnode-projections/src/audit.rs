@@ -8,8 +8,10 @@
 //!    missing from or extra in the table. Floats are compared bit for bit.
 //!
 //! The checkpoint and the tables are read in one `REPEATABLE READ` snapshot, so a projector running
-//! meanwhile cannot produce false differences. The log is streamed and the tables are streamed in key
-//! order and merge-joined with the book, so memory holds the book, never the log or a table. The chain
+//! meanwhile cannot produce false differences. The log is streamed; `node_reputation` and `deployments` are
+//! streamed in key order and merge-joined with the book; ended executions leave the fold one by one
+//! and are looked up in batches, so memory holds the book (bounded by the network and what is in
+//! flight) and one batch, never the log or a table. The chain
 //! check runs on its own task in parallel with the fold. The audit changes nothing.
 
 use std::cmp::Ordering;
@@ -184,19 +186,28 @@ pub async fn audit(
 
     let mut book = NodeBook::new(config);
     let mut fold_end = 0;
+    // Ended executions leave the fold as rows; they are compared in batches as they come, so memory
+    // holds one batch, never every execution.
+    let mut executions = ExecutionCheck::default();
     let mut pages = store.stream_all(0, Some(checkpoint));
     'fold: while let Some(page) = pages.recv().await {
         let page = page?;
         for event in &page {
-            if let Err(e) = book.evolve(event) {
-                report.unfoldable = Some(Unfoldable {
-                    position: event.global_position,
-                    reason: e.to_string(),
-                });
-                break 'fold;
+            match book.evolve(event) {
+                Ok(touched) => executions.ended.extend(touched.ended),
+                Err(e) => {
+                    report.unfoldable = Some(Unfoldable {
+                        position: event.global_position,
+                        reason: e.to_string(),
+                    });
+                    break 'fold;
+                }
             }
             report.folded += 1;
             fold_end = event.global_position;
+        }
+        if executions.ended.len() >= EXECUTION_BATCH {
+            executions.compare_ended(&mut tx).await?;
         }
         progress(AuditProgress::Fold {
             position: fold_end,
@@ -254,18 +265,14 @@ pub async fn audit(
         progress(AuditProgress::Compare {
             table: "executions",
         });
-        let sql =
-            format!("SELECT {EXECUTION_COLUMNS} FROM executions ORDER BY request_id COLLATE \"C\"");
-        let stored = rows::stream_rows(&mut tx, &sql, rows::execution_from_row);
-        diff_table(
-            &mut found,
-            "executions",
-            stored,
-            book.execution_rows(),
-            |r: &ExecutionRow| (r.request_id.clone(), String::new()),
-            compare_execution,
-        )
-        .await?;
+        executions.ended.extend(book.execution_rows());
+        executions.compare_ended(&mut tx).await?;
+        executions.find_extra(&mut tx, checkpoint).await?;
+        let unlisted = executions.found.total - executions.found.listed.len() as u64;
+        for difference in executions.found.listed {
+            found.push(difference);
+        }
+        found.total += unlisted;
         report.differences = found.listed;
         report.differences_total = found.total;
     }
@@ -277,6 +284,119 @@ pub async fn audit(
         )))
     })??;
     Ok(report)
+}
+
+/// Recomputed `executions` rows per lookup of the stored table.
+const EXECUTION_BATCH: usize = 2_000;
+
+/// The `executions` table checked in flat memory: the fold hands out each ended execution's row
+/// once; batches of them are looked up by key in the audit's snapshot; rows the fold never made
+/// are found by the database (an anti-join with the log) and named.
+#[derive(Default)]
+struct ExecutionCheck {
+    /// Recomputed rows not yet compared.
+    ended: Vec<ExecutionRow>,
+    /// Recomputed rows found in the table so far.
+    matched: u64,
+    found: Found,
+}
+
+impl ExecutionCheck {
+    /// Compares every pending recomputed row with its stored row (or its absence).
+    async fn compare_ended(&mut self, conn: &mut sqlx::PgConnection) -> Result<(), Error> {
+        if self.ended.is_empty() {
+            return Ok(());
+        }
+        let mut computed = std::mem::take(&mut self.ended);
+        computed.sort_by(|a, b| a.request_id.cmp(&b.request_id));
+        let keys: Vec<&str> = computed.iter().map(|r| r.request_id.as_str()).collect();
+        let sql = format!(
+            "SELECT {EXECUTION_COLUMNS} FROM executions WHERE request_id = ANY($1::text[])"
+        );
+        let stored: std::collections::HashMap<String, ExecutionRow> = sqlx::query(&sql)
+            .bind(&keys)
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|row| rows::execution_from_row(row).map(|r| (r.request_id.clone(), r)))
+            .collect::<Result<_, _>>()?;
+        let mut columns = Columns::new();
+        for c in &computed {
+            let Some(s) = stored.get(&c.request_id) else {
+                self.found.push(Difference {
+                    table: "executions",
+                    key: c.request_id.clone(),
+                    column: "*",
+                    kind: DifferenceKind::Missing,
+                    stored: None,
+                    recomputed: Some("present".into()),
+                });
+                continue;
+            };
+            self.matched += 1;
+            columns.clear();
+            compare_execution(s, c, &mut columns);
+            for (column, stored, recomputed) in columns.drain(..) {
+                self.found.push(Difference {
+                    table: "executions",
+                    key: c.request_id.clone(),
+                    column,
+                    kind: DifferenceKind::Value,
+                    stored: Some(stored),
+                    recomputed: Some(recomputed),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Names the stored rows the fold up to `checkpoint` never made: the table holds more rows
+    /// than were matched, so the database lists those with no `ExecutionRequested` or
+    /// `AttemptDispatched` for their request id (the two events that make an execution).
+    async fn find_extra(
+        &mut self,
+        conn: &mut sqlx::PgConnection,
+        checkpoint: i64,
+    ) -> Result<(), Error> {
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM executions")
+            .fetch_one(&mut *conn)
+            .await?;
+        let extra = u64::try_from(stored)
+            .unwrap_or(0)
+            .saturating_sub(self.matched);
+        if extra == 0 {
+            return Ok(());
+        }
+        let named: Vec<String> = sqlx::query_scalar(
+            "SELECT e.request_id FROM executions e
+              WHERE NOT EXISTS (
+                    SELECT 1 FROM events v
+                     WHERE v.global_position <= $1
+                       AND v.event_type IN ('ExecutionRequested', 'AttemptDispatched')
+                       AND v.payload->>'request_id' = e.request_id)
+              ORDER BY e.request_id COLLATE \"C\"
+              LIMIT $2",
+        )
+        .bind(checkpoint)
+        .bind(i64::try_from(MAX_LISTED).unwrap_or(i64::MAX))
+        .fetch_all(&mut *conn)
+        .await?;
+        let listed = named.len() as u64;
+        for key in named {
+            self.found.push(Difference {
+                table: "executions",
+                key,
+                column: "*",
+                kind: DifferenceKind::Extra,
+                stored: Some("present".into()),
+                recomputed: None,
+            });
+        }
+        // Counted even where the log holds an event for the id that the fold did not turn into
+        // an execution (which would be a fold bug, not a stored row to name).
+        self.found.total += extra.saturating_sub(listed);
+        Ok(())
+    }
 }
 
 #[derive(Default)]

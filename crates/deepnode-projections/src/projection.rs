@@ -9,10 +9,10 @@
 //! It does not read the log itself: the `ProjectionRunner` feeds it, writes the checkpoint in the same
 //! transaction, and calls `observe`/`reset` to keep the in-memory book at the stored checkpoint.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use async_trait::async_trait;
-use deepnode_domain::book::NodeBook;
+use deepnode_domain::book::{ExecutionRow, NodeBook};
 use deepnode_domain::config::PolicyConfig;
 use deepnode_domain::ids::{ModelId, NodeId, RequestId};
 use deepnode_store::{Projection, RecordedEvent};
@@ -71,7 +71,9 @@ impl Projection for BookProjection {
     ) -> Result<(), deepnode_store::Error> {
         let mut nodes = BTreeSet::<NodeId>::new();
         let mut deployments = BTreeSet::<(ModelId, NodeId)>::new();
-        let mut executions = BTreeSet::<RequestId>::new();
+        // An ended execution's final row comes out of the fold (the book forgets it); one still in
+        // flight is read from the book after the batch.
+        let mut executions = BTreeMap::<RequestId, Option<ExecutionRow>>::new();
         for event in events {
             let touched = self
                 .book
@@ -79,7 +81,9 @@ impl Projection for BookProjection {
                 .map_err(|e| decode_error(event, e))?;
             nodes.extend(touched.node);
             deployments.extend(touched.deployment);
-            executions.extend(touched.execution);
+            if let Some(id) = touched.execution {
+                executions.insert(id, touched.ended);
+            }
         }
 
         let (mut upsert, mut delete) = (Vec::new(), Vec::new());
@@ -103,8 +107,8 @@ impl Projection for BookProjection {
         rows::delete_deployments(conn, &delete).await.map_err(db)?;
 
         let (mut upsert, mut delete) = (Vec::new(), Vec::new());
-        for id in &executions {
-            match self.book.execution_row(id) {
+        for (id, ended) in executions {
+            match ended.or_else(|| self.book.execution_row(&id)) {
                 Some(row) => upsert.push(row),
                 None => delete.push(id.to_string()),
             }

@@ -78,6 +78,7 @@ impl Cluster {
         let options = RelayOptions {
             lease_retry: Duration::from_millis(100),
             poll: Duration::from_millis(50),
+            ..RelayOptions::default()
         };
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {

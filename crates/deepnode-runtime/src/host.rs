@@ -13,7 +13,7 @@ use deepnode_bus::subjects::Subjects;
 
 use crate::observability::{self, ObservabilityOptions};
 use crate::relay::{self, RelayOptions, RELAY_CHECKPOINT};
-use crate::{telemetry, ServiceContext, Settings, Shutdown};
+use crate::{tail, telemetry, ServiceContext, Settings, Shutdown};
 
 /// What distinguishes one service binary from another.
 pub struct ServiceSpec {
@@ -42,9 +42,9 @@ where
         let ctx = ServiceContext::connect(&settings, spec.producer, Subjects::new())
             .await
             .map_err(|e| format!("starting: {e}"))?;
-        Ok::<_, String>((ctx, observe))
+        Ok::<_, String>((ctx, observe, settings))
     };
-    let (ctx, observe) = match started.await {
+    let (mut ctx, observe, settings) = match started.await {
         Ok(started) => started,
         Err(line) => {
             eprintln!("{}: {line}", spec.binary);
@@ -52,6 +52,35 @@ where
         }
     };
     let shutdown = Shutdown::on_signals();
+    // `DEEPNODE_LOG_TAIL=on`: the process's tail of the log, fed from the bus before anything
+    // follows the log, so its followers and projection read no database per commit. Off by default:
+    // measured, it cuts the database's transactions per execution by a third more but came with
+    // periodic 100-250 ms stalls of the exec p99 at 100/s whose cause is not found yet
+    // (docs/BENCHMARKS-system.md).
+    let feeder = if std::env::var("DEEPNODE_LOG_TAIL").as_deref() != Ok("on") {
+        None
+    } else {
+        let log_tail = deepnode_store::LogTail::new(tail::TAIL_CAPACITY);
+        // Its own connection: the log's traffic never queues ahead of requests and replies.
+        let feed_connection = format!("{}-tail", spec.producer);
+        let bus = match deepnode_bus::connect::connect(&settings.nats_url, &feed_connection).await {
+            Ok(bus) => bus,
+            Err(e) => {
+                eprintln!("{}: connecting the log tail to NATS: {e}", spec.binary);
+                return ExitCode::from(2);
+            }
+        };
+        match tail::feed(&bus, &ctx.subjects, log_tail.clone(), shutdown.clone()).await {
+            Ok(feeder) => {
+                ctx.store = ctx.store.with_tail(log_tail);
+                Some(feeder)
+            }
+            Err(e) => {
+                eprintln!("{}: subscribing to the events subjects: {e}", spec.binary);
+                return ExitCode::from(2);
+            }
+        }
+    };
     if let Err(e) = observability::start(&ctx, observe, shutdown.clone()).await {
         eprintln!("{}: starting the metrics listener: {e}", spec.binary);
         return ExitCode::from(2);
@@ -66,6 +95,9 @@ where
     let (nats, pool) = (ctx.nats.clone(), ctx.store.pool().clone());
     let result = service(ctx, shutdown.clone()).await;
     shutdown.trigger();
+    if let Some(feeder) = feeder {
+        feeder.abort();
+    }
     match relay.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "relay stopped with an error"),

@@ -11,6 +11,7 @@ pub mod observability;
 pub mod relay;
 pub mod settings;
 pub mod shutdown;
+pub mod tail;
 pub mod telemetry;
 pub mod wire;
 

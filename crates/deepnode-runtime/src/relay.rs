@@ -3,8 +3,10 @@
 //!
 //! - Nothing is published before it commits: the relay reads the log, never the appenders' intent.
 //! - Nothing is lost between commit and publish: the position (`projection_checkpoints`, key
-//!   `relay`) only moves after JetStream acked every event up to it. After a crash the relay
-//!   republishes from there and the stream's duplicate window drops what it already has.
+//!   `relay`) only moves after JetStream acked every event up to it. It is stored at most every
+//!   [`RelayOptions::save_every`] while events flow (not once per commit: a write per commit was a
+//!   third of the database's transactions), and at a clean stop. After a crash the relay republishes
+//!   from there and the stream's duplicate window drops what it already has.
 //! - Exactly one relay publishes at a time: the holder keeps a session-level Postgres advisory lock
 //!   on a dedicated connection. Other copies wait on standby; if the holder dies its connection (and
 //!   lock) goes with it and a standby takes over within the retry interval.
@@ -41,6 +43,10 @@ pub struct RelayOptions {
     pub lease_retry: Duration,
     /// Poll interval of the log subscription (LISTEN/NOTIFY wakes it earlier).
     pub poll: Duration,
+    /// How often the published position is stored (and the lease checked) while events flow. After
+    /// a crash the next holder republishes from the stored position; the stream's duplicate window
+    /// (`Nats-Msg-Id`) drops what it already has, and every reader skips positions it has seen.
+    pub save_every: Duration,
 }
 
 impl Default for RelayOptions {
@@ -48,6 +54,7 @@ impl Default for RelayOptions {
         RelayOptions {
             lease_retry: Duration::from_secs(1),
             poll: Duration::from_millis(500),
+            save_every: Duration::from_millis(250),
         }
     }
 }
@@ -110,24 +117,49 @@ async fn publish_while_leased(
     let from = deepnode_store::checkpoint(store.pool(), RELAY_CHECKPOINT)
         .await
         .map_err(|e| e.to_string())?;
-    let mut subscription = store.subscribe_all(from, options.poll);
+    // The relay is the one reader that must read the log itself: it feeds the bus (and so every
+    // process's tail).
+    let mut subscription = store.subscribe_database(from, options.poll);
+    let mut saved = from;
+    let mut published = from;
+    let mut last_save = tokio::time::Instant::now();
     loop {
+        // With a position to save, wait for the next batch only until it is due.
+        let due = (published > saved).then(|| last_save + options.save_every);
+        let next = async {
+            match due {
+                Some(due) => tokio::time::timeout_at(due, subscription.next_batch())
+                    .await
+                    .ok(),
+                None => Some(subscription.next_batch().await),
+            }
+        };
         let batch = tokio::select! {
             _ = shutdown.wait() => {
+                if published > saved {
+                    let _ = save_position(store, published).await;
+                }
                 let _ = lease.close().await;
                 return Ok(());
             }
-            batch = subscription.next_batch() => batch.map_err(|e| e.to_string())?,
+            batch = next => batch,
         };
-        // Still holding the lease? (If this connection died, so did the lock.)
-        lease
-            .ping()
-            .await
-            .map_err(|e| format!("lease connection lost: {e}"))?;
-        let last = publish_batch(js, subjects, &batch).await?;
-        save_position(store, last)
-            .await
-            .map_err(|e| e.to_string())?;
+        if let Some(batch) = batch {
+            let batch = batch.map_err(|e| e.to_string())?;
+            published = publish_batch(js, subjects, &batch).await?;
+        }
+        if published > saved && last_save.elapsed() >= options.save_every {
+            // Still holding the lease? (If this connection died, so did the lock.)
+            lease
+                .ping()
+                .await
+                .map_err(|e| format!("lease connection lost: {e}"))?;
+            save_position(store, published)
+                .await
+                .map_err(|e| e.to_string())?;
+            saved = published;
+            last_save = tokio::time::Instant::now();
+        }
     }
 }
 
@@ -135,7 +167,7 @@ async fn publish_while_leased(
 async fn publish_batch(
     js: &Context,
     subjects: &Subjects,
-    batch: &[RecordedEvent],
+    batch: &[std::sync::Arc<RecordedEvent>],
 ) -> Result<i64, String> {
     let mut acks = Vec::with_capacity(batch.len());
     for event in batch {

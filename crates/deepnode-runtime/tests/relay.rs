@@ -49,6 +49,7 @@ fn start_relay(
     let options = RelayOptions {
         lease_retry: Duration::from_millis(100),
         poll: Duration::from_millis(100),
+        ..RelayOptions::default()
     };
     let task = tokio::spawn(relay::run(
         store.clone(),

@@ -12,6 +12,7 @@ mod follower;
 mod migrate;
 mod projection;
 mod read;
+mod tail;
 
 use std::collections::HashSet;
 use std::str::FromStr;
@@ -29,6 +30,7 @@ pub use follower::{Follower, FollowerHandle};
 pub use migrate::{create_database_if_missing, latest_known_version, migrate};
 pub use projection::{checkpoint, Projection, ProjectionRunner};
 pub use read::Subscription;
+pub use tail::{LogTail, Offered};
 
 /// Default `DATABASE_URL` (CONTRACT §1).
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/deepnode";
@@ -39,6 +41,7 @@ pub struct EventStore {
     pool: PgPool,
     writer: mpsc::Sender<append::AppendRequest>,
     stats: std::sync::Arc<WriterStats>,
+    tail: Option<LogTail>,
 }
 
 impl EventStore {
@@ -68,7 +71,21 @@ impl EventStore {
             pool,
             writer,
             stats,
+            tail: None,
         }
+    }
+
+    /// This store with `tail` as its process's [`LogTail`]: [`EventStore::subscribe_all`] (and so
+    /// every [`Follower`]) then follows the log from it, reading the database only to catch up. The
+    /// caller feeds the tail (a service feeds it from the bus, with what the relay published).
+    pub fn with_tail(mut self, tail: LogTail) -> EventStore {
+        self.tail = Some(tail);
+        self
+    }
+
+    /// The process's [`LogTail`], if it has one.
+    pub fn tail(&self) -> Option<&LogTail> {
+        self.tail.as_ref()
     }
 
     /// How this store's group commits were written so far (diagnostics: benchmarks and tests).
@@ -150,7 +167,19 @@ impl EventStore {
 
     /// Every event after `after`: catch-up, then live (LISTEN/NOTIFY, polling every `poll` as the
     /// safety net, reconnecting after errors).
+    ///
+    /// With a [`LogTail`] (see [`EventStore::with_tail`]) it follows the tail instead of the
+    /// database, which it then reads only to catch up and once per `poll` of silence.
     pub fn subscribe_all(&self, after: i64, poll: Duration) -> Subscription {
+        match &self.tail {
+            Some(tail) => Subscription::with_tail(self.pool.clone(), after, poll, tail.clone()),
+            None => Subscription::new(self.pool.clone(), after, poll),
+        }
+    }
+
+    /// Like [`EventStore::subscribe_all`], but always from the database, never a tail: for the
+    /// relay, the one reader that feeds the bus (and so every tail) from the log.
+    pub fn subscribe_database(&self, after: i64, poll: Duration) -> Subscription {
         Subscription::new(self.pool.clone(), after, poll)
     }
 

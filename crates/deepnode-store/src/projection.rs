@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use deepnode_domain::log::RecordedEvent;
 use sqlx::{PgConnection, PgPool};
 
-use crate::read::{read_all, Waker};
-use crate::Error;
+use crate::read::{read_all, Subscription};
+use crate::{Error, EventStore, LogTail};
 
 /// A read model kept by the [`ProjectionRunner`].
 #[async_trait]
@@ -46,24 +46,45 @@ pub trait Projection: Send {
 /// Drives one projection: catch up, then follow new commits.
 pub struct ProjectionRunner<P> {
     pool: PgPool,
+    /// The process's tail of the log, followed instead of the database when present.
+    tail: Option<LogTail>,
     projection: P,
     /// Position the projection's in-memory state reflects.
     memory_position: i64,
     batch: i64,
     poll: Duration,
+    /// How long a live batch waits for more events before it is written.
+    linger: Duration,
 }
 
 impl<P: Projection> ProjectionRunner<P> {
-    /// A runner with default batch size (500 events) and poll interval (1 s).
+    /// A runner with default batch size (500 events), poll interval (1 s) and no linger, following
+    /// the database.
     pub fn new(pool: PgPool, mut projection: P) -> Self {
         projection.reset();
         ProjectionRunner {
             pool,
+            tail: None,
             projection,
             memory_position: 0,
             batch: 500,
             poll: Duration::from_secs(1),
+            linger: Duration::ZERO,
         }
+    }
+
+    /// A runner over `store`'s pool that follows the store's [`LogTail`] if it has one.
+    pub fn for_store(store: &EventStore, projection: P) -> Self {
+        let mut runner = ProjectionRunner::new(store.pool().clone(), projection);
+        runner.tail = store.tail().cloned();
+        runner
+    }
+
+    /// Lets a live batch wait up to `linger` for more events before it is written: one transaction
+    /// then carries every commit of that interval (the rows' lag grows by at most `linger`).
+    pub fn with_linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
     }
 
     /// Sets how many events one transaction applies at most.
@@ -103,24 +124,18 @@ impl<P: Projection> ProjectionRunner<P> {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), Error> {
         tokio::pin!(shutdown);
-        let mut waker = Waker::new(self.pool.clone(), self.poll);
         let mut backoff = Duration::from_millis(100);
         loop {
-            waker.arm().await;
-            waker.drain();
-            let step = tokio::select! {
+            let followed = tokio::select! {
                 _ = &mut shutdown => return Ok(()),
-                step = self.run_to_head() => step,
+                followed = self.follow() => followed,
             };
-            match step {
-                Ok(_) => {
-                    backoff = Duration::from_millis(100);
-                    tokio::select! {
-                        _ = &mut shutdown => return Ok(()),
-                        _ = waker.wait() => {}
-                    }
-                }
+            match followed {
+                // Another copy moved the checkpoint in a way this one cannot follow: start over.
+                Ok(()) => backoff = Duration::from_millis(100),
                 Err(e) if e.is_transient() => {
+                    self.projection.reset();
+                    self.memory_position = 0;
                     tracing::warn!(projection = self.projection.name(), error = %e, "projection paused; retrying");
                     tokio::select! {
                         _ = &mut shutdown => return Ok(()),
@@ -131,6 +146,95 @@ impl<P: Projection> ProjectionRunner<P> {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Catches up with the log, then writes each new batch as it arrives (after the linger). Returns
+    /// `Ok` when the stored checkpoint went somewhere this copy's state cannot follow (a rebuild).
+    async fn follow(&mut self) -> Result<(), Error> {
+        // `write` locks the row, so it must exist (a catch-up over an empty log creates none).
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (projection, global_position) VALUES ($1, 0)
+             ON CONFLICT (projection) DO NOTHING",
+        )
+        .bind(self.projection.name())
+        .execute(&self.pool)
+        .await?;
+        self.run_to_head().await?;
+        let mut subscription = match &self.tail {
+            Some(tail) => Subscription::with_tail(
+                self.pool.clone(),
+                self.memory_position,
+                self.poll,
+                tail.clone(),
+            ),
+            None => Subscription::new(self.pool.clone(), self.memory_position, self.poll),
+        };
+        loop {
+            let mut events = subscription.next_batch().await?;
+            if !self.linger.is_zero() {
+                let deadline = tokio::time::Instant::now() + self.linger;
+                while (events.len() as i64) < self.batch {
+                    match tokio::time::timeout_at(deadline, subscription.next_batch()).await {
+                        Ok(more) => events.extend(more?),
+                        Err(_) => break,
+                    }
+                }
+            }
+            // The projection takes owned events; from a tail this is the one copy the process makes.
+            let events = events
+                .into_iter()
+                .map(std::sync::Arc::unwrap_or_clone)
+                .collect();
+            if !self.write(events).await? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One transaction for `events` (contiguous, in order): lock the checkpoint, apply what it has
+    /// not seen, move it. If another copy already applied some, they are only observed. Returns
+    /// `false` when the checkpoint is behind this copy's state (a rebuild): the caller starts over.
+    async fn write(&mut self, mut events: Vec<RecordedEvent>) -> Result<bool, Error> {
+        events.retain(|e| e.global_position > self.memory_position);
+        if events.is_empty() {
+            return Ok(true);
+        }
+        let mut tx = self.pool.begin().await?;
+        let position: i64 = sqlx::query_scalar(
+            "SELECT global_position FROM projection_checkpoints WHERE projection = $1 FOR UPDATE",
+        )
+        .bind(self.projection.name())
+        .fetch_one(&mut *tx)
+        .await?;
+        if position < self.memory_position {
+            tx.rollback().await?;
+            self.projection.reset();
+            self.memory_position = 0;
+            return Ok(false);
+        }
+        if position > self.memory_position {
+            // Another copy got there first: fold what it wrote, write only the rest.
+            let seen = events.partition_point(|e| e.global_position <= position);
+            self.projection.observe(&events[..seen])?;
+            if let Some(last) = events[..seen].last() {
+                self.memory_position = last.global_position;
+            }
+            events.drain(..seen);
+            self.observe_until(position).await?;
+        }
+        let Some(last) = events.last().map(|e| e.global_position) else {
+            tx.commit().await?;
+            return Ok(true);
+        };
+        self.projection.apply(&mut tx, &events).await?;
+        sqlx::query("UPDATE projection_checkpoints SET global_position = $2 WHERE projection = $1")
+            .bind(self.projection.name())
+            .bind(last)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.memory_position = last;
+        Ok(true)
     }
 
     /// Deletes the projection's rows, resets its checkpoint to 0 and replays the whole log.

@@ -5,13 +5,16 @@
 //! committed in order (see `append`), "everything after the last position I saw" is always complete.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use deepnode_domain::log::{RecordedEvent, StreamId};
 use futures::TryStreamExt;
 use sqlx::postgres::{PgListener, PgRow};
 use sqlx::{PgPool, Row};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+
+use crate::tail::{LogTail, Lookup};
 
 use crate::Error;
 
@@ -239,20 +242,57 @@ impl Waker {
 /// A follower of the global order: yields every event after a position exactly once, in order, first
 /// catching up from the table, then following new commits. Transient database errors are retried with
 /// backoff, so a subscription survives a dropped connection or a database restart.
+///
+/// Two ways to follow, one behaviour:
+/// - from the database (no [`LogTail`]): LISTEN/NOTIFY wakes it, and each commit costs one read;
+/// - from a process's [`LogTail`]: events come from the tail while it holds the next position, so a
+///   process whose tail is fed from the bus follows the log without reading it. The database is read
+///   only to catch up, when the tail does not hold the next position (it started later, or a message
+///   was lost), and once per `poll` of silence — the safety net that bounds how far a stalled feed can
+///   hold a reader back.
 pub struct Subscription {
     pool: PgPool,
     position: i64,
-    buffer: VecDeque<RecordedEvent>,
-    waker: Waker,
+    buffer: VecDeque<Arc<RecordedEvent>>,
+    source: Source,
     page: i64,
     /// The last read ended at the head of the log (it returned less than a page).
     caught_up: bool,
 }
 
+enum Source {
+    Database(Waker),
+    Tail {
+        tail: LogTail,
+        changed: watch::Receiver<i64>,
+        poll: Duration,
+    },
+}
+
 impl Subscription {
     pub(crate) fn new(pool: PgPool, after: i64, poll: Duration) -> Subscription {
         Subscription {
-            waker: Waker::new(pool.clone(), poll),
+            source: Source::Database(Waker::new(pool.clone(), poll)),
+            pool,
+            position: after,
+            buffer: VecDeque::new(),
+            page: 1_000,
+            caught_up: false,
+        }
+    }
+
+    pub(crate) fn with_tail(
+        pool: PgPool,
+        after: i64,
+        poll: Duration,
+        tail: LogTail,
+    ) -> Subscription {
+        Subscription {
+            source: Source::Tail {
+                changed: tail.watch(),
+                tail,
+                poll,
+            },
             pool,
             position: after,
             buffer: VecDeque::new(),
@@ -268,7 +308,9 @@ impl Subscription {
 
     /// Every event already read and not yet yielded (at least one), waiting if there is none yet.
     /// Followers that fold under a lock use this to take the lock once per page, not per event.
-    pub async fn next_batch(&mut self) -> Result<Vec<RecordedEvent>, Error> {
+    /// Cancel-safe: dropping the future loses nothing.
+    /// Events are shared (`Arc`): with a tail, every reader of the process holds the same copy.
+    pub async fn next_batch(&mut self) -> Result<Vec<Arc<RecordedEvent>>, Error> {
         let first = self.next().await?;
         let mut batch = Vec::with_capacity(1 + self.buffer.len());
         batch.push(first);
@@ -279,26 +321,22 @@ impl Subscription {
         Ok(batch)
     }
 
-    /// The next event in global order, waiting for it if the log has none yet.
-    pub async fn next(&mut self) -> Result<RecordedEvent, Error> {
+    /// The next event in global order, waiting for it if the log has none yet. Cancel-safe.
+    pub async fn next(&mut self) -> Result<Arc<RecordedEvent>, Error> {
         let mut backoff = Duration::from_millis(50);
         loop {
             if let Some(event) = self.buffer.pop_front() {
                 self.position = event.global_position;
                 return Ok(event);
             }
-            // After a read that reached the head, wait for a commit's notification (or the poll
-            // interval) rather than read again at once — unless the listener was just reconnected,
-            // when a commit in between may not have notified.
-            if self.waker.arm().await != Armed::Reconnected && self.caught_up {
-                self.waker.wait().await;
+            if self.caught_up && self.wait_for_news().await {
+                continue; // the tail handed over the next events
             }
-            self.waker.drain();
             match read_all(&self.pool, self.position, self.page).await {
                 Ok(events) => {
                     backoff = Duration::from_millis(50);
                     self.caught_up = (events.len() as i64) < self.page;
-                    self.buffer.extend(events);
+                    self.buffer.extend(events.into_iter().map(Arc::new));
                 }
                 Err(e) if e.is_transient() => {
                     self.caught_up = false;
@@ -308,6 +346,50 @@ impl Subscription {
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Called once the reader has reached the head: waits until there may be more. Returns `true`
+    /// when the tail put the next events in the buffer, `false` when the database must be read.
+    async fn wait_for_news(&mut self) -> bool {
+        match &mut self.source {
+            Source::Database(waker) => {
+                // After a read that reached the head, wait for a commit's notification (or the
+                // poll interval) rather than read again at once — unless the listener was just
+                // reconnected, when a commit in between may not have notified.
+                if waker.arm().await != Armed::Reconnected {
+                    waker.wait().await;
+                }
+                waker.drain();
+                false
+            }
+            Source::Tail {
+                tail,
+                changed,
+                poll,
+            } => loop {
+                // Mark the current value seen before looking, so an offer after the look wakes us.
+                changed.borrow_and_update();
+                match tail.after(self.position, self.page as usize) {
+                    Lookup::Events(events) => {
+                        self.buffer.extend(events);
+                        return true;
+                    }
+                    Lookup::Behind => {
+                        self.caught_up = false;
+                        return false;
+                    }
+                    Lookup::Nothing => {}
+                }
+                tokio::select! {
+                    changed = changed.changed() => {
+                        if changed.is_err() {
+                            return false; // the tail is gone: the database it is
+                        }
+                    }
+                    () = tokio::time::sleep(*poll) => return false,
+                }
+            },
         }
     }
 }

@@ -30,6 +30,10 @@ use tokio::task::JoinSet;
 
 use crate::view::View;
 
+/// How long the SQL projection lets a batch gather commits before writing it: one transaction per
+/// interval instead of one per commit, for rows at most this much later.
+const PROJECTION_LINGER: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The queue group the command handlers share across copies.
 pub const QUEUE_GROUP: &str = "deepnode-reputation";
 
@@ -224,7 +228,8 @@ pub async fn run(
 async fn host_projection(shared: Arc<Shared>) -> Result<(), Error> {
     let projection = BookProjection::new(&shared.ctx.policy);
     let stop = shared.stop.clone();
-    ProjectionRunner::new(shared.ctx.store.pool().clone(), projection)
+    ProjectionRunner::for_store(&shared.ctx.store, projection)
+        .with_linger(PROJECTION_LINGER)
         .run(async move { stop.wait().await })
         .await?;
     Ok(())

@@ -4,3 +4,4 @@
 mod append;
 mod log;
 mod projection;
+mod tail;

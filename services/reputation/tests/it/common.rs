@@ -106,6 +106,7 @@ pub fn start_relay(ctx: &ServiceContext) -> (JoinHandle<()>, Shutdown) {
     let options = RelayOptions {
         lease_retry: Duration::from_millis(100),
         poll: Duration::from_millis(50),
+        ..RelayOptions::default()
     };
     let task = tokio::spawn(relay::run(
         ctx.store.clone(),

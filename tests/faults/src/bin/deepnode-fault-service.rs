@@ -48,6 +48,7 @@ async fn serve() -> anyhow::Result<()> {
     let relay_options = RelayOptions {
         lease_retry: Duration::from_millis(250),
         poll: Duration::from_millis(200),
+        ..RelayOptions::default()
     };
     let relay = tokio::spawn(relay::run(
         ctx.store.clone(),

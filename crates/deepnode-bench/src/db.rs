@@ -105,15 +105,7 @@ impl Facts {
         let fsync = show(conn, "fsync").await?;
         let wal_sync_method = show(conn, "wal_sync_method").await?;
         let shared_buffers = show(conn, "shared_buffers").await?;
-        let cpu = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .and_then(|l| l.split(':').nth(1))
-                    .map(|m| m.trim().to_owned())
-            })
-            .unwrap_or_else(|| "unknown".to_owned());
+        let cpu = cpu_model();
         Ok(Facts {
             nproc: std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -150,6 +142,19 @@ async fn show(conn: &mut PgConnection, name: &str) -> Result<String> {
         .fetch_one(conn)
         .await
         .with_context(|| format!("SHOW {name}"))
+}
+
+/// The CPU's model name from /proc/cpuinfo.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// The 1/5/15-minute load averages from /proc/loadavg.

@@ -658,12 +658,7 @@ async fn open_loop(
             });
         }
     }
-    while tasks.join_next().await.is_some() {}
-    let mut phase = Arc::try_unwrap(phase)
-        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
-        .unwrap_or_else(|_| Phase::new());
-    phase.elapsed = started.elapsed();
-    phase
+    finish(tasks, phase, started).await
 }
 
 /// `clients` clients, each sending its next exec as soon as the last is answered, for `duration`.
@@ -687,6 +682,15 @@ async fn closed_loop(d: &Deployment, clients: usize, duration: Duration) -> Phas
             }
         });
     }
+    finish(tasks, phase, started).await
+}
+
+/// Waits for every request of a phase to be answered; the phase then ends.
+async fn finish(
+    mut tasks: tokio::task::JoinSet<()>,
+    phase: Arc<Mutex<Phase>>,
+    started: Instant,
+) -> Phase {
     while tasks.join_next().await.is_some() {}
     let mut phase = Arc::try_unwrap(phase)
         .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
@@ -897,15 +901,7 @@ fn short(service: &str) -> &str {
 
 /// The machine in one line: cores, CPU model, load average.
 fn machine_line() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cpu = crate::db::cpu_model();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);

@@ -227,11 +227,7 @@ impl<P: Projection> ProjectionRunner<P> {
             return Ok(true);
         };
         self.projection.apply(&mut tx, &events).await?;
-        sqlx::query("UPDATE projection_checkpoints SET global_position = $2 WHERE projection = $1")
-            .bind(self.projection.name())
-            .bind(last)
-            .execute(&mut *tx)
-            .await?;
+        set_checkpoint(&mut tx, self.projection.name(), last).await?;
         tx.commit().await?;
         self.memory_position = last;
         Ok(true)
@@ -270,11 +266,7 @@ impl<P: Projection> ProjectionRunner<P> {
         };
         self.memory_position = last;
         self.projection.apply(&mut tx, &events).await?;
-        sqlx::query("UPDATE projection_checkpoints SET global_position = $2 WHERE projection = $1")
-            .bind(self.projection.name())
-            .bind(last)
-            .execute(&mut *tx)
-            .await?;
+        set_checkpoint(&mut tx, self.projection.name(), last).await?;
         tx.commit().await?;
         Ok(Some(last))
     }
@@ -308,6 +300,20 @@ pub async fn checkpoint(pool: &PgPool, projection: &str) -> Result<i64, Error> {
     .fetch_optional(pool)
     .await?;
     Ok(position.unwrap_or(0))
+}
+
+/// Moves the (locked) checkpoint of `projection` to `position`.
+async fn set_checkpoint(
+    conn: &mut PgConnection,
+    projection: &str,
+    position: i64,
+) -> Result<(), Error> {
+    sqlx::query("UPDATE projection_checkpoints SET global_position = $2 WHERE projection = $1")
+        .bind(projection)
+        .bind(position)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// Creates the checkpoint row if needed and locks it for this transaction; returns its position.

@@ -64,12 +64,22 @@ async fn client_as(server: &NatsServer, user: &str) -> (Client, Arc<Mutex<Vec<St
     (client, errors)
 }
 
-/// Waits briefly for a message; `None` if nothing arrives.
+/// Waits briefly for a message; `None` if nothing arrives (for checks that nothing does).
 async fn next(sub: &mut async_nats::Subscriber) -> Option<async_nats::Message> {
     tokio::time::timeout(Duration::from_millis(600), sub.next())
         .await
         .ok()
         .flatten()
+}
+
+/// Waits for a message that must arrive: generously, since on a loaded 2-core machine a delivery
+/// can take longer than an absence check waits.
+async fn expect_next(sub: &mut async_nats::Subscriber, what: &str) -> async_nats::Message {
+    tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("{what}: nothing arrived within 10 s"))
 }
 
 async fn violations(errors: &Arc<Mutex<Vec<String>>>, expect: &str) -> bool {
@@ -221,7 +231,7 @@ async fn nats_conf_confines_nodes_ingest_and_services() {
         .await
         .unwrap();
     node1.flush().await.unwrap();
-    let first = next(&mut beats).await.expect("own heartbeat delivered");
+    let first = expect_next(&mut beats, "own heartbeat delivered").await;
     assert_eq!(first.subject.as_str(), s.node_heartbeat(&n1));
     assert!(next(&mut beats).await.is_none(), "node 1 spoke for node 2");
     assert!(violations(&node1_errors, "deepnode.node.n2.heartbeat").await);

@@ -649,13 +649,7 @@ async fn open_loop(
             issued += 1;
             let body = exec_body(&format!("{tag}-{run}-{issued}"));
             let (client, subject, phase) = (d.client.clone(), subject.clone(), phase.clone());
-            tasks.spawn(async move {
-                let sent = Instant::now();
-                let reply =
-                    rpc::request_json(&client, &subject, &body, Duration::from_secs(10)).await;
-                let micros = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
-                lock(&phase).record(&reply, micros);
-            });
+            tasks.spawn(async move { timed_request(&client, &subject, &body, &phase).await });
         }
     }
     finish(tasks, phase, started).await
@@ -674,15 +668,19 @@ async fn closed_loop(d: &Deployment, clients: usize, duration: Duration) -> Phas
             while started.elapsed() < duration {
                 n += 1;
                 let body = exec_body(&format!("sat-{run}-{c}-{n}"));
-                let sent = Instant::now();
-                let reply =
-                    rpc::request_json(&client, &subject, &body, Duration::from_secs(10)).await;
-                let micros = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
-                lock(&phase).record(&reply, micros);
+                timed_request(&client, &subject, &body, &phase).await;
             }
         });
     }
     finish(tasks, phase, started).await
+}
+
+/// Sends one request and records its answer (or its absence) and round trip in `phase`.
+async fn timed_request(client: &Client, subject: &str, body: &Value, phase: &Mutex<Phase>) {
+    let sent = Instant::now();
+    let reply = rpc::request_json(client, subject, body, Duration::from_secs(10)).await;
+    let micros = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+    lock(phase).record(&reply, micros);
 }
 
 /// Waits for every request of a phase to be answered; the phase then ends.

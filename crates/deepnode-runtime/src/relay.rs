@@ -17,7 +17,7 @@ use async_nats::jetstream::context::Publish;
 use async_nats::jetstream::Context;
 use deepnode_bus::jetstream::ensure_streams;
 use deepnode_bus::subjects::Subjects;
-use deepnode_store::{EventStore, RecordedEvent};
+use deepnode_store::{EventStore, RecordedEvent, Urgency};
 use sqlx::{Connection, PgConnection};
 
 use crate::shutdown::Shutdown;
@@ -47,6 +47,9 @@ pub struct RelayOptions {
     /// a crash the next holder republishes from the stored position; the stream's duplicate window
     /// (`Nats-Msg-Id`) drops what it already has, and every reader skips positions it has seen.
     pub save_every: Duration,
+    /// How long the relay, at the head, lets commits gather before it reads and publishes them: one
+    /// read per interval instead of one per commit (publication is at most this much later).
+    pub linger: Duration,
 }
 
 impl Default for RelayOptions {
@@ -55,6 +58,7 @@ impl Default for RelayOptions {
             lease_retry: Duration::from_secs(1),
             poll: Duration::from_millis(500),
             save_every: Duration::from_millis(250),
+            linger: Duration::from_millis(50),
         }
     }
 }
@@ -119,7 +123,9 @@ async fn publish_while_leased(
         .map_err(|e| e.to_string())?;
     // The relay is the one reader that must read the log itself: it feeds the bus (and so every
     // process's tail).
-    let mut subscription = store.subscribe_database(from, options.poll);
+    let mut subscription = store
+        .subscribe_database(from, options.poll)
+        .linger(options.linger, Urgency::default());
     let mut saved = from;
     let mut published = from;
     let mut last_save = tokio::time::Instant::now();

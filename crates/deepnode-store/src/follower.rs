@@ -3,6 +3,10 @@
 //! same state replay and audit compute, and [`FollowerHandle::wait_for`] gives read-your-writes: after
 //! appending at position N, wait until the state has folded N before answering from it.
 //!
+//! A follower may linger ([`Follower::start_lingering`]): it then folds the commits of each interval
+//! in one read instead of one read per commit, and `wait_for` a position it has not folded yet cuts
+//! the wait short, so read-your-writes costs no linger.
+//!
 //! The fold itself is the caller's (the store does not interpret events); a fold error stops the
 //! follower and is reported by `wait_for`, because skipping an event would silently corrupt state.
 
@@ -12,7 +16,7 @@ use std::time::Duration;
 use deepnode_domain::log::RecordedEvent;
 use tokio::sync::watch;
 
-use crate::{Error, EventStore};
+use crate::{Error, EventStore, Urgency};
 
 /// Where a follower is: the last folded position, or why it stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +29,7 @@ enum Progress {
 pub struct FollowerHandle<S> {
     state: Arc<RwLock<S>>,
     progress: watch::Receiver<Progress>,
+    urgency: Urgency,
     task: tokio::task::AbortHandle,
 }
 
@@ -33,6 +38,7 @@ impl<S> Clone for FollowerHandle<S> {
         FollowerHandle {
             state: self.state.clone(),
             progress: self.progress.clone(),
+            urgency: self.urgency.clone(),
             task: self.task.clone(),
         }
     }
@@ -42,8 +48,26 @@ impl<S> Clone for FollowerHandle<S> {
 pub struct Follower;
 
 impl Follower {
-    /// Spawns the follower task. `fold` is applied to every event in global order.
-    pub fn start<S, F, E>(store: &EventStore, state: S, mut fold: F) -> FollowerHandle<S>
+    /// Spawns the follower task. `fold` is applied to every event in global order, as soon as it
+    /// commits.
+    pub fn start<S, F, E>(store: &EventStore, state: S, fold: F) -> FollowerHandle<S>
+    where
+        S: Send + Sync + 'static,
+        F: FnMut(&mut S, &RecordedEvent) -> Result<(), E> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        Follower::start_lingering(store, state, Duration::ZERO, fold)
+    }
+
+    /// Like [`Follower::start`], but once at the head a commit is folded up to `linger` later,
+    /// together with every other commit of that interval (one read for all of them), unless a
+    /// [`FollowerHandle::wait_for`] needs it sooner.
+    pub fn start_lingering<S, F, E>(
+        store: &EventStore,
+        state: S,
+        linger: Duration,
+        mut fold: F,
+    ) -> FollowerHandle<S>
     where
         S: Send + Sync + 'static,
         F: FnMut(&mut S, &RecordedEvent) -> Result<(), E> + Send + 'static,
@@ -51,7 +75,10 @@ impl Follower {
     {
         let state = Arc::new(RwLock::new(state));
         let (tx, progress) = watch::channel(Progress::At(0));
-        let mut subscription = store.subscribe_all(0, Duration::from_millis(500));
+        let urgency = Urgency::default();
+        let mut subscription = store
+            .subscribe_all(0, Duration::from_millis(500))
+            .linger(linger, urgency.clone());
         let shared = state.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -87,6 +114,7 @@ impl Follower {
         FollowerHandle {
             state,
             progress,
+            urgency,
             task: task.abort_handle(),
         }
     }
@@ -108,6 +136,9 @@ impl<S> FollowerHandle<S> {
 
     /// Waits until the state has folded `position` (read-your-writes), at most `timeout`.
     pub async fn wait_for(&self, position: i64, timeout: Duration) -> Result<(), Error> {
+        if self.position() < position {
+            self.urgency.now();
+        }
         let mut progress = self.progress.clone();
         let reached = tokio::time::timeout(
             timeout,

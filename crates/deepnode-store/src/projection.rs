@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use deepnode_domain::log::RecordedEvent;
 use sqlx::{PgConnection, PgPool};
 
-use crate::read::{read_all, Subscription};
+use crate::read::{read_all, Subscription, Urgency};
 use crate::{Error, EventStore, LogTail};
 
 /// A read model kept by the [`ProjectionRunner`].
@@ -80,8 +80,9 @@ impl<P: Projection> ProjectionRunner<P> {
         runner
     }
 
-    /// Lets a live batch wait up to `linger` for more events before it is written: one transaction
-    /// then carries every commit of that interval (the rows' lag grows by at most `linger`).
+    /// Lets a live batch wait up to `linger` for more events before it is read and written: one read
+    /// and one transaction then carry every commit of that interval (the rows' lag grows by at most
+    /// `linger`).
     pub fn with_linger(mut self, linger: Duration) -> Self {
         self.linger = linger;
         self
@@ -160,7 +161,7 @@ impl<P: Projection> ProjectionRunner<P> {
         .execute(&self.pool)
         .await?;
         self.run_to_head().await?;
-        let mut subscription = match &self.tail {
+        let subscription = match &self.tail {
             Some(tail) => Subscription::with_tail(
                 self.pool.clone(),
                 self.memory_position,
@@ -169,24 +170,20 @@ impl<P: Projection> ProjectionRunner<P> {
             ),
             None => Subscription::new(self.pool.clone(), self.memory_position, self.poll),
         };
+        let mut subscription = subscription.linger(self.linger, Urgency::default());
         loop {
-            let mut events = subscription.next_batch().await?;
-            if !self.linger.is_zero() {
-                let deadline = tokio::time::Instant::now() + self.linger;
-                while (events.len() as i64) < self.batch {
-                    match tokio::time::timeout_at(deadline, subscription.next_batch()).await {
-                        Ok(more) => events.extend(more?),
-                        Err(_) => break,
-                    }
-                }
-            }
             // The projection takes owned events; from a tail this is the one copy the process makes.
-            let events = events
+            let mut events: Vec<RecordedEvent> = subscription
+                .next_batch()
+                .await?
                 .into_iter()
                 .map(std::sync::Arc::unwrap_or_clone)
                 .collect();
-            if !self.write(events).await? {
-                return Ok(());
+            while !events.is_empty() {
+                let rest = events.split_off(events.len().min(self.batch as usize));
+                if !self.write(std::mem::replace(&mut events, rest)).await? {
+                    return Ok(());
+                }
             }
         }
     }

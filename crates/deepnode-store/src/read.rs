@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deepnode_domain::log::{RecordedEvent, StreamId};
-use futures::TryStreamExt;
+use futures::{FutureExt, TryStreamExt};
 use sqlx::postgres::{PgListener, PgRow};
 use sqlx::{PgPool, Row};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 
 use crate::tail::{LogTail, Lookup};
 
@@ -213,29 +213,46 @@ impl Waker {
         Armed::Polling
     }
 
-    /// Drops the notifications already received: they are for commits a read starting now sees.
-    /// Without this, every commit folded by one read would wake one more, empty, read.
+    /// Drops every notification already received, buffered or still in the socket: they are for
+    /// commits a read starting now sees. Without this, every commit folded by one read would wake
+    /// one more, empty, read (a lingering reader, which leaves them in the socket while it waits,
+    /// would then spend one linger per commit of the interval instead of one in all).
     pub(crate) fn drain(&mut self) {
-        if let Some(listener) = self.listener.as_mut() {
-            while listener.next_buffered().is_some() {}
+        let Some(listener) = self.listener.as_mut() else {
+            return;
+        };
+        loop {
+            // One poll each: ready only for what has arrived. `try_recv` is cancel-safe (a
+            // pending poll dropped here loses nothing; `wait` drops it the same way).
+            match listener.try_recv().now_or_never() {
+                Some(Ok(Some(_))) => continue,
+                None => return,
+                // The connection was lost: reconnect on the next arm(), which reads again.
+                Some(Ok(None) | Err(_)) => {
+                    self.listener = None;
+                    return;
+                }
+            }
         }
     }
 
-    /// Waits for a notification or the poll interval, whichever comes first.
-    pub(crate) async fn wait(&mut self) {
+    /// Waits for a notification or the poll interval, whichever comes first; `true` when a commit
+    /// notified.
+    pub(crate) async fn wait(&mut self) -> bool {
         let Some(listener) = self.listener.as_mut() else {
             tokio::time::sleep(self.poll).await;
-            return;
+            return false;
         };
         tokio::select! {
             received = listener.try_recv() => match received {
-                Ok(Some(_)) => {}
+                Ok(Some(_)) => return true,
                 // The connection was lost: notifications may have been missed, so read now and
                 // reconnect on the next arm().
                 Ok(None) | Err(_) => self.listener = None,
             },
             _ = tokio::time::sleep(self.poll) => {}
         }
+        false
     }
 }
 
@@ -250,6 +267,10 @@ impl Waker {
 ///   only to catch up, when the tail does not hold the next position (it started later, or a message
 ///   was lost), and once per `poll` of silence — the safety net that bounds how far a stalled feed can
 ///   hold a reader back.
+///
+/// With a [`Subscription::linger`], a reader at the head that learns of a commit waits that long
+/// before reading, so one read (and one wake-up of its owner) carries every commit of the interval
+/// instead of one each; its [`Urgency`] cuts the wait short when someone needs a position now.
 pub struct Subscription {
     pool: PgPool,
     position: i64,
@@ -258,6 +279,20 @@ pub struct Subscription {
     page: i64,
     /// The last read ended at the head of the log (it returned less than a page).
     caught_up: bool,
+    linger: Duration,
+    urgency: Urgency,
+}
+
+/// Cuts a lingering [`Subscription`]'s wait short: [`Urgency::now`] makes its current (or next)
+/// linger end at once. Cloned handles share one signal.
+#[derive(Clone, Default)]
+pub struct Urgency(Arc<Notify>);
+
+impl Urgency {
+    /// Asks the subscription to read now rather than at the end of its linger.
+    pub fn now(&self) {
+        self.0.notify_one();
+    }
 }
 
 enum Source {
@@ -278,6 +313,8 @@ impl Subscription {
             buffer: VecDeque::new(),
             page: 1_000,
             caught_up: false,
+            linger: Duration::ZERO,
+            urgency: Urgency::default(),
         }
     }
 
@@ -298,7 +335,17 @@ impl Subscription {
             buffer: VecDeque::new(),
             page: 1_000,
             caught_up: false,
+            linger: Duration::ZERO,
+            urgency: Urgency::default(),
         }
+    }
+
+    /// This subscription, waiting up to `linger` after it learns of a commit at the head before it
+    /// reads (or looks at the tail), unless `urgency` fires. Catching up never lingers.
+    pub fn linger(mut self, linger: Duration, urgency: Urgency) -> Subscription {
+        self.linger = linger;
+        self.urgency = urgency;
+        self
     }
 
     /// The position of the last event yielded.
@@ -334,6 +381,11 @@ impl Subscription {
             }
             match read_all(&self.pool, self.position, self.page).await {
                 Ok(events) => {
+                    tracing::trace!(
+                        after = self.position,
+                        read = events.len(),
+                        "subscription read the log"
+                    );
                     backoff = Duration::from_millis(50);
                     self.caught_up = (events.len() as i64) < self.page;
                     self.buffer.extend(events.into_iter().map(Arc::new));
@@ -357,8 +409,8 @@ impl Subscription {
                 // After a read that reached the head, wait for a commit's notification (or the
                 // poll interval) rather than read again at once — unless the listener was just
                 // reconnected, when a commit in between may not have notified.
-                if waker.arm().await != Armed::Reconnected {
-                    waker.wait().await;
+                if waker.arm().await != Armed::Reconnected && waker.wait().await {
+                    linger(self.linger, &self.urgency).await;
                 }
                 waker.drain();
                 false
@@ -386,10 +438,22 @@ impl Subscription {
                         if changed.is_err() {
                             return false; // the tail is gone: the database it is
                         }
+                        linger(self.linger, &self.urgency).await;
                     }
                     () = tokio::time::sleep(*poll) => return false,
                 }
             },
         }
+    }
+}
+
+/// Waits `linger`, or less if `urgency` fires first.
+async fn linger(linger: Duration, urgency: &Urgency) {
+    if linger.is_zero() {
+        return;
+    }
+    tokio::select! {
+        () = tokio::time::sleep(linger) => {}
+        () = urgency.0.notified() => {}
     }
 }

@@ -25,7 +25,7 @@ use std::time::Duration;
 use deepnode_domain::config::PolicyConfig;
 use deepnode_projections::BookProjection;
 use deepnode_runtime::{ServiceContext, Shutdown};
-use deepnode_store::{Follower, FollowerHandle, ProjectionRunner};
+use deepnode_store::{FollowerHandle, ProjectionRunner};
 use tokio::task::JoinSet;
 
 use crate::view::View;
@@ -170,9 +170,7 @@ pub async fn run(
     options: ReputationOptions,
     shutdown: Shutdown,
 ) -> Result<(), Error> {
-    let view = Follower::start(&ctx.store, View::new(&ctx.policy), |view, event| {
-        view.evolve(event)
-    });
+    let view = ctx.follow(View::new(&ctx.policy), |view, event| view.evolve(event));
     // An internal stop signal, so a failing part can stop its siblings without firing the caller's.
     let stop = Shutdown::new();
     {

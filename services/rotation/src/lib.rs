@@ -23,7 +23,7 @@ use deepnode_bus::envelope::{ErrorBody, ErrorCode, Reply};
 use deepnode_bus::rpc::serve;
 use deepnode_domain::config::PolicyConfig;
 use deepnode_runtime::{ServiceContext, Shutdown};
-use deepnode_store::{Follower, FollowerHandle};
+use deepnode_store::FollowerHandle;
 use uuid::Uuid;
 
 pub use error::Error;
@@ -71,9 +71,7 @@ impl RotationOptions {
 
 /// Starts the live view the service decides from (the book plus the rotation fold).
 pub fn start_view(ctx: &ServiceContext) -> FollowerHandle<RotationView> {
-    Follower::start(&ctx.store, RotationView::new(&ctx.policy), |v, e| {
-        v.evolve(e)
-    })
+    ctx.follow(RotationView::new(&ctx.policy), |v, e| v.evolve(e))
 }
 
 /// Runs the service until `shutdown` fires: serves `cmd.model.deploy` and `cmd.rotation.run` in

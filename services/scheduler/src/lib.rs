@@ -27,7 +27,7 @@ use deepnode_domain::book::NodeBook;
 use deepnode_domain::ids::{ModelId, RequestId};
 use deepnode_domain::scoring::RouteDecision;
 use deepnode_runtime::{ServiceContext, Shutdown};
-use deepnode_store::{Follower, FollowerHandle};
+use deepnode_store::FollowerHandle;
 use serde::Deserialize;
 
 pub use budget::RetryBudget;
@@ -112,7 +112,7 @@ pub async fn run(
     options: SchedulerOptions,
     shutdown: Shutdown,
 ) -> Result<(), Error> {
-    let book = Follower::start(&ctx.store, NodeBook::new(&ctx.policy), |book, event| {
+    let book = ctx.follow(NodeBook::new(&ctx.policy), |book, event| {
         book.evolve(event).map(|_| ())
     });
     let head = ctx.store.head_position().await.map_err(Error::CatchUp)?;

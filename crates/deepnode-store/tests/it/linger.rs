@@ -1,0 +1,101 @@
+//! Lingering readers against a real PostgreSQL: a subscription that lingers reads the commits of its
+//! interval in one read, and a follower's `wait_for` never waits for the linger (read-your-writes).
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::time::Duration;
+
+use deepnode_store::{EventStore, ExpectedVersion, Follower, StreamId, Urgency};
+use deepnode_testkit::{event, TestDb};
+use serde_json::json;
+
+/// Commits `n` events, one append (and so one commit and one notification) each; the last position.
+async fn commit_one_by_one(store: &EventStore, n: usize) -> i64 {
+    let mut last = 0;
+    for i in 0..n {
+        let stream = StreamId::parse(&format!("linger-{}", uuid::Uuid::new_v4())).unwrap();
+        let result = store
+            .append(
+                &stream,
+                ExpectedVersion::NoStream,
+                vec![event("Tick", json!({"i": i}))],
+            )
+            .await
+            .unwrap();
+        last = result.last_position();
+    }
+    last
+}
+
+/// The reader's next batch of positions.
+async fn next(batches: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<i64>>) -> Vec<i64> {
+    tokio::time::timeout(Duration::from_secs(20), batches.recv())
+        .await
+        .expect("a batch within 20 s")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_lingering_subscription_reads_the_commits_of_its_interval_at_once() {
+    // given a subscription that lingers 1 s after a commit notifies it (and would poll only once
+    // an hour), handing each batch it reads to the test
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let mut sub = store
+        .subscribe_all(0, Duration::from_secs(3_600))
+        .linger(Duration::from_secs(1), Urgency::default());
+    let (tx, mut batches) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(batch) = sub.next_batch().await {
+            let positions: Vec<i64> = batch.iter().map(|e| e.global_position).collect();
+            if tx.send(positions).is_err() {
+                return;
+            }
+        }
+    });
+    // and it is listening at the head: it has read two commits, each after the one before
+    commit_one_by_one(&store, 1).await;
+    assert_eq!(next(&mut batches).await, vec![1]);
+    commit_one_by_one(&store, 1).await;
+    assert_eq!(next(&mut batches).await, vec![2]);
+
+    // when five commits follow one another
+    commit_one_by_one(&store, 5).await;
+
+    // then its next batch holds all five: one read after the linger, not one per commit
+    assert_eq!(next(&mut batches).await, vec![3, 4, 5, 6, 7]);
+}
+
+#[tokio::test]
+async fn a_followers_wait_for_cuts_its_linger_short() {
+    // given a follower that would fold a commit an hour after it
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let follower = Follower::start_lingering(
+        &store,
+        Vec::new(),
+        Duration::from_secs(3_600),
+        |seen: &mut Vec<i64>, e| -> Result<(), String> {
+            seen.push(e.global_position);
+            Ok(())
+        },
+    );
+    // and it is listening at the head: it has folded two commits, each after the one before
+    for _ in 0..2 {
+        let position = commit_one_by_one(&store, 1).await;
+        follower
+            .wait_for(position, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+
+    // when one more event commits and someone needs it (read-your-writes)
+    let position = commit_one_by_one(&store, 1).await;
+    follower
+        .wait_for(position, Duration::from_secs(10))
+        .await
+        .expect("wait_for does not wait for the linger");
+
+    // then it has been folded
+    assert_eq!(*follower.read(), vec![1, 2, 3]);
+}

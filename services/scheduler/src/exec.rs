@@ -95,6 +95,7 @@ pub(crate) async fn handle(s: Arc<Scheduler>, request: Request) -> Reply {
             (reply, REPLAYED.with(Cell::get))
         })
         .await;
+    let reply = not_charged_unless_said(reply);
     let outcome = match reply.error() {
         _ if replayed => "replayed",
         None => "charged",
@@ -107,6 +108,19 @@ pub(crate) async fn handle(s: Arc<Scheduler>, request: Request) -> Reply {
     metrics::counter!("deepnode_exec_requests_total", "outcome" => outcome).increment(1);
     metrics::histogram!("deepnode_exec_latency_seconds", "outcome" => outcome)
         .record(started.elapsed().as_secs_f64());
+    reply
+}
+
+/// CONTRACT §3: every failed exec says `charged: false` and lists its `attempts` — empty when it was
+/// refused before any ran (bad input, unknown model, no eligible replica, the store unavailable).
+/// Failures after attempts carry their own (see `failure_reply_with`).
+fn not_charged_unless_said(mut reply: Reply) -> Reply {
+    if let Reply::Err { extra, .. } = &mut reply {
+        extra.entry("charged").or_insert(Value::Bool(false));
+        extra
+            .entry("attempts")
+            .or_insert_with(|| Value::Array(Vec::new()));
+    }
     reply
 }
 

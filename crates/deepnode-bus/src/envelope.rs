@@ -30,6 +30,9 @@ pub enum ErrorCode {
     Conflict,
     /// No node can serve the model right now.
     NoEligibleNodes,
+    /// Every replica that could serve is busy, and no slot freed within the request's deadline (or
+    /// its queue is full); the reply carries `retry_after_ms`. Not charged.
+    Overloaded,
     /// Primary and backup both failed; the caller is not charged.
     AllReplicasFailed,
     /// Store or bus down; safe to retry.
@@ -48,6 +51,7 @@ impl ErrorCode {
             Self::UnknownModel => "unknown_model",
             Self::Conflict => "conflict",
             Self::NoEligibleNodes => "no_eligible_nodes",
+            Self::Overloaded => "overloaded",
             Self::AllReplicasFailed => "all_replicas_failed",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",

@@ -344,6 +344,17 @@ fn filter(c: &CandidateSnapshot) -> Option<FilterReason> {
     }
 }
 
+/// Whether a request `route` refused could start once a slot frees: some replica is held back by
+/// nothing but its capacity (deployed, eligible, not ejected, at capacity). Such a request waits for
+/// a slot rather than being refused (`overloaded` only when none frees in time); one no replica
+/// could ever serve is refused at once (`no_eligible_nodes`).
+pub fn waits_for_capacity(input: &RouteInput) -> bool {
+    input
+        .candidates
+        .iter()
+        .any(|c| filter(c) == Some(FilterReason::AtCapacity))
+}
+
 /// Picks the primary and backup replica for one request.
 ///
 /// Filter (deployed, active/probation, not ejected, below capacity), score in integer bps, rank with
@@ -541,6 +552,25 @@ mod tests {
             domain_median_stake_micros: 1_000,
             candidates,
         }
+    }
+
+    #[test]
+    fn a_model_whose_servable_replicas_are_all_full_waits_and_one_with_none_is_refused() {
+        // both replicas full: refused now, but a freed slot would let it start
+        let full = input(vec![cand(1, 9_000, 0, 10), cand(2, 8_000, 0, 10)], "r-1");
+        assert!(route(&full, &RoutingPolicy::default()).is_err());
+        assert!(waits_for_capacity(&full));
+        // one full, the other jailed: still worth waiting for the full one
+        let mut jailed = cand(2, 8_000, 0, 0);
+        jailed.status = NodeStatus::Jailed;
+        let one_full = input(vec![cand(1, 9_000, 0, 10), jailed.clone()], "r-1");
+        assert!(waits_for_capacity(&one_full));
+        // jailed and offline, none at capacity: nothing to wait for
+        let mut offline = cand(1, 9_000, 0, 10);
+        offline.status = NodeStatus::Offline;
+        let none = input(vec![offline, jailed], "r-1");
+        assert!(route(&none, &RoutingPolicy::default()).is_err());
+        assert!(!waits_for_capacity(&none));
     }
 
     fn arb_candidate(i: usize) -> impl Strategy<Value = CandidateSnapshot> {

@@ -45,6 +45,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::classify::{classify, Classified, Transport};
+use crate::live::InFlight;
 use crate::replies::Answer;
 use crate::Scheduler;
 
@@ -229,20 +230,20 @@ impl Scheduler {
     /// Asks `node` with the request body, counting it in flight until the answer or the timeout.
     fn spawn_attempt(
         &self,
-        node: &NodeId,
+        slot: InFlight,
         body: Bytes,
         correlation_id: &str,
         timeout: Duration,
     ) -> JoinHandle<AttemptResult> {
+        let node = slot.node();
         self.live.start_probe_if_due(node, Utc::now());
-        let guard = self.live.begin(node);
         let subject = self.ctx.subjects.node_infer(node);
         let mut headers = HeaderMap::new();
         headers.insert(CORRELATION_HEADER, correlation_id);
         let replies = self.replies.clone();
         tokio::spawn(
             async move {
-                let _in_flight = guard;
+                let _in_flight = slot;
                 let started = Instant::now();
                 let answer = replies.request(subject, headers, body, timeout).await;
                 let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -534,14 +535,16 @@ async fn execute(
         timeout_ms,
     });
     let stream = requested.stream_id();
-    let decision = match s.route(&model_id, &request_id, Utc::now()).await {
-        Ok(d) => d,
-        Err(e) => {
+    // Waiting for a slot takes at most the attempt timeout; the attempts then get theirs in full.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+    let (decision, slot_1) = match s.admit(&model_id, &request_id, deadline).await {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
             // A repeated request whose model has gone since still gets its recorded answer.
             if let Ok(Some(reply)) = s.recorded(&stream, &request_id).await {
                 return reply;
             }
-            return Reply::err(e);
+            return refusal;
         }
     };
     if decision.emergency_replacement {
@@ -578,7 +581,7 @@ async fn execute(
     let requested = new_event(requested, meta.clone());
     let dispatched_1 = dispatched(&primary, Role::Primary, 1, requested.event_id);
     let cause_1 = dispatched_1.event_id;
-    let mut task_1 = s.spawn_attempt(&primary, body.clone(), &correlation_id, timeout);
+    let mut task_1 = s.spawn_attempt(slot_1, body.clone(), &correlation_id, timeout);
     let quick = tokio::time::timeout(CHECK_LOG_AFTER, &mut task_1)
         .await
         .ok();
@@ -637,7 +640,7 @@ async fn execute(
     let cause_2 = dispatched_2.event_id;
     trail.record.push(dispatched_2);
     let joined_2 = s
-        .spawn_attempt(&backup, body, &correlation_id, timeout)
+        .spawn_attempt(s.live.begin(&backup), body, &correlation_id, timeout)
         .await;
     let (result_2, attempt_2) = s
         .finish_attempt(&backup, Role::Backup, cause_2, &model_id, joined_2)

@@ -33,7 +33,7 @@ use serde::Deserialize;
 pub use budget::RetryBudget;
 pub use classify::{classify, Classified, Transport};
 
-use live::Live;
+use live::{InFlight, Live};
 use route::{NoRoute, SnapshotParams};
 
 /// The NATS queue group every scheduler copy joins.
@@ -57,6 +57,11 @@ pub struct SchedulerOptions {
     pub abandon_grace: Duration,
     /// How often this copy looks for abandoned executions.
     pub sweep_interval: Duration,
+    /// Requests of one model that may wait for a slot at once in this copy; one more is refused
+    /// `overloaded` at once.
+    pub queue_limit: u32,
+    /// The `retry_after_ms` an `overloaded` reply suggests.
+    pub retry_after: Duration,
 }
 
 impl Default for SchedulerOptions {
@@ -69,6 +74,8 @@ impl Default for SchedulerOptions {
             duplicate_grace: Duration::from_secs(2),
             abandon_grace: Duration::from_secs(10),
             sweep_interval: Duration::from_secs(5),
+            queue_limit: 512,
+            retry_after: Duration::from_millis(100),
         }
     }
 }
@@ -93,6 +100,9 @@ pub(crate) struct Scheduler {
     params: SnapshotParams,
     options: SchedulerOptions,
     emergencies: emergency::Emergencies,
+    /// Held while a request routes and takes its primary's slot, so two requests never both take
+    /// a node's last slot.
+    admission: std::sync::Mutex<()>,
 }
 
 /// `cmd.schedule` body.
@@ -151,6 +161,7 @@ pub async fn run(
         params,
         options,
         emergencies: emergency::Emergencies::default(),
+        admission: std::sync::Mutex::default(),
     });
     let sweeper = tokio::spawn(sweep::run(
         scheduler.clone(),
@@ -209,20 +220,90 @@ impl Scheduler {
         model_id: &ModelId,
         request_id: &RequestId,
         now: DateTime<Utc>,
-    ) -> Result<RouteDecision, ErrorBody> {
+    ) -> Result<RouteDecision, NoRoute> {
         match self.route_now(model_id, request_id, now) {
             Err(NoRoute::UnknownModel) => {
-                if let Ok(head) = self.ctx.store.head_position().await {
-                    let _ = self.book.wait_for(head, Duration::from_secs(2)).await;
-                }
+                self.catch_up().await;
                 self.route_now(model_id, request_id, now)
-                    .map_err(|e| e.to_error(model_id))
             }
-            other => other.map_err(|e| e.to_error(model_id)),
+            other => other,
         }
     }
 
-    /// `cmd.schedule {model_id}`: the decision a request would get now, without executing it.
+    /// Waits (at most 2 s) until the view has folded the log's current head.
+    async fn catch_up(&self) {
+        if let Ok(head) = self.ctx.store.head_position().await {
+            let _ = self.book.wait_for(head, Duration::from_secs(2)).await;
+        }
+    }
+
+    /// Admits one exec: routes it and takes its primary's slot in one step (under `admission`, so
+    /// concurrent requests never share a node's last slot). When every replica that could serve is
+    /// at capacity the request waits in its model's queue for a freed slot until `deadline`, and is
+    /// refused `overloaded` if none frees in time or `queue_limit` requests already wait.
+    pub(crate) async fn admit(
+        &self,
+        model_id: &ModelId,
+        request_id: &RequestId,
+        deadline: tokio::time::Instant,
+    ) -> Result<(RouteDecision, InFlight), Reply> {
+        let mut caught_up = false;
+        let mut queued = None;
+        let waiting_since = tokio::time::Instant::now();
+        loop {
+            let freed = self.live.slot_freed();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let routed = {
+                let _admission = self.admission.lock().unwrap_or_else(|p| p.into_inner());
+                self.route_now(model_id, request_id, Utc::now())
+                    .map(|decision| {
+                        let slot = self.live.begin(&decision.primary);
+                        (decision, slot)
+                    })
+            };
+            match routed {
+                Ok(admitted) => {
+                    if queued.is_some() {
+                        metrics::histogram!("deepnode_exec_queue_wait_seconds", "model_id" => model_id.to_string())
+                            .record(waiting_since.elapsed().as_secs_f64());
+                    }
+                    return Ok(admitted);
+                }
+                Err(NoRoute::UnknownModel) if !caught_up => {
+                    caught_up = true;
+                    self.catch_up().await;
+                    continue;
+                }
+                Err(NoRoute::Busy) => {}
+                Err(other) => return Err(self.refusal(other, model_id)),
+            }
+            if queued.is_none() {
+                match self.live.enqueue(model_id, self.options.queue_limit) {
+                    Some(place) => queued = Some(place),
+                    None => return Err(self.refusal(NoRoute::Busy, model_id)),
+                }
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(self.refusal(NoRoute::Busy, model_id));
+            }
+        }
+    }
+
+    /// The reply refusing a request that could not be routed; `overloaded` suggests when to retry.
+    fn refusal(&self, why: NoRoute, model_id: &ModelId) -> Reply {
+        let error = why.to_error(model_id);
+        if why == NoRoute::Busy {
+            let retry_after_ms =
+                u64::try_from(self.options.retry_after.as_millis()).unwrap_or(u64::MAX);
+            return Reply::err_with(
+                error,
+                &serde_json::json!({ "retry_after_ms": retry_after_ms }),
+            );
+        }
+        Reply::err(error)
+    }
+
     async fn schedule(&self, request: Request) -> Reply {
         let cmd: ScheduleCommand = match parse_command(&request.payload) {
             Ok(cmd) => cmd,
@@ -237,7 +318,7 @@ impl Scheduler {
         };
         match self.route(&cmd.model_id, &request_id, Utc::now()).await {
             Ok(decision) => Reply::ok(&route::schedule_reply(&decision)),
-            Err(e) => Reply::err(e),
+            Err(why) => self.refusal(why, &cmd.model_id),
         }
     }
 }

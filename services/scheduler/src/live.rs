@@ -12,11 +12,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use tokio::sync::futures::Notified;
+use tokio::sync::Notify;
+
 use chrono::{DateTime, Utc};
 use deepnode_domain::book::NodeBook;
 use deepnode_domain::ejection::{may_eject, EjectionPolicy, NodeHealth, Outcome, Transition};
 use deepnode_domain::events::Failure;
-use deepnode_domain::ids::NodeId;
+use deepnode_domain::ids::{ModelId, NodeId};
 
 use crate::budget::RetryBudget;
 
@@ -29,25 +32,62 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug)]
 pub struct Live {
     in_flight: Arc<Mutex<HashMap<NodeId, u32>>>,
+    /// Fired whenever an attempt ends (a slot frees): requests waiting for capacity look again.
+    freed: Arc<Notify>,
+    /// Requests waiting for a slot, per model.
+    queued: Arc<Mutex<HashMap<ModelId, u32>>>,
     health: Mutex<BTreeMap<NodeId, NodeHealth>>,
     budget: Mutex<RetryBudget>,
     ejection: EjectionPolicy,
 }
 
-/// Decrements a node's in-flight count when dropped (the attempt ended, however it ended).
+/// Decrements a node's in-flight count when dropped (the attempt ended, however it ended), and
+/// tells the requests waiting for capacity that a slot is free.
 #[derive(Debug)]
 pub struct InFlight {
     map: Arc<Mutex<HashMap<NodeId, u32>>>,
+    freed: Arc<Notify>,
     node: NodeId,
+}
+
+impl InFlight {
+    /// The node whose slot this is.
+    pub fn node(&self) -> &NodeId {
+        &self.node
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        {
+            let mut map = lock(&self.map);
+            if let Some(n) = map.get_mut(&self.node) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(&self.node);
+                }
+            }
+        }
+        self.freed.notify_waiters();
+    }
+}
+
+/// A request's place among those waiting for a slot of its model; leaves the queue when dropped.
+#[derive(Debug)]
+pub struct Queued {
+    map: Arc<Mutex<HashMap<ModelId, u32>>>,
+    model: ModelId,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
         let mut map = lock(&self.map);
-        if let Some(n) = map.get_mut(&self.node) {
+        if let Some(n) = map.get_mut(&self.model) {
             *n = n.saturating_sub(1);
+            metrics::gauge!("deepnode_exec_queue_depth", "model_id" => self.model.to_string())
+                .set(f64::from(*n));
             if *n == 0 {
-                map.remove(&self.node);
+                map.remove(&self.model);
             }
         }
     }
@@ -58,6 +98,8 @@ impl Live {
     pub fn new(ejection: EjectionPolicy, budget: RetryBudget) -> Live {
         Live {
             in_flight: Arc::default(),
+            freed: Arc::default(),
+            queued: Arc::default(),
             health: Mutex::default(),
             budget: Mutex::new(budget),
             ejection,
@@ -74,8 +116,31 @@ impl Live {
         *lock(&self.in_flight).entry(node.clone()).or_insert(0) += 1;
         InFlight {
             map: self.in_flight.clone(),
+            freed: self.freed.clone(),
             node: node.clone(),
         }
+    }
+
+    /// Resolves at the next freed slot of any node. Create (and `enable`) it before looking at the
+    /// load, so a slot freed between the look and the wait is not missed.
+    pub fn slot_freed(&self) -> Notified<'_> {
+        self.freed.notified()
+    }
+
+    /// Joins `model`'s queue of requests waiting for a slot, unless `limit` already wait.
+    pub fn enqueue(&self, model: &ModelId, limit: u32) -> Option<Queued> {
+        let mut map = lock(&self.queued);
+        let waiting = map.entry(model.clone()).or_insert(0);
+        if *waiting >= limit {
+            return None;
+        }
+        *waiting += 1;
+        metrics::gauge!("deepnode_exec_queue_depth", "model_id" => model.to_string())
+            .set(f64::from(*waiting));
+        Some(Queued {
+            map: self.queued.clone(),
+            model: model.clone(),
+        })
     }
 
     /// Whether routing must treat `node` as ejected at `now`.

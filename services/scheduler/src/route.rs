@@ -15,7 +15,8 @@ use deepnode_domain::book::NodeBook;
 use deepnode_domain::fixed::Bps;
 use deepnode_domain::ids::{ModelId, RequestId};
 use deepnode_domain::scoring::{
-    route, CandidateSnapshot, FilterReason, RouteDecision, RouteError, RouteInput, RoutingPolicy,
+    route, waits_for_capacity, CandidateSnapshot, FilterReason, RouteDecision, RouteError,
+    RouteInput, RoutingPolicy,
 };
 use serde_json::{json, Value};
 
@@ -39,6 +40,8 @@ pub enum NoRoute {
     UnknownModel,
     /// Declared, but no replica can serve.
     NoEligibleNodes,
+    /// Every replica that could serve is at capacity (a freed slot would let it start).
+    Busy,
 }
 
 impl NoRoute {
@@ -52,6 +55,10 @@ impl NoRoute {
             NoRoute::NoEligibleNodes => ErrorBody::new(
                 ErrorCode::NoEligibleNodes,
                 format!("no replica of model {model_id} can serve right now"),
+            ),
+            NoRoute::Busy => ErrorBody::new(
+                ErrorCode::Overloaded,
+                format!("every replica of model {model_id} that can serve is at capacity"),
             ),
         }
     }
@@ -134,6 +141,7 @@ pub fn snapshot(
 /// Routes `input` with `policy`, mapping the domain's error to the reply's.
 pub fn decide(input: &RouteInput, policy: &RoutingPolicy) -> Result<RouteDecision, NoRoute> {
     route(input, policy).map_err(|e| match e {
+        RouteError::NoEligibleNodes { .. } if waits_for_capacity(input) => NoRoute::Busy,
         RouteError::NoEligibleNodes { .. } | RouteError::DuplicateNode(_) => {
             NoRoute::NoEligibleNodes
         }

@@ -247,8 +247,8 @@ async fn a_repeat_on_a_slow_node_is_answered_from_the_log_without_waiting_for_it
 #[tokio::test]
 async fn two_copies_in_one_queue_group_record_each_request_once() {
     let mut h = Harness::new().await;
-    // Room for the whole burst: at capacity a request is refused (`no_eligible_nodes`, tested
-    // elsewhere), and this test is about deduplication, not admission.
+    // Room for the whole burst: at capacity a request waits for a slot (tested elsewhere), and
+    // this test is about deduplication, not admission.
     h.register("a", 1_024).await;
     h.register("b", 1_024).await;
     h.deploy("m-1", &["a", "b"]).await;
@@ -543,7 +543,7 @@ async fn an_execution_abandoned_by_a_stopped_scheduler_is_closed_uncharged() {
 }
 
 #[tokio::test]
-async fn a_model_whose_replicas_are_all_full_is_refused_at_once() {
+async fn a_request_for_a_full_model_waits_for_a_slot_within_its_deadline() {
     let mut h = Harness::new().await;
     h.register("a", 1).await;
     h.register("b", 1).await;
@@ -556,23 +556,171 @@ async fn a_model_whose_replicas_are_all_full_is_refused_at_once() {
     let busy: Vec<_> = (0..2)
         .map(|i| h.exec(json!({"request_id": format!("busy-{i}"), "model_id": "m-1", "input": i})))
         .collect();
-    let refused = async {
+    // when two more arrive: one willing to wait 5 s, one only 100 ms
+    let waiting = async {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let started = std::time::Instant::now();
-        let reply = h
-            .exec(json!({"request_id": "extra", "model_id": "m-1", "input": 9}))
-            .await;
-        (reply, started.elapsed())
+        tokio::join!(
+            h.exec(json!({"request_id": "patient", "model_id": "m-1", "input": 8})),
+            h.exec(
+                json!({"request_id": "hasty", "model_id": "m-1", "input": 9, "timeout_ms": 100})
+            ),
+        )
     };
-    let (busy, (reply, took)) = tokio::join!(futures::future::join_all(busy), refused);
-    // then the extra request is refused promptly, recorded nowhere, and the busy ones succeed
-    assert_eq!(
-        reply["error"]["code"],
-        json!("no_eligible_nodes"),
-        "{reply}"
-    );
-    assert!(took < Duration::from_millis(250), "refusal took {took:?}");
-    assert_eq!(h.count("ExecutionRequested", "extra").await, 0);
+    let (busy, (patient, hasty)) = tokio::join!(futures::future::join_all(busy), waiting);
+
+    // then the patient one starts when a slot frees and is served; the hasty one is refused
+    // `overloaded` (not charged, recorded nowhere); the busy ones succeed
     assert!(busy.iter().all(|r| r["ok"] == json!(true)), "{busy:?}");
+    assert_eq!(patient["ok"], json!(true), "{patient}");
+    assert_eq!(hasty["error"]["code"], json!("overloaded"), "{hasty}");
+    assert_eq!(hasty["charged"], json!(false), "{hasty}");
+    assert_eq!(h.count("ExecutionRequested", "hasty").await, 0);
+    h.stop().await;
+}
+
+/// Nodes that answer each request after `latency`, counting how many they hold at once; each node's
+/// peak concurrency. Subscribed (and flushed) before this returns.
+async fn slow_nodes(
+    h: &Harness,
+    ids: &[&str],
+    latency: Duration,
+) -> Vec<(String, std::sync::Arc<std::sync::atomic::AtomicU32>)> {
+    use futures::StreamExt;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    let mut peaks = Vec::new();
+    for id in ids {
+        let mut requests = h
+            .client
+            .subscribe(h.subjects.node_infer(&node(id)))
+            .await
+            .unwrap();
+        let (held, peak) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+        peaks.push(((*id).to_owned(), peak.clone()));
+        let client = h.client.clone();
+        tokio::spawn(async move {
+            while let Some(request) = requests.next().await {
+                let (client, held, peak) = (client.clone(), held.clone(), peak.clone());
+                tokio::spawn(async move {
+                    let now = held.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(latency).await;
+                    held.fetch_sub(1, Ordering::SeqCst);
+                    if let Some(reply) = request.reply {
+                        let answer = json!({"output": "done"}).to_string();
+                        let _ = client.publish(reply, answer.into()).await;
+                    }
+                });
+            }
+        });
+    }
+    h.client.flush().await.unwrap();
+    peaks
+}
+
+/// `n` execs of `model_of(i)` sent at once, each with `timeout_ms`; the replies in order.
+async fn burst(
+    h: &Harness,
+    n: usize,
+    model_of: impl Fn(usize) -> String,
+    timeout_ms: u64,
+) -> Vec<Value> {
+    futures::future::join_all((0..n).map(|i| {
+        h.exec(json!({
+            "request_id": format!("burst-{i}"),
+            "model_id": model_of(i),
+            "input": i,
+            "timeout_ms": timeout_ms,
+        }))
+    }))
+    .await
+}
+
+#[tokio::test]
+async fn a_burst_waits_for_free_slots_and_no_node_holds_more_than_its_capacity() {
+    // given 6 nodes of capacity 8 that answer in 50 ms, and 4 models on two replicas each
+    let mut h = Harness::new().await;
+    let ids = ["a", "b", "c", "d", "e", "f"];
+    for id in ids {
+        h.register(id, 8).await;
+    }
+    for (model, replicas) in [
+        ("m-1", ["a", "b"]),
+        ("m-2", ["c", "d"]),
+        ("m-3", ["e", "f"]),
+        ("m-4", ["a", "d"]),
+    ] {
+        h.deploy(model, &replicas).await;
+    }
+    let peaks = slow_nodes(&h, &ids, Duration::from_millis(50)).await;
+    h.start_scheduler(test_policy(), "scheduler").await;
+
+    // when 400 requests arrive at once, each willing to wait 2 s (room: 48 slots × 2 s / 50 ms)
+    let replies = burst(&h, 400, |i| format!("m-{}", i % 4 + 1), 2_000).await;
+
+    // then every one is served and charged once, and no node ever held more than its capacity
+    for reply in &replies {
+        assert_eq!(reply["ok"], json!(true), "{reply}");
+        assert_eq!(reply["charged"], json!(true), "{reply}");
+    }
+    let completed: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT payload->>'request_id') FROM events WHERE event_type = 'ExecutionCompleted'",
+    )
+    .fetch_one(h.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(completed, 400);
+    for (id, peak) in peaks {
+        let peak = peak.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            peak <= 8,
+            "node {id} held {peak} requests at once (capacity 8)"
+        );
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn beyond_the_queue_bound_a_request_is_refused_overloaded_at_once_uncharged_and_unrecorded() {
+    // given one model on two nodes of capacity 1 that answer in 300 ms, and room for 4 waiting
+    let mut h = Harness::new().await;
+    h.register("a", 1).await;
+    h.register("b", 1).await;
+    h.deploy("m-1", &["a", "b"]).await;
+    slow_nodes(&h, &["a", "b"], Duration::from_millis(300)).await;
+    h.options.queue_limit = 4;
+    h.start_scheduler(test_policy(), "scheduler").await;
+    let head = h.head().await;
+
+    // when 10 requests arrive at once
+    let replies = burst(&h, 10, |_| "m-1".to_owned(), 2_000).await;
+
+    // then 2 start, 4 wait for a slot and are served, and 4 are refused `overloaded` with a hint
+    let served = replies.iter().filter(|r| r["ok"] == json!(true)).count();
+    let refused: Vec<&Value> = replies.iter().filter(|r| r["ok"] != json!(true)).collect();
+    assert_eq!(served, 6, "{replies:?}");
+    assert_eq!(refused.len(), 4, "{replies:?}");
+    for reply in refused {
+        assert_eq!(reply["error"]["code"], json!("overloaded"), "{reply}");
+        assert_eq!(reply["retry_after_ms"], json!(100), "{reply}");
+        assert_eq!(reply["charged"], json!(false), "{reply}");
+        assert_eq!(reply["attempts"], json!([]), "{reply}");
+    }
+    // and a refusal is recorded nowhere and costs no node anything: the log holds exactly the six
+    // served executions (4 events each), nothing on the nodes' streams
+    let appended: Vec<(String, String)> = sqlx::query_as(
+        "SELECT event_type, stream_id FROM events WHERE global_position > $1 ORDER BY global_position",
+    )
+    .bind(head)
+    .fetch_all(h.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(appended.len(), 6 * 4, "{appended:?}");
+    assert!(
+        appended
+            .iter()
+            .all(|(_, stream)| stream.starts_with("exec-")),
+        "{appended:?}"
+    );
     h.stop().await;
 }

@@ -1030,7 +1030,13 @@ pub const FLEET_NODES: [&str; 4] = ["n-0", "n-1", "n-2", "n-3"];
 
 /// Every error code the traffic may legitimately see while a fault is on.
 pub fn transient(code: &str) -> bool {
-    code == ErrorCode::Unavailable.as_str() || code == ErrorCode::NoEligibleNodes.as_str()
+    [
+        ErrorCode::Unavailable,
+        ErrorCode::NoEligibleNodes,
+        ErrorCode::Overloaded,
+    ]
+    .iter()
+    .any(|c| c.as_str() == code)
 }
 
 /// Writes `figures` for the RELIABILITY report to stderr (shown with `--nocapture`).

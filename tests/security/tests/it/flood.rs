@@ -1,6 +1,6 @@
 //! Flood beyond capacity (issue 5): three simulated nodes of capacity 1–2 and 200 ms latency serve
 //! one model; a burst of 2,000 concurrent `cmd.exec` requests (far more than the 4 slots can take)
-//! must each get an answer promptly — `ok`, or `no_eligible_nodes` / `unavailable` /
+//! must each get an answer promptly — `ok`, or `no_eligible_nodes` / `overloaded` / `unavailable` /
 //! `all_replicas_failed` — with bounded memory, no service task ending, and a normal request
 //! succeeding once the flood stops.
 //!
@@ -140,6 +140,7 @@ async fn a_flood_beyond_capacity_is_answered_promptly_and_recovers() {
     let allowed = [
         "ok",
         "no_eligible_nodes",
+        "overloaded",
         "unavailable",
         "all_replicas_failed",
     ];

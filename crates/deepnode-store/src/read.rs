@@ -281,6 +281,9 @@ pub struct Subscription {
     caught_up: bool,
     linger: Duration,
     urgency: Urgency,
+    /// A commit notified and the read for it has not happened yet (kept across a cancelled call,
+    /// so a caller that drops `next` mid-linger does not wait for the next commit to read it).
+    notified: bool,
 }
 
 /// Cuts a lingering [`Subscription`]'s wait short: [`Urgency::now`] makes its current (or next)
@@ -315,6 +318,7 @@ impl Subscription {
             caught_up: false,
             linger: Duration::ZERO,
             urgency: Urgency::default(),
+            notified: false,
         }
     }
 
@@ -337,6 +341,7 @@ impl Subscription {
             caught_up: false,
             linger: Duration::ZERO,
             urgency: Urgency::default(),
+            notified: false,
         }
     }
 
@@ -409,10 +414,14 @@ impl Subscription {
                 // After a read that reached the head, wait for a commit's notification (or the
                 // poll interval) rather than read again at once — unless the listener was just
                 // reconnected, when a commit in between may not have notified.
-                if waker.arm().await != Armed::Reconnected && waker.wait().await {
+                if !self.notified && waker.arm().await != Armed::Reconnected {
+                    self.notified = waker.wait().await;
+                }
+                if self.notified {
                     linger(self.linger, &self.urgency).await;
                 }
                 waker.drain();
+                self.notified = false;
                 false
             }
             Source::Tail {

@@ -99,3 +99,36 @@ async fn a_followers_wait_for_cuts_its_linger_short() {
     // then it has been folded
     assert_eq!(*follower.read(), vec![1, 2, 3]);
 }
+
+#[tokio::test]
+async fn a_linger_cut_off_by_a_dropped_call_still_reads_the_commit_it_was_waiting_for() {
+    // given a subscription listening at the head, lingering 1 s (and polling once an hour)
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let mut sub = store
+        .subscribe_all(0, Duration::from_secs(3_600))
+        .linger(Duration::from_secs(1), Urgency::default());
+    for expected in 1..=2 {
+        commit_one_by_one(&store, 1).await;
+        let batch = tokio::time::timeout(Duration::from_secs(20), sub.next_batch())
+            .await
+            .expect("a batch within 20 s")
+            .unwrap();
+        assert_eq!(batch.last().unwrap().global_position, expected);
+    }
+
+    // when a commit notifies it and the caller drops its call in the middle of the linger
+    commit_one_by_one(&store, 1).await;
+    let dropped = tokio::time::timeout(Duration::from_millis(300), sub.next_batch()).await;
+    assert!(
+        dropped.is_err(),
+        "the linger holds the read back: {dropped:?}"
+    );
+
+    // then the next call reads the commit after the linger, without waiting for another commit
+    let batch = tokio::time::timeout(Duration::from_secs(10), sub.next_batch())
+        .await
+        .expect("the notified commit is read without another one")
+        .unwrap();
+    assert_eq!(batch.last().unwrap().global_position, 3);
+}

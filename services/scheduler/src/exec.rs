@@ -113,14 +113,27 @@ pub(crate) async fn handle(s: Arc<Scheduler>, request: Request) -> Reply {
 }
 
 /// CONTRACT §3: every failed exec says `charged: false` and lists its `attempts` — empty when it was
-/// refused before any ran (bad input, unknown model, no eligible replica, the store unavailable).
-/// Failures after attempts carry their own (see `failure_reply_with`).
+/// refused before any ran (bad input, unknown model, no eligible replica, overloaded, the store
+/// unavailable). Failures after attempts carry their own (see `failure_reply_with`).
+///
+/// It also says whether sending the same request again may run it (`retryable`): `true` when it was
+/// refused for the moment and nothing was recorded for its id (`unknown_model`, `no_eligible_nodes`,
+/// `overloaded`, `unavailable`), so a later answer for that id never contradicts this one; `false`
+/// when the answer is final (bad input, or an outcome recorded in the log, which a repeat returns).
 fn not_charged_unless_said(mut reply: Reply) -> Reply {
-    if let Reply::Err { extra, .. } = &mut reply {
+    if let Reply::Err { error, extra } = &mut reply {
+        let retryable = matches!(
+            error.code,
+            ErrorCode::UnknownModel
+                | ErrorCode::NoEligibleNodes
+                | ErrorCode::Overloaded
+                | ErrorCode::Unavailable
+        );
         extra.entry("charged").or_insert(Value::Bool(false));
         extra
             .entry("attempts")
             .or_insert_with(|| Value::Array(Vec::new()));
+        extra.entry("retryable").or_insert(Value::Bool(retryable));
     }
     reply
 }

@@ -110,9 +110,11 @@ async fn schedule_reply_factors_reproduce_each_score() {
         .await;
     assert_eq!(exec_unknown["error"]["code"], json!("unknown_model"));
     // CONTRACT §3: a refused exec is not charged and lists no attempts.
+    // Nothing was recorded for either id, and a later request may run: they say so.
     for refused in [&exec_none, &exec_unknown] {
         assert_eq!(refused["charged"], json!(false), "{refused}");
         assert_eq!(refused["attempts"], json!([]), "{refused}");
+        assert_eq!(refused["retryable"], json!(true), "{refused}");
     }
     assert_eq!(h.count("ExecutionRequested", "r-1").await, 0);
     h.stop().await;
@@ -218,6 +220,7 @@ async fn bad_input_gets_the_right_code_appends_nothing_and_the_service_stays_up(
         assert_eq!(reply["error"]["code"], json!(code), "{shown}: {reply}");
         assert_eq!(reply["charged"], json!(false), "{shown}: {reply}");
         assert_eq!(reply["attempts"], json!([]), "{shown}: {reply}");
+        assert_eq!(reply["retryable"], json!(false), "{shown}: {reply}");
         assert!(reply["error"]["message"]
             .as_str()
             .is_some_and(|m| !m.is_empty()));

@@ -171,6 +171,11 @@ async fn both_replicas_failing_is_all_replicas_failed_and_not_charged() {
         .await;
     assert_eq!(reply["ok"], json!(false), "{reply}");
     assert_eq!(reply["error"]["code"], json!("all_replicas_failed"));
+    assert_eq!(
+        reply["retryable"],
+        json!(false),
+        "a recorded outcome is final: {reply}"
+    );
     assert_eq!(reply["charged"], json!(false));
     assert_eq!(
         attempts(&reply),
@@ -705,6 +710,7 @@ async fn beyond_the_queue_bound_a_request_is_refused_overloaded_at_once_uncharge
         assert_eq!(reply["retry_after_ms"], json!(100), "{reply}");
         assert_eq!(reply["charged"], json!(false), "{reply}");
         assert_eq!(reply["attempts"], json!([]), "{reply}");
+        assert_eq!(reply["retryable"], json!(true), "{reply}");
     }
     // and a refusal is recorded nowhere and costs no node anything: the log holds exactly the six
     // served executions (4 events each), nothing on the nodes' streams

@@ -46,6 +46,7 @@ use uuid::Uuid;
 
 use crate::classify::{classify, Classified, Transport};
 use crate::live::InFlight;
+use crate::queue::Priority;
 use crate::replies::Answer;
 use crate::Scheduler;
 
@@ -57,6 +58,9 @@ struct ExecCommand {
     input: Value,
     #[serde(default)]
     timeout_ms: Option<u64>,
+    /// How it ranks when its model is full (`critical`, `standard`, `sheddable`).
+    #[serde(default)]
+    priority: Priority,
 }
 
 /// One attempt as the reply lists it.
@@ -540,6 +544,7 @@ async fn execute(
         request_id,
         model_id,
         input,
+        priority,
         ..
     } = cmd;
     let requested = DomainEvent::ExecutionRequested(ExecutionRequested {
@@ -550,7 +555,7 @@ async fn execute(
     let stream = requested.stream_id();
     // Waiting for a slot takes at most the attempt timeout; the attempts then get theirs in full.
     let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
-    let (decision, slot_1) = match s.admit(&model_id, &request_id, deadline).await {
+    let (decision, slot_1) = match s.admit(&model_id, &request_id, priority, deadline).await {
         Ok(admitted) => admitted,
         Err(refusal) => {
             // A repeated request whose model has gone since still gets its recorded answer.

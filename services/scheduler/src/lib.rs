@@ -13,6 +13,7 @@ mod classify;
 mod emergency;
 mod exec;
 mod live;
+mod queue;
 mod replies;
 mod route;
 mod sweep;
@@ -34,6 +35,7 @@ pub use budget::RetryBudget;
 pub use classify::{classify, Classified, Transport};
 
 use live::{InFlight, Live};
+use queue::{Priority, Queues};
 use route::{NoRoute, SnapshotParams};
 
 /// The NATS queue group every scheduler copy joins.
@@ -103,6 +105,8 @@ pub(crate) struct Scheduler {
     /// Held while a request routes and takes its primary's slot, so two requests never both take
     /// a node's last slot.
     admission: std::sync::Mutex<()>,
+    /// Requests waiting for a slot, per model, in the order they may take one.
+    queues: Queues,
 }
 
 /// `cmd.schedule` body.
@@ -138,6 +142,7 @@ pub async fn run(
             exec_policy.retry_budget_per_sec,
         ),
     );
+    let queues = Queues::new(live.freed());
     let params = SnapshotParams {
         seed: options.seed,
         config_hash: ctx.policy.config_hash(),
@@ -162,6 +167,7 @@ pub async fn run(
         options,
         emergencies: emergency::Emergencies::default(),
         admission: std::sync::Mutex::default(),
+        queues,
     });
     let sweeper = tokio::spawn(sweep::run(
         scheduler.clone(),
@@ -239,53 +245,77 @@ impl Scheduler {
 
     /// Admits one exec: routes it and takes its primary's slot in one step (under `admission`, so
     /// concurrent requests never share a node's last slot). When every replica that could serve is
-    /// at capacity the request waits in its model's queue for a freed slot until `deadline`, and is
-    /// refused `overloaded` if none frees in time or `queue_limit` requests already wait.
+    /// at capacity — or others already wait for this model — the request joins the model's queue
+    /// ([`queue`]: critical first, then earliest deadline) and routes again when it is first and a
+    /// slot frees, until `deadline`. Refused `overloaded` when no slot frees in time, when
+    /// `queue_limit` requests already wait, or at once when it is `sheddable`.
     pub(crate) async fn admit(
         &self,
         model_id: &ModelId,
         request_id: &RequestId,
+        priority: Priority,
         deadline: tokio::time::Instant,
     ) -> Result<(RouteDecision, InFlight), Reply> {
         let mut caught_up = false;
-        let mut queued = None;
+        let mut queued: Option<queue::Queued> = None;
         let waiting_since = tokio::time::Instant::now();
+        let refuse = |why: NoRoute| {
+            let reply = self.refusal(why, model_id);
+            if let Reply::Err { error, .. } = &reply {
+                metrics::counter!("deepnode_exec_refusals_total", "code" => error.code.as_str(), "priority" => priority.as_str())
+                    .increment(1);
+            }
+            reply
+        };
         loop {
             let freed = self.live.slot_freed();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            let routed = {
-                let _admission = self.admission.lock().unwrap_or_else(|p| p.into_inner());
-                self.route_now(model_id, request_id, Utc::now())
-                    .map(|decision| {
-                        let slot = self.live.begin(&decision.primary);
-                        (decision, slot)
-                    })
+            let my_turn = match &queued {
+                None => self.queues.is_empty(model_id),
+                Some(place) => place.is_first(),
             };
-            match routed {
-                Ok(admitted) => {
-                    if queued.is_some() {
-                        metrics::histogram!("deepnode_exec_queue_wait_seconds", "model_id" => model_id.to_string())
-                            .record(waiting_since.elapsed().as_secs_f64());
+            if my_turn {
+                let routed = {
+                    let _admission = self.admission.lock().unwrap_or_else(|p| p.into_inner());
+                    self.route_now(model_id, request_id, Utc::now())
+                        .map(|decision| {
+                            let slot = self.live.begin(&decision.primary);
+                            (decision, slot)
+                        })
+                };
+                match routed {
+                    Ok(admitted) => {
+                        if queued.is_some() {
+                            metrics::histogram!("deepnode_exec_queue_wait_seconds", "model_id" => model_id.to_string())
+                                .record(waiting_since.elapsed().as_secs_f64());
+                        }
+                        return Ok(admitted);
                     }
-                    return Ok(admitted);
+                    Err(NoRoute::UnknownModel) if !caught_up => {
+                        caught_up = true;
+                        self.catch_up().await;
+                        continue;
+                    }
+                    Err(NoRoute::Busy) => {}
+                    Err(other) => return Err(refuse(other)),
                 }
-                Err(NoRoute::UnknownModel) if !caught_up => {
-                    caught_up = true;
-                    self.catch_up().await;
-                    continue;
-                }
-                Err(NoRoute::Busy) => {}
-                Err(other) => return Err(self.refusal(other, model_id)),
             }
             if queued.is_none() {
-                match self.live.enqueue(model_id, self.options.queue_limit) {
-                    Some(place) => queued = Some(place),
-                    None => return Err(self.refusal(NoRoute::Busy, model_id)),
+                if priority == Priority::Sheddable {
+                    return Err(refuse(NoRoute::Busy));
                 }
+                match self
+                    .queues
+                    .join(model_id, priority, deadline, self.options.queue_limit)
+                {
+                    Some(place) => queued = Some(place),
+                    None => return Err(refuse(NoRoute::Busy)),
+                }
+                continue; // first already? look again at once
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
-                return Err(self.refusal(NoRoute::Busy, model_id));
+                return Err(refuse(NoRoute::Busy));
             }
         }
     }

@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use deepnode_domain::book::NodeBook;
 use deepnode_domain::ejection::{may_eject, EjectionPolicy, NodeHealth, Outcome, Transition};
 use deepnode_domain::events::Failure;
-use deepnode_domain::ids::{ModelId, NodeId};
+use deepnode_domain::ids::NodeId;
 
 use crate::budget::RetryBudget;
 
@@ -34,8 +34,6 @@ pub struct Live {
     in_flight: Arc<Mutex<HashMap<NodeId, u32>>>,
     /// Fired whenever an attempt ends (a slot frees): requests waiting for capacity look again.
     freed: Arc<Notify>,
-    /// Requests waiting for a slot, per model.
-    queued: Arc<Mutex<HashMap<ModelId, u32>>>,
     health: Mutex<BTreeMap<NodeId, NodeHealth>>,
     budget: Mutex<RetryBudget>,
     ejection: EjectionPolicy,
@@ -72,34 +70,12 @@ impl Drop for InFlight {
     }
 }
 
-/// A request's place among those waiting for a slot of its model; leaves the queue when dropped.
-#[derive(Debug)]
-pub struct Queued {
-    map: Arc<Mutex<HashMap<ModelId, u32>>>,
-    model: ModelId,
-}
-
-impl Drop for Queued {
-    fn drop(&mut self) {
-        let mut map = lock(&self.map);
-        if let Some(n) = map.get_mut(&self.model) {
-            *n = n.saturating_sub(1);
-            metrics::gauge!("deepnode_exec_queue_depth", "model_id" => self.model.to_string())
-                .set(f64::from(*n));
-            if *n == 0 {
-                map.remove(&self.model);
-            }
-        }
-    }
-}
-
 impl Live {
     /// Fresh state with the given policies.
     pub fn new(ejection: EjectionPolicy, budget: RetryBudget) -> Live {
         Live {
             in_flight: Arc::default(),
             freed: Arc::default(),
-            queued: Arc::default(),
             health: Mutex::default(),
             budget: Mutex::new(budget),
             ejection,
@@ -127,20 +103,9 @@ impl Live {
         self.freed.notified()
     }
 
-    /// Joins `model`'s queue of requests waiting for a slot, unless `limit` already wait.
-    pub fn enqueue(&self, model: &ModelId, limit: u32) -> Option<Queued> {
-        let mut map = lock(&self.queued);
-        let waiting = map.entry(model.clone()).or_insert(0);
-        if *waiting >= limit {
-            return None;
-        }
-        *waiting += 1;
-        metrics::gauge!("deepnode_exec_queue_depth", "model_id" => model.to_string())
-            .set(f64::from(*waiting));
-        Some(Queued {
-            map: self.queued.clone(),
-            model: model.clone(),
-        })
+    /// The signal [`Live::slot_freed`] waits on (the queues wake their next waiter through it).
+    pub fn freed(&self) -> Arc<Notify> {
+        self.freed.clone()
     }
 
     /// Whether routing must treat `node` as ejected at `now`.

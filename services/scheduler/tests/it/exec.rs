@@ -730,3 +730,57 @@ async fn beyond_the_queue_bound_a_request_is_refused_overloaded_at_once_uncharge
     );
     h.stop().await;
 }
+
+#[tokio::test]
+async fn under_contention_critical_requests_start_first_and_sheddable_ones_are_refused_first() {
+    // given one model on two nodes of capacity 1 that answer in 300 ms, both busy
+    let mut h = Harness::new().await;
+    h.register("a", 1).await;
+    h.register("b", 1).await;
+    h.deploy("m-1", &["a", "b"]).await;
+    slow_nodes(&h, &["a", "b"], Duration::from_millis(300)).await;
+    h.start_scheduler(test_policy(), "scheduler").await;
+    let harness = &h;
+    let exec = |id: &str, priority: &str| {
+        let body = json!({"request_id": id, "model_id": "m-1", "input": 1, "timeout_ms": 5_000, "priority": priority});
+        async move {
+            let sent = std::time::Instant::now();
+            let reply = harness.exec(body).await;
+            (reply, sent.elapsed())
+        }
+    };
+    let busy = futures::future::join_all([exec("busy-1", "standard"), exec("busy-2", "standard")]);
+
+    // when, while they run, two standard, two critical and one sheddable request arrive
+    let contended = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::join!(
+            exec("std-1", "standard"),
+            exec("std-2", "standard"),
+            exec("crit-1", "critical"),
+            exec("crit-2", "critical"),
+            exec("shed", "sheddable"),
+        )
+    };
+    let (busy, (std_1, std_2, crit_1, crit_2, shed)) = tokio::join!(busy, contended);
+
+    // then the sheddable one is refused at once, and both critical ones finish before either
+    // standard one (two slots: the critical pair takes the first two that free)
+    assert!(busy.iter().all(|(r, _)| r["ok"] == json!(true)), "{busy:?}");
+    assert_eq!(shed.0["error"]["code"], json!("overloaded"), "{}", shed.0);
+    assert!(
+        shed.1 < Duration::from_millis(150),
+        "sheddable refused after {:?}",
+        shed.1
+    );
+    for (reply, _) in [&std_1, &std_2, &crit_1, &crit_2] {
+        assert_eq!(reply["ok"], json!(true), "{reply}");
+    }
+    let last_critical = crit_1.1.max(crit_2.1);
+    let first_standard = std_1.1.min(std_2.1);
+    assert!(
+        last_critical < first_standard,
+        "critical done after {last_critical:?}, a standard one after {first_standard:?}"
+    );
+    h.stop().await;
+}

@@ -685,14 +685,20 @@ async fn a_burst_waits_for_free_slots_and_no_node_holds_more_than_its_capacity()
     h.stop().await;
 }
 
-#[tokio::test]
-async fn beyond_the_queue_bound_a_request_is_refused_overloaded_at_once_uncharged_and_unrecorded() {
-    // given one model on two nodes of capacity 1 that answer in 300 ms, and room for 4 waiting
-    let mut h = Harness::new().await;
+/// Model `m-1` on nodes `a` and `b`, capacity 1 each, answering in 300 ms (no scheduler yet).
+async fn two_single_slot_nodes() -> Harness {
+    let h = Harness::new().await;
     h.register("a", 1).await;
     h.register("b", 1).await;
     h.deploy("m-1", &["a", "b"]).await;
     slow_nodes(&h, &["a", "b"], Duration::from_millis(300)).await;
+    h
+}
+
+#[tokio::test]
+async fn beyond_the_queue_bound_a_request_is_refused_overloaded_at_once_uncharged_and_unrecorded() {
+    // given one model on two nodes of capacity 1 that answer in 300 ms, and room for 4 waiting
+    let mut h = two_single_slot_nodes().await;
     h.options.queue_limit = 4;
     h.start_scheduler(test_policy(), "scheduler").await;
     let head = h.head().await;
@@ -734,11 +740,7 @@ async fn beyond_the_queue_bound_a_request_is_refused_overloaded_at_once_uncharge
 #[tokio::test]
 async fn under_contention_critical_requests_start_first_and_sheddable_ones_are_refused_first() {
     // given one model on two nodes of capacity 1 that answer in 300 ms, both busy
-    let mut h = Harness::new().await;
-    h.register("a", 1).await;
-    h.register("b", 1).await;
-    h.deploy("m-1", &["a", "b"]).await;
-    slow_nodes(&h, &["a", "b"], Duration::from_millis(300)).await;
+    let mut h = two_single_slot_nodes().await;
     h.start_scheduler(test_policy(), "scheduler").await;
     let harness = &h;
     let exec = |id: &str, priority: &str| {

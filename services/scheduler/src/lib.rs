@@ -8,6 +8,7 @@
 //! services do); it only reads their events. It does not publish events to the bus itself: the
 //! outbox relay (`deepnode_runtime::relay`, started by the binary) does that after commit.
 
+mod admission;
 mod budget;
 mod classify;
 mod emergency;
@@ -34,8 +35,8 @@ use serde::Deserialize;
 pub use budget::RetryBudget;
 pub use classify::{classify, Classified, Transport};
 
-use live::{InFlight, Live};
-use queue::{Priority, Queues};
+use live::Live;
+use queue::Queues;
 use route::{NoRoute, SnapshotParams};
 
 /// The NATS queue group every scheduler copy joins.
@@ -241,97 +242,6 @@ impl Scheduler {
         if let Ok(head) = self.ctx.store.head_position().await {
             let _ = self.book.wait_for(head, Duration::from_secs(2)).await;
         }
-    }
-
-    /// Admits one exec: routes it and takes its primary's slot in one step (under `admission`, so
-    /// concurrent requests never share a node's last slot). When every replica that could serve is
-    /// at capacity — or others already wait for this model — the request joins the model's queue
-    /// ([`queue`]: critical first, then earliest deadline) and routes again when it is first and a
-    /// slot frees, until `deadline`. Refused `overloaded` when no slot frees in time, when
-    /// `queue_limit` requests already wait, or at once when it is `sheddable`.
-    pub(crate) async fn admit(
-        &self,
-        model_id: &ModelId,
-        request_id: &RequestId,
-        priority: Priority,
-        deadline: tokio::time::Instant,
-    ) -> Result<(RouteDecision, InFlight), Reply> {
-        let mut caught_up = false;
-        let mut queued: Option<queue::Queued> = None;
-        let waiting_since = tokio::time::Instant::now();
-        let refuse = |why: NoRoute| {
-            let reply = self.refusal(why, model_id);
-            if let Reply::Err { error, .. } = &reply {
-                metrics::counter!("deepnode_exec_refusals_total", "code" => error.code.as_str(), "priority" => priority.as_str())
-                    .increment(1);
-            }
-            reply
-        };
-        loop {
-            let freed = self.live.slot_freed();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            let my_turn = match &queued {
-                None => self.queues.is_empty(model_id),
-                Some(place) => place.is_first(),
-            };
-            if my_turn {
-                let routed = {
-                    let _admission = self.admission.lock().unwrap_or_else(|p| p.into_inner());
-                    self.route_now(model_id, request_id, Utc::now())
-                        .map(|decision| {
-                            let slot = self.live.begin(&decision.primary);
-                            (decision, slot)
-                        })
-                };
-                match routed {
-                    Ok(admitted) => {
-                        if queued.is_some() {
-                            metrics::histogram!("deepnode_exec_queue_wait_seconds", "model_id" => model_id.to_string())
-                                .record(waiting_since.elapsed().as_secs_f64());
-                        }
-                        return Ok(admitted);
-                    }
-                    Err(NoRoute::UnknownModel) if !caught_up => {
-                        caught_up = true;
-                        self.catch_up().await;
-                        continue;
-                    }
-                    Err(NoRoute::Busy) => {}
-                    Err(other) => return Err(refuse(other)),
-                }
-            }
-            if queued.is_none() {
-                if priority == Priority::Sheddable {
-                    return Err(refuse(NoRoute::Busy));
-                }
-                match self
-                    .queues
-                    .join(model_id, priority, deadline, self.options.queue_limit)
-                {
-                    Some(place) => queued = Some(place),
-                    None => return Err(refuse(NoRoute::Busy)),
-                }
-                continue; // first already? look again at once
-            }
-            if tokio::time::timeout_at(deadline, freed).await.is_err() {
-                return Err(refuse(NoRoute::Busy));
-            }
-        }
-    }
-
-    /// The reply refusing a request that could not be routed; `overloaded` suggests when to retry.
-    fn refusal(&self, why: NoRoute, model_id: &ModelId) -> Reply {
-        let error = why.to_error(model_id);
-        if why == NoRoute::Busy {
-            let retry_after_ms =
-                u64::try_from(self.options.retry_after.as_millis()).unwrap_or(u64::MAX);
-            return Reply::err_with(
-                error,
-                &serde_json::json!({ "retry_after_ms": retry_after_ms }),
-            );
-        }
-        Reply::err(error)
     }
 
     async fn schedule(&self, request: Request) -> Reply {

@@ -641,9 +641,10 @@ async fn burst(
     .await
 }
 
-#[tokio::test]
-async fn a_burst_waits_for_free_slots_and_no_node_holds_more_than_its_capacity() {
-    // given 6 nodes of capacity 8 that answer in 50 ms, and 4 models on two replicas each
+/// The issue-12 burst against `copies` scheduler copies: 6 nodes of capacity 8 answering in 50 ms,
+/// 4 models on two replicas each, 400 requests at once, each willing to wait 2 s (room: 48 slots ×
+/// 2 s / 50 ms). Asserts every request served and charged once; returns each node's peak concurrency.
+async fn burst_on_six_nodes(copies: usize) -> Vec<(String, u32)> {
     let mut h = Harness::new().await;
     let ids = ["a", "b", "c", "d", "e", "f"];
     for id in ids {
@@ -658,12 +659,13 @@ async fn a_burst_waits_for_free_slots_and_no_node_holds_more_than_its_capacity()
         h.deploy(model, &replicas).await;
     }
     let peaks = slow_nodes(&h, &ids, Duration::from_millis(50)).await;
-    h.start_scheduler(test_policy(), "scheduler").await;
+    for copy in 0..copies {
+        h.start_scheduler(test_policy(), &format!("scheduler-{copy}"))
+            .await;
+    }
 
-    // when 400 requests arrive at once, each willing to wait 2 s (room: 48 slots × 2 s / 50 ms)
     let replies = burst(&h, 400, |i| format!("m-{}", i % 4 + 1), 2_000).await;
 
-    // then every one is served and charged once, and no node ever held more than its capacity
     for reply in &replies {
         assert_eq!(reply["ok"], json!(true), "{reply}");
         assert_eq!(reply["charged"], json!(true), "{reply}");
@@ -675,14 +677,35 @@ async fn a_burst_waits_for_free_slots_and_no_node_holds_more_than_its_capacity()
     .await
     .unwrap();
     assert_eq!(completed, 400);
-    for (id, peak) in peaks {
-        let peak = peak.load(std::sync::atomic::Ordering::SeqCst);
+    h.stop().await;
+    peaks
+        .into_iter()
+        .map(|(id, peak)| (id, peak.load(std::sync::atomic::Ordering::SeqCst)))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_burst_waits_for_free_slots_and_no_node_holds_more_than_its_capacity() {
+    for (id, peak) in burst_on_six_nodes(1).await {
         assert!(
             peak <= 8,
             "node {id} held {peak} requests at once (capacity 8)"
         );
     }
-    h.stop().await;
+}
+
+#[tokio::test]
+async fn with_two_scheduler_copies_a_nodes_overshoot_is_bounded_by_the_copies() {
+    // Each copy counts only its own requests in flight (ARCHITECTURE: capacity is not yet shared
+    // across copies), so a node may hold up to copies × capacity; the burst is still served once.
+    let peaks = burst_on_six_nodes(2).await;
+    eprintln!("two copies, per-node peak concurrency (capacity 8): {peaks:?}");
+    for (id, peak) in peaks {
+        assert!(
+            peak <= 16,
+            "node {id} held {peak} requests at once (2 copies × capacity 8)"
+        );
+    }
 }
 
 /// Model `m-1` on nodes `a` and `b`, capacity 1 each, answering in 300 ms (no scheduler yet).

@@ -809,3 +809,45 @@ async fn under_contention_critical_requests_start_first_and_sheddable_ones_are_r
     );
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_refused_request_id_says_a_retry_may_run_it_and_a_retry_does() {
+    // given both slots of the model busy
+    let mut h = two_single_slot_nodes().await;
+    h.start_scheduler(test_policy(), "scheduler").await;
+    let busy: Vec<_> = (0..2)
+        .map(|i| h.exec(json!({"request_id": format!("busy-{i}"), "model_id": "m-1", "input": i})))
+        .collect();
+    // when the same request id arrives twice at once, as a sheddable request (refused, not queued)
+    let refused = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let body =
+            json!({"request_id": "dup", "model_id": "m-1", "input": 1, "priority": "sheddable"});
+        tokio::join!(h.exec(body.clone()), h.exec(body))
+    };
+    let (busy, (first, second)) = tokio::join!(futures::future::join_all(busy), refused);
+    assert!(busy.iter().all(|r| r["ok"] == json!(true)), "{busy:?}");
+
+    // then both answers say nothing was done and a retry may run it (no final-looking refusal)...
+    for reply in [&first, &second] {
+        assert_eq!(reply["error"]["code"], json!("overloaded"), "{reply}");
+        assert_eq!(reply["retryable"], json!(true), "{reply}");
+        assert_eq!(reply["charged"], json!(false), "{reply}");
+    }
+    assert_eq!(h.count("ExecutionRequested", "dup").await, 0);
+    // ...and the retry, once there is room, runs it: the one story of "dup" is this success
+    let retried = h
+        .exec(json!({"request_id": "dup", "model_id": "m-1", "input": 1}))
+        .await;
+    assert_eq!(retried["ok"], json!(true), "{retried}");
+    let again = h
+        .exec(json!({"request_id": "dup", "model_id": "m-1", "input": 1}))
+        .await;
+    assert_eq!(
+        again["ok"],
+        json!(true),
+        "a repeat returns the recorded answer: {again}"
+    );
+    assert_eq!(h.count("ExecutionCompleted", "dup").await, 1);
+    h.stop().await;
+}

@@ -150,6 +150,11 @@ pub struct ExecPolicy {
     pub retry_budget_ratio: Bps,
     /// …plus this many per second (10).
     pub retry_budget_per_sec: u32,
+    /// Requests of one model that may wait for a free slot at once in one scheduler copy (512); one
+    /// more is refused `overloaded` at once. 0: nothing waits.
+    pub queue_limit: u32,
+    /// The `retry_after_ms` an `overloaded` reply suggests (100).
+    pub overload_retry_after_ms: u64,
 }
 
 impl Default for ExecPolicy {
@@ -159,6 +164,8 @@ impl Default for ExecPolicy {
             max_attempts: 2,
             retry_budget_ratio: Bps::saturating(2_000),
             retry_budget_per_sec: 10,
+            queue_limit: 512,
+            overload_retry_after_ms: 100,
         }
     }
 }

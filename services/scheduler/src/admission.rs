@@ -19,7 +19,7 @@ impl Scheduler {
     /// at capacity — or others already wait for this model — the request joins the model's queue
     /// ([`queue`]: critical first, then earliest deadline) and routes again when it is first and a
     /// slot frees, until `deadline`. Refused `overloaded` when no slot frees in time, when
-    /// `queue_limit` requests already wait, or at once when it is `sheddable`.
+    /// the policy's `exec.queue_limit` requests already wait, or at once when it is `sheddable`.
     pub(crate) async fn admit(
         &self,
         model_id: &ModelId,
@@ -76,10 +76,12 @@ impl Scheduler {
                 if priority == Priority::Sheddable {
                     return Err(refuse(NoRoute::Busy));
                 }
-                match self
-                    .queues
-                    .join(model_id, priority, deadline, self.options.queue_limit)
-                {
+                match self.queues.join(
+                    model_id,
+                    priority,
+                    deadline,
+                    self.ctx.policy.exec.queue_limit,
+                ) {
                     Some(place) => queued = Some(place),
                     None => return Err(refuse(NoRoute::Busy)),
                 }
@@ -95,8 +97,7 @@ impl Scheduler {
     pub(crate) fn refusal(&self, why: NoRoute, model_id: &ModelId) -> Reply {
         let error = why.to_error(model_id);
         if why == NoRoute::Busy {
-            let retry_after_ms =
-                u64::try_from(self.options.retry_after.as_millis()).unwrap_or(u64::MAX);
+            let retry_after_ms = self.ctx.policy.exec.overload_retry_after_ms;
             return Reply::err_with(
                 error,
                 &serde_json::json!({ "retry_after_ms": retry_after_ms }),

@@ -60,11 +60,6 @@ pub struct SchedulerOptions {
     pub abandon_grace: Duration,
     /// How often this copy looks for abandoned executions.
     pub sweep_interval: Duration,
-    /// Requests of one model that may wait for a slot at once in this copy; one more is refused
-    /// `overloaded` at once.
-    pub queue_limit: u32,
-    /// The `retry_after_ms` an `overloaded` reply suggests.
-    pub retry_after: Duration,
 }
 
 impl Default for SchedulerOptions {
@@ -77,8 +72,6 @@ impl Default for SchedulerOptions {
             duplicate_grace: Duration::from_secs(2),
             abandon_grace: Duration::from_secs(10),
             sweep_interval: Duration::from_secs(5),
-            queue_limit: 512,
-            retry_after: Duration::from_millis(100),
         }
     }
 }

@@ -722,8 +722,9 @@ async fn two_single_slot_nodes() -> Harness {
 async fn beyond_the_queue_bound_a_request_is_refused_overloaded_at_once_uncharged_and_unrecorded() {
     // given one model on two nodes of capacity 1 that answer in 300 ms, and room for 4 waiting
     let mut h = two_single_slot_nodes().await;
-    h.options.queue_limit = 4;
-    h.start_scheduler(test_policy(), "scheduler").await;
+    let mut policy = test_policy();
+    policy.exec.queue_limit = 4;
+    h.start_scheduler(policy, "scheduler").await;
     let head = h.head().await;
 
     // when 10 requests arrive at once

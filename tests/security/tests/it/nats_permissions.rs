@@ -82,6 +82,20 @@ async fn expect_next(sub: &mut async_nats::Subscriber, what: &str) -> async_nats
         .unwrap_or_else(|| panic!("{what}: nothing arrived within 10 s"))
 }
 
+/// Subscribes `client` to `subject` and returns once the server routes to it: a probe the client
+/// publishes to `probe` (a subject the subscription matches) comes back. `flush` alone is not that
+/// signal — async-nats only writes its buffer to the socket — so under load another connection's
+/// message could reach the server before this subscription does, and be lost (or an absence check
+/// pass without testing anything).
+async fn watch(client: &Client, subject: String, probe: String) -> async_nats::Subscriber {
+    let mut sub = client.subscribe(subject).await.unwrap();
+    client.publish(probe, "probe".into()).await.unwrap();
+    client.flush().await.unwrap();
+    let echo = expect_next(&mut sub, "the watch's own probe").await;
+    assert_eq!(&echo.payload[..], b"probe");
+    sub
+}
+
 async fn violations(errors: &Arc<Mutex<Vec<String>>>, expect: &str) -> bool {
     for _ in 0..20 {
         if errors
@@ -133,8 +147,7 @@ async fn nats_conf_confines_nodes_ingest_and_services() {
     .unwrap();
 
     // 1. A node cannot publish a command.
-    let mut exec_watch = admin.subscribe(s.cmd_exec()).await.unwrap();
-    admin.flush().await.unwrap();
+    let mut exec_watch = watch(&admin, s.cmd_exec(), s.cmd_exec()).await;
     node1.publish(s.cmd_exec(), "{}".into()).await.unwrap();
     node1.flush().await.unwrap();
     assert!(
@@ -143,8 +156,7 @@ async fn nats_conf_confines_nodes_ingest_and_services() {
     );
     assert!(violations(&node1_errors, "deepnode.cmd.exec").await);
     // ...nor register itself or anyone else.
-    let mut reg_watch = admin.subscribe(s.cmd_node_register()).await.unwrap();
-    admin.flush().await.unwrap();
+    let mut reg_watch = watch(&admin, s.cmd_node_register(), s.cmd_node_register()).await;
     node1
         .publish(s.cmd_node_register(), "{}".into())
         .await
@@ -193,21 +205,20 @@ async fn nats_conf_confines_nodes_ingest_and_services() {
     answering.await.unwrap();
 
     // ...but cannot subscribe to another node's infer subject...
+    // (the server's refusal is the signal that it has seen the subscription)
     let mut stolen = node1.subscribe(s.node_infer(&n2)).await.unwrap();
     node1.flush().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(violations(&node1_errors, "deepnode.node.n2.infer").await);
     admin.publish(s.node_infer(&n2), "{}".into()).await.unwrap();
     admin.flush().await.unwrap();
     assert!(
         next(&mut stolen).await.is_none(),
         "node 1 received node 2's infer request"
     );
-    assert!(violations(&node1_errors, "deepnode.node.n2.infer").await);
 
     // ...nor answer it: the request's reply inbox is not a subject it may publish to.
     let inbox = format!("_INBOX.forged.{}", uuid::Uuid::new_v4().simple());
-    let mut reply_watch = admin.subscribe(inbox.clone()).await.unwrap();
-    admin.flush().await.unwrap();
+    let mut reply_watch = watch(&admin, inbox.clone(), inbox.clone()).await;
     node1
         .publish(inbox.clone(), r#"{"output":"forged"}"#.into())
         .await
@@ -220,8 +231,13 @@ async fn nats_conf_confines_nodes_ingest_and_services() {
     assert!(violations(&node1_errors, "_INBOX.forged").await);
 
     // 3. Heartbeats: its own is delivered, another node's is refused.
-    let mut beats = admin.subscribe(s.heartbeat_wildcard()).await.unwrap();
-    admin.flush().await.unwrap();
+    let probe_node = deepnode_domain::ids::NodeId::parse("probe").unwrap();
+    let mut beats = watch(
+        &admin,
+        s.heartbeat_wildcard(),
+        s.node_heartbeat(&probe_node),
+    )
+    .await;
     node1
         .publish(s.node_heartbeat(&n1), r#"{"in_flight":0}"#.into())
         .await
@@ -256,9 +272,10 @@ async fn nats_conf_confines_nodes_ingest_and_services() {
     );
     assert!(violations(&ingest_errors, "deepnode.cmd.exec").await);
     // It cannot read other clients' replies either.
+    // (the server's refusal is the signal that it has seen the subscription)
     let mut snoop = ingest.subscribe("_INBOX.>").await.unwrap();
     ingest.flush().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(violations(&ingest_errors, "_INBOX.>").await);
     admin.publish(inbox.clone(), "secret".into()).await.unwrap();
     admin.flush().await.unwrap();
     assert!(
@@ -267,8 +284,7 @@ async fn nats_conf_confines_nodes_ingest_and_services() {
     );
 
     // 5. A service is confined too: the scheduler cannot forge ingest reports or heartbeats.
-    let mut ingest_watch = admin.subscribe(s.ingest_wildcard()).await.unwrap();
-    admin.flush().await.unwrap();
+    let mut ingest_watch = watch(&admin, s.ingest_wildcard(), s.ingest_execution()).await;
     via_bus
         .publish(s.ingest_execution(), "{}".into())
         .await

@@ -334,14 +334,7 @@ impl Subscription {
                 tail,
                 poll,
             },
-            pool,
-            position: after,
-            buffer: VecDeque::new(),
-            page: 1_000,
-            caught_up: false,
-            linger: Duration::ZERO,
-            urgency: Urgency::default(),
-            notified: false,
+            ..Subscription::new(pool, after, poll)
         }
     }
 

@@ -94,6 +94,18 @@ pub struct Request {
     pub headers: Option<HeaderMap>,
     /// From the [`CORRELATION_HEADER`] header, or freshly generated.
     pub correlation_id: String,
+    /// Where the reply goes, if anywhere.
+    pub reply: Option<Subject>,
+}
+
+impl Request {
+    /// Who asked, as far as the bus can tell: the reply subject without its last token. A NATS
+    /// client answers every request of its connection on one inbox prefix (`_INBOX.<id>.<token>`),
+    /// so this names the caller's connection. `None` without a reply subject.
+    pub fn caller(&self) -> Option<&str> {
+        let reply = self.reply.as_deref()?;
+        Some(reply.rsplit_once('.').map_or(reply, |(prefix, _)| prefix))
+    }
 }
 
 /// The correlation id in `headers`, or a fresh UUID if absent, empty or implausibly long.
@@ -152,14 +164,70 @@ where
     Fut: Future<Output = Reply> + Send + 'static,
     S: Future<Output = ()>,
 {
-    let mut sub = client
+    listen(client, subject, queue_group)
+        .await?
+        .serve(client, max_in_flight, handler, shutdown)
+        .await
+}
+
+/// A subscription to a command subject in a queue group, not yet served: [`listen`] then
+/// [`Listener::serve`] lets a service do something between the two that must come after the
+/// subscription (a publish on the same connection reaches the server after the subscription).
+#[derive(Debug)]
+pub struct Listener {
+    sub: async_nats::Subscriber,
+    subject: String,
+}
+
+/// Subscribes to `subject` in `queue_group`; see [`serve_with_limit`].
+pub async fn listen(client: &Client, subject: &str, queue_group: &str) -> Result<Listener, Error> {
+    let sub = client
         .queue_subscribe(subject.to_owned(), queue_group.to_owned())
         .await
         .map_err(|source| Error::Subscribe {
             subject: subject.to_owned(),
             source,
         })?;
-    tracing::info!(subject, queue_group, max_in_flight, "serving");
+    tracing::info!(subject, queue_group, "listening");
+    Ok(Listener {
+        sub,
+        subject: subject.to_owned(),
+    })
+}
+
+impl Listener {
+    /// Serves the subscription as [`serve_with_limit`] does.
+    pub async fn serve<H, Fut, S>(
+        self,
+        client: &Client,
+        max_in_flight: usize,
+        handler: H,
+        shutdown: S,
+    ) -> Result<(), Error>
+    where
+        H: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Reply> + Send + 'static,
+        S: Future<Output = ()>,
+    {
+        let Listener { sub, subject } = self;
+        serve_subscription(client, sub, &subject, max_in_flight, handler, shutdown).await
+    }
+}
+
+async fn serve_subscription<H, Fut, S>(
+    client: &Client,
+    mut sub: async_nats::Subscriber,
+    subject: &str,
+    max_in_flight: usize,
+    handler: H,
+    shutdown: S,
+) -> Result<(), Error>
+where
+    H: Fn(Request) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Reply> + Send + 'static,
+    S: Future<Output = ()>,
+{
+    tracing::info!(subject, max_in_flight, "serving");
     let handler = Arc::new(handler);
     let limit = Arc::new(Semaphore::new(max_in_flight.max(1)));
     let mut tasks = JoinSet::new();
@@ -267,6 +335,7 @@ where
             payload: msg.payload,
             headers: msg.headers,
             correlation_id: correlation_id.clone(),
+            reply: msg.reply,
         };
         let reply = match AssertUnwindSafe(handler(request)).catch_unwind().await {
             Ok(reply) => reply,

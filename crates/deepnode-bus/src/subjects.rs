@@ -116,6 +116,12 @@ impl Subjects {
         self.sub("cmd.rotation.run")
     }
 
+    /// `<prefix>.scheduler.presence`: scheduler copies announce themselves to one another, to share
+    /// each node's capacity (an addition to §3; core NATS, internal to the schedulers).
+    pub fn scheduler_presence(&self) -> String {
+        self.sub("scheduler.presence")
+    }
+
     /// `<prefix>.node.<node_id>.infer`, answered by the node itself.
     pub fn node_infer(&self, node: &NodeId) -> String {
         self.sub(&format!("node.{node}.infer"))

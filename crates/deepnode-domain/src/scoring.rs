@@ -355,6 +355,18 @@ pub fn waits_for_capacity(input: &RouteInput) -> bool {
         .any(|c| filter(c) == Some(FilterReason::AtCapacity))
 }
 
+/// One scheduler copy's share of a node's capacity when `copies` copies route to it and this one
+/// ranks `rank` (0-based) among them: the copies split the capacity evenly, and the remainder's
+/// slots go one each to the copies that follow, around the ring, a place fixed by the node's id — so
+/// the shares always add up to the capacity, and different nodes' remainders fall on different
+/// copies. A capacity below the number of copies leaves some copies no slot on that node.
+pub fn capacity_share(capacity: u32, node: &NodeId, copies: u32, rank: u32) -> u32 {
+    let copies = copies.max(1);
+    let start = seeded_hash(0, "capacity-share", node.as_str()) % u64::from(copies);
+    let offset = (u64::from(rank % copies) + u64::from(copies) - start) % u64::from(copies);
+    capacity / copies + u32::from(offset < u64::from(capacity % copies))
+}
+
 /// Picks the primary and backup replica for one request.
 ///
 /// Filter (deployed, active/probation, not ejected, below capacity), score in integer bps, rank with
@@ -571,6 +583,35 @@ mod tests {
         let none = input(vec![offline, jailed], "r-1");
         assert!(route(&none, &RoutingPolicy::default()).is_err());
         assert!(!waits_for_capacity(&none));
+    }
+
+    #[test]
+    fn the_copies_shares_of_a_capacity_add_up_to_it_and_differ_by_at_most_one() {
+        for capacity in [1, 2, 7, 8, 9, 64, 1_000] {
+            for copies in 1..=5 {
+                let mut layouts = BTreeSet::new();
+                for n in ["a", "b", "c", "d", "e", "f", "gpu.n-1"] {
+                    let node = NodeId::parse(n).unwrap();
+                    let shares: Vec<u32> = (0..copies)
+                        .map(|rank| capacity_share(capacity, &node, copies, rank))
+                        .collect();
+                    assert_eq!(shares.iter().sum::<u32>(), capacity, "{n} {shares:?}");
+                    let (lo, hi) = (shares.iter().min(), shares.iter().max());
+                    assert!(hi.unwrap() - lo.unwrap() <= 1, "{n} {shares:?}");
+                    layouts.insert(shares);
+                }
+                if capacity % copies != 0 {
+                    assert!(layouts.len() > 1, "remainders spread over copies");
+                }
+            }
+        }
+        let node = NodeId::parse("a").unwrap();
+        assert_eq!(capacity_share(8, &node, 1, 0), 8, "one copy has it all");
+        assert_eq!(
+            capacity_share(8, &node, 0, 0),
+            8,
+            "no copies counted yet: as one"
+        );
     }
 
     fn arb_candidate(i: usize) -> impl Strategy<Value = CandidateSnapshot> {

@@ -17,16 +17,19 @@ impl Scheduler {
     /// Admits one exec: routes it and takes its primary's slot in one step (under `admission`, so
     /// concurrent requests never share a node's last slot). When every replica that could serve is
     /// at capacity — or others already wait for this model — the request joins the model's queue
-    /// ([`queue`]: critical first, then earliest deadline) and routes again when it is first and a
-    /// slot frees, until `deadline`. Refused `overloaded` when no slot frees in time, when
+    /// ([`queue`]: critical first, then callers in turn, then earliest deadline) and routes again
+    /// when it is first and a slot frees, until `deadline`. Refused `overloaded` when no slot frees in time, when
     /// the policy's `exec.queue_limit` requests already wait, or at once when it is `sheddable`.
     pub(crate) async fn admit(
         &self,
         model_id: &ModelId,
         request_id: &RequestId,
+        caller: Option<&str>,
         priority: Priority,
         deadline: tokio::time::Instant,
     ) -> Result<(RouteDecision, InFlight), Reply> {
+        // Only once this copy knows the others does it know its share of each node's capacity.
+        self.live.settled().await;
         let mut caught_up = false;
         let mut queued: Option<queue::Queued> = None;
         let waiting_since = tokio::time::Instant::now();
@@ -57,7 +60,8 @@ impl Scheduler {
                 };
                 match routed {
                     Ok(admitted) => {
-                        if queued.is_some() {
+                        if let Some(place) = queued {
+                            place.start();
                             metrics::histogram!("deepnode_exec_queue_wait_seconds", "model_id" => model_id.to_string())
                                 .record(waiting_since.elapsed().as_secs_f64());
                         }
@@ -78,6 +82,7 @@ impl Scheduler {
                 }
                 match self.queues.join(
                     model_id,
+                    caller,
                     priority,
                     deadline,
                     self.ctx.policy.exec.queue_limit,

@@ -163,7 +163,8 @@ async fn handle_request(s: Arc<Scheduler>, request: Request) -> Reply {
         model_id = %cmd.model_id,
         correlation_id = %request.correlation_id,
     );
-    execute(s, cmd, timeout_ms, request.correlation_id)
+    let caller = request.caller().map(str::to_owned);
+    execute(s, cmd, timeout_ms, request.correlation_id, caller)
         .instrument(span)
         .await
 }
@@ -539,6 +540,7 @@ async fn execute(
     cmd: ExecCommand,
     timeout_ms: u64,
     correlation_id: String,
+    caller: Option<String>,
 ) -> Reply {
     let ExecCommand {
         request_id,
@@ -555,7 +557,16 @@ async fn execute(
     let stream = requested.stream_id();
     // Waiting for a slot takes at most the attempt timeout; the attempts then get theirs in full.
     let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
-    let (decision, slot_1) = match s.admit(&model_id, &request_id, priority, deadline).await {
+    let (decision, slot_1) = match s
+        .admit(
+            &model_id,
+            &request_id,
+            caller.as_deref(),
+            priority,
+            deadline,
+        )
+        .await
+    {
         Ok(admitted) => admitted,
         Err(refusal) => {
             // A repeated request whose model has gone since still gets its recorded answer.

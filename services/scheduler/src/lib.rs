@@ -11,6 +11,7 @@
 mod admission;
 mod budget;
 mod classify;
+mod copies;
 mod emergency;
 mod exec;
 mod live;
@@ -60,6 +61,10 @@ pub struct SchedulerOptions {
     pub abandon_grace: Duration,
     /// How often this copy looks for abandoned executions.
     pub sweep_interval: Duration,
+    /// How often this copy tells the other copies it is here (they share each node's capacity).
+    pub presence_interval: Duration,
+    /// How long a starting copy listens for the other copies before it admits a request.
+    pub presence_settle: Duration,
 }
 
 impl Default for SchedulerOptions {
@@ -72,6 +77,8 @@ impl Default for SchedulerOptions {
             duplicate_grace: Duration::from_secs(2),
             abandon_grace: Duration::from_secs(10),
             sweep_interval: Duration::from_secs(5),
+            presence_interval: Duration::from_secs(1),
+            presence_settle: Duration::from_millis(250),
         }
     }
 }
@@ -128,6 +135,24 @@ pub async fn run(
         .await
         .map_err(Error::CatchUp)?;
     tracing::info!(position = head, "scheduler caught up with the log");
+    let nats = ctx.nats.clone();
+    let subjects = ctx.subjects.clone();
+    let exec = rpc::listen(&nats, &subjects.cmd_exec(), QUEUE_GROUP).await?;
+    let schedule = rpc::listen(&nats, &subjects.cmd_schedule(), QUEUE_GROUP).await?;
+    // After the subscriptions, so a copy that hears this one's hello knows it serves.
+    let timing = copies::Timing {
+        interval: options.presence_interval,
+        settle: options.presence_settle,
+    };
+    let (copies, presence) =
+        copies::start(&nats, subjects.scheduler_presence(), &ctx.producer, timing)
+            .await
+            .map_err(|source| {
+                Error::Serve(rpc::Error::Subscribe {
+                    subject: subjects.scheduler_presence(),
+                    source,
+                })
+            })?;
     let exec_policy = &ctx.policy.exec;
     let live = Live::new(
         ctx.policy.ejection.clone(),
@@ -135,6 +160,7 @@ pub async fn run(
             exec_policy.retry_budget_ratio.raw(),
             exec_policy.retry_budget_per_sec,
         ),
+        copies,
     );
     let queues = Queues::new(live.freed());
     let params = SnapshotParams {
@@ -142,10 +168,7 @@ pub async fn run(
         config_hash: ctx.policy.config_hash(),
         stake_domains: ctx.policy.routing.stake_domains.clone(),
     };
-    let nats = ctx.nats.clone();
-    let subjects = ctx.subjects.clone();
     let limit = options.max_in_flight;
-    let (exec_subject, schedule_subject) = (subjects.cmd_exec(), subjects.cmd_schedule());
     let replies = replies::Replies::start(&ctx.nats).await.map_err(|source| {
         Error::Serve(rpc::Error::Subscribe {
             subject: "reply inbox".to_owned(),
@@ -173,18 +196,14 @@ pub async fn run(
     let stop_exec = shutdown.clone();
     let stop_schedule = shutdown;
     let served = tokio::try_join!(
-        rpc::serve_with_limit(
+        exec.serve(
             &nats,
-            &exec_subject,
-            QUEUE_GROUP,
             limit,
             move |request| exec::handle(on_exec.clone(), request),
             async move { stop_exec.wait().await },
         ),
-        rpc::serve_with_limit(
+        schedule.serve(
             &nats,
-            &schedule_subject,
-            QUEUE_GROUP,
             limit,
             move |request| {
                 let scheduler = on_schedule.clone();
@@ -193,6 +212,8 @@ pub async fn run(
             async move { stop_schedule.wait().await },
         ),
     );
+    // Every request has ended: the other copies may take this one's share.
+    presence.leave().await;
     sweeper.abort();
     book.stop();
     served.map(|_| ()).map_err(Error::from)

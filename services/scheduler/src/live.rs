@@ -3,7 +3,8 @@
 //! probes) and the retry budget.
 //!
 //! It is deliberately per process: with several scheduler copies each sees its own in-flight counts
-//! and ejections (as Envoy's outlier detection does per proxy). Reputation and failure rate, which must
+//! and ejections (as Envoy's outlier detection does per proxy); each admits only its share of a
+//! node's capacity ([`crate::copies`]), so together they keep the node within it. Reputation and failure rate, which must
 //! agree across copies and on replay, come from the log instead. Each ejection and restoration is still
 //! a decision on the record: `exec` appends `NodeEjected` / `NodeRestored` to the node's stream, caused
 //! by the attempt that triggered it, with this copy as `producer`.
@@ -22,6 +23,7 @@ use deepnode_domain::events::Failure;
 use deepnode_domain::ids::NodeId;
 
 use crate::budget::RetryBudget;
+use crate::copies::Copies;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A poisoned lock means a holder panicked mid-update of plain counters; the data is still usable.
@@ -37,6 +39,7 @@ pub struct Live {
     health: Mutex<BTreeMap<NodeId, NodeHealth>>,
     budget: Mutex<RetryBudget>,
     ejection: EjectionPolicy,
+    copies: Arc<Copies>,
 }
 
 /// Decrements a node's in-flight count when dropped (the attempt ended, however it ended), and
@@ -72,14 +75,26 @@ impl Drop for InFlight {
 
 impl Live {
     /// Fresh state with the given policies.
-    pub fn new(ejection: EjectionPolicy, budget: RetryBudget) -> Live {
+    pub fn new(ejection: EjectionPolicy, budget: RetryBudget, copies: Arc<Copies>) -> Live {
         Live {
             in_flight: Arc::default(),
             freed: Arc::default(),
             health: Mutex::default(),
             budget: Mutex::new(budget),
             ejection,
+            copies,
         }
+    }
+
+    /// How many of `node`'s `registered` capacity this process may hold: its share among the
+    /// scheduler copies ([`crate::copies`]).
+    pub fn capacity(&self, node: &NodeId, registered: u32) -> u32 {
+        self.copies.share(node, registered)
+    }
+
+    /// Resolves once this process knows the other scheduler copies (admission waits for it).
+    pub async fn settled(&self) {
+        self.copies.settled().await;
     }
 
     /// Requests in flight on `node` from this process.

@@ -74,8 +74,8 @@ fn micros(stake: f64) -> u64 {
 }
 
 /// The snapshot for one request: every deployed replica of `model_id` with its status, reputation
-/// and failure rate (from the log, at `now`), capacity, stake and assignments, plus this process's
-/// in-flight count and ejection state.
+/// and failure rate (from the log, at `now`), stake and assignments, plus this process's in-flight
+/// count, ejection state and share of the node's capacity (the capacity the decision sees).
 pub fn snapshot(
     book: &NodeBook,
     live: &Live,
@@ -105,7 +105,7 @@ pub fn snapshot(
             status: node.status,
             ejected: live.is_ejected(node_id, now),
             in_flight: live.in_flight(node_id),
-            capacity: node.capacity,
+            capacity: live.capacity(node_id, node.capacity),
             reputation: Bps::from_f64(node.reputation.score_at(now, rep)),
             failure_rate: Bps::from_f64(node.reputation.failure_rate_at(now, rep)),
             stake_micros: micros(node.stake),

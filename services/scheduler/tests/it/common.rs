@@ -3,6 +3,7 @@
 //! simulated nodes, and scheduler copies run in-process.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use deepnode_scheduler::{run, Error, SchedulerOptions};
 use deepnode_sim::{Sim, SimConfig, SimHandle, SimNode};
 use deepnode_store::EventStore;
 use deepnode_testkit::{nats_url, TestDb};
+use futures::StreamExt;
 use serde_json::Value;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -58,7 +60,13 @@ impl Harness {
             .await
             .expect("NATS is running");
         Harness {
-            options: SchedulerOptions::default(),
+            options: SchedulerOptions {
+                // Copies find each other within a few milliseconds here; tests wait on the
+                // announcements, so a short interval only bounds how late a missed one repeats.
+                presence_interval: Duration::from_millis(200),
+                presence_settle: Duration::from_millis(50),
+                ..SchedulerOptions::default()
+            },
             db,
             store,
             client,
@@ -160,41 +168,51 @@ impl Harness {
             policy: Arc::new(policy),
             producer: producer.to_owned(),
         };
+        // Every copy says on the presence subject how many copies it counts, after it has
+        // subscribed to its command subjects: when each says all of them, all serve and each
+        // knows its share of the nodes' capacity.
+        let mut presence = self
+            .client
+            .subscribe(self.subjects.scheduler_presence())
+            .await
+            .unwrap();
         let shutdown = Shutdown::new();
         let task = tokio::spawn(run(ctx, self.options.clone(), shutdown.clone()));
         self.schedulers.push((shutdown, task));
-        let subject = self.subjects.cmd_schedule();
-        for _ in 0..200 {
-            let asked = rpc::request_bytes(
-                &self.client,
-                &subject,
-                Bytes::from_static(b"{}"),
-                Duration::from_millis(200),
-            )
-            .await;
-            if asked.is_ok() && self.schedulers.len() == 1 {
-                return;
+        let copies = self.schedulers.len() as u64;
+        let mut counted: HashMap<String, u64> = HashMap::new();
+        let all_counted = async {
+            while let Some(msg) = presence.next().await {
+                let said: Value = serde_json::from_slice(&msg.payload).unwrap();
+                let copy = said["copy"].as_str().unwrap().to_owned();
+                counted.insert(copy, said["copies"].as_u64().unwrap());
+                if counted.values().filter(|n| **n == copies).count() as u64 == copies {
+                    return;
+                }
             }
-            if asked.is_ok() {
-                // A second copy: give its subscription a moment to register with the server.
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("scheduler did not start");
+        };
+        tokio::time::timeout(Duration::from_secs(30), all_counted)
+            .await
+            .unwrap_or_else(|_| panic!("{copies} scheduler copies never all counted each other"));
     }
 
     pub async fn request(&self, subject: &str, payload: Vec<u8>) -> Value {
-        let reply = rpc::request_bytes(
-            &self.client,
-            subject,
-            Bytes::from(payload),
-            Duration::from_secs(30),
+        request_on(&self.client, subject, payload).await
+    }
+
+    /// A connection of its own: another caller, as far as the scheduler can tell.
+    pub async fn caller(&self) -> async_nats::Client {
+        async_nats::connect(nats_url()).await.unwrap()
+    }
+
+    /// `cmd.exec` sent on `caller`'s connection.
+    pub async fn exec_as(&self, caller: &async_nats::Client, body: Value) -> Value {
+        request_on(
+            caller,
+            &self.subjects.cmd_exec(),
+            body.to_string().into_bytes(),
         )
         .await
-        .expect("scheduler answers");
-        serde_json::from_slice(&reply).expect("reply is JSON")
     }
 
     pub async fn exec(&self, body: Value) -> Value {
@@ -242,4 +260,16 @@ impl Harness {
             sim.stop().await;
         }
     }
+}
+
+async fn request_on(client: &async_nats::Client, subject: &str, payload: Vec<u8>) -> Value {
+    let reply = rpc::request_bytes(
+        client,
+        subject,
+        Bytes::from(payload),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("scheduler answers");
+    serde_json::from_slice(&reply).expect("reply is JSON")
 }

@@ -3,6 +3,10 @@
 //! is a timeout; no responders (or a broken connection) is an error; anything else — bytes that are
 //! not JSON, a JSON value that is not an object, an object with neither field — is invalid output.
 //!
+//! An attempt that got no answer while our own connection to the bus was disturbed (lost, or
+//! restored only moments before) is not the node's failure: it is [`Classified::Unjudged`]
+//! ([`judge`], issue 12 item 7). An answer is judged on its merits whatever the bus did.
+//!
 //! Pure: no IO. Late and duplicate answers never reach here: each attempt is one NATS request whose
 //! reply inbox is forgotten after the first answer or the timeout.
 
@@ -19,6 +23,18 @@ pub enum Classified {
     Success(Value),
     /// A failed attempt and a short human detail.
     Failed(Failure, String),
+    /// No answer, but our own bus connection was disturbed meanwhile: the outcome is unknown and
+    /// held against nobody. The detail says what happened.
+    Unjudged(String),
+}
+
+/// What our own connection to the bus did during an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bus {
+    /// Connected throughout, and not just reconnected.
+    Steady,
+    /// Lost during the attempt, or reconnected so recently that nodes may not be back yet.
+    Disturbed,
 }
 
 /// What the transport reported for one attempt.
@@ -62,6 +78,25 @@ pub fn classify(result: Transport<'_>) -> Classified {
                 clip(&format!("answer is not JSON: {e}")),
             ),
         },
+    }
+}
+
+/// Classifies one attempt's result given what our bus did meanwhile: silence, no responders or a
+/// broken request while the bus was [`Bus::Disturbed`] is [`Classified::Unjudged`]; anything else
+/// is [`classify`]'s verdict.
+pub fn judge(result: Transport<'_>, bus: Bus) -> Classified {
+    match (result, bus) {
+        (Transport::Answer(bytes), _) => classify(Transport::Answer(bytes)),
+        (other, Bus::Steady) => classify(other),
+        (other, Bus::Disturbed) => {
+            let what = match classify(other) {
+                Classified::Failed(_, detail) => detail,
+                _ => "no answer".to_owned(),
+            };
+            Classified::Unjudged(format!(
+                "{what}, while our own connection to the bus was disturbed"
+            ))
+        }
     }
 }
 
@@ -123,6 +158,32 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn no_answer_while_our_bus_was_disturbed_is_held_against_nobody_but_an_answer_is_judged() {
+        for silent in [
+            Transport::TimedOut,
+            Transport::NoResponders,
+            Transport::Broken("connection closed".into()),
+        ] {
+            assert!(matches!(
+                judge(silent, Bus::Disturbed),
+                Classified::Unjudged(_)
+            ));
+        }
+        assert!(matches!(
+            judge(Transport::TimedOut, Bus::Steady),
+            Classified::Failed(Failure::Timeout, _)
+        ));
+        assert!(matches!(
+            judge(Transport::Answer(b"garbage"), Bus::Disturbed),
+            Classified::Failed(Failure::InvalidOutput, _)
+        ));
+        assert_eq!(
+            judge(Transport::Answer(br#"{"output":1}"#), Bus::Disturbed),
+            Classified::Success(json!(1))
+        );
     }
 
     #[test]

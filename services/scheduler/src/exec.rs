@@ -44,7 +44,7 @@ use tokio::task::{JoinError, JoinHandle};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::classify::{classify, Classified, Transport};
+use crate::classify::{judge, Classified, Transport};
 use crate::live::InFlight;
 use crate::queue::Priority;
 use crate::replies::Answer;
@@ -210,19 +210,16 @@ fn success_reply(
     }))
 }
 
-fn failure_reply(request_id: &RequestId, message: String, attempts: &[AttemptView]) -> Reply {
-    failure_reply_with(ErrorCode::AllReplicasFailed, request_id, message, attempts)
-}
-
 fn failure_reply_with(
     code: ErrorCode,
     request_id: &RequestId,
     message: String,
     attempts: &[AttemptView],
 ) -> Reply {
+    // Recorded, so final: a repeat returns this very answer.
     Reply::err_with(
         ErrorBody::new(code, message),
-        &json!({"request_id": request_id, "charged": false, "attempts": attempts}),
+        &json!({"request_id": request_id, "charged": false, "attempts": attempts, "retryable": false}),
     )
 }
 
@@ -258,18 +255,20 @@ impl Scheduler {
         let subject = self.ctx.subjects.node_infer(node);
         let mut headers = HeaderMap::new();
         headers.insert(CORRELATION_HEADER, correlation_id);
-        let replies = self.replies.clone();
+        let (replies, bus) = (self.replies.clone(), self.bus.clone());
         tokio::spawn(
             async move {
                 let _in_flight = slot;
                 let started = Instant::now();
+                let epoch = bus.begin();
                 let answer = replies.request(subject, headers, body, timeout).await;
                 let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                let during = bus.since(epoch);
                 let classified = match answer {
-                    Answer::Message(msg) => classify(Transport::Answer(&msg.payload)),
-                    Answer::TimedOut => classify(Transport::TimedOut),
-                    Answer::NoResponders => classify(Transport::NoResponders),
-                    Answer::Broken(why) => classify(Transport::Broken(why)),
+                    Answer::Message(msg) => judge(Transport::Answer(&msg.payload), during),
+                    Answer::TimedOut => judge(Transport::TimedOut, during),
+                    Answer::NoResponders => judge(Transport::NoResponders, during),
+                    Answer::Broken(why) => judge(Transport::Broken(why), during),
                 };
                 (classified, latency_ms)
             }
@@ -300,6 +299,19 @@ impl Scheduler {
         let failure = match &classified {
             Classified::Success(_) => None,
             Classified::Failed(f, _) => Some(*f),
+            Classified::Unjudged(detail) => {
+                tracing::warn!(node_id = %node, %detail, "attempt not held against the node");
+                metrics::counter!("deepnode_exec_attempts_total", "node_id" => node.to_string(), "outcome" => "unjudged")
+                    .increment(1);
+                let attempt = Attempt {
+                    node,
+                    role,
+                    latency_ms,
+                    dispatched,
+                    transition: Transition::None,
+                };
+                return (classified, attempt);
+            }
         };
         let outcome = failure.map_or(Outcome::Success, Outcome::from);
         metrics::counter!(
@@ -644,6 +656,13 @@ async fn execute(
         Classified::Failed(failure, detail) => {
             trail.failed(attempt_1, failure, detail, &request_id, &meta)
         }
+        Classified::Unjudged(detail) => {
+            // Nothing is known about this execution: record nothing, so sending it again runs it.
+            return Reply::err(ErrorBody::new(
+                ErrorCode::Unavailable,
+                format!("the primary {primary} could not be judged ({detail}); nothing was recorded or charged and the node is not held responsible; send the request again"),
+            ));
+        }
     };
 
     // A repeat is not retried: it has its recorded answer.
@@ -661,7 +680,7 @@ async fn execute(
         Some(_) => None,
     };
     let Some(backup) = backup.filter(|_| refusal.is_none()) else {
-        let end = (refusal, cause_fail_1);
+        let end = (ErrorCode::AllReplicasFailed, refusal, cause_fail_1);
         return give_up(&s, &stream, &request_id, &model_id, &meta, trail, end).await;
     };
     metrics::counter!("deepnode_exec_fallbacks_total").increment(1);
@@ -684,23 +703,24 @@ async fn execute(
         }
         Classified::Failed(failure, detail) => {
             let cause_fail_2 = trail.failed(attempt_2, failure, detail, &request_id, &meta);
-            give_up(
-                &s,
-                &stream,
-                &request_id,
-                &model_id,
-                &meta,
-                trail,
-                (None, cause_fail_2),
-            )
-            .await
+            let end = (ErrorCode::AllReplicasFailed, None, cause_fail_2);
+            give_up(&s, &stream, &request_id, &model_id, &meta, trail, end).await
+        }
+        Classified::Unjudged(detail) => {
+            // The primary's failure stands; the backup's attempt stays unclassified.
+            let why = format!(
+                "the backup {backup} could not be judged ({detail}) and is not held responsible"
+            );
+            let end = (ErrorCode::Unavailable, Some(why.as_str()), cause_2);
+            give_up(&s, &stream, &request_id, &model_id, &meta, trail, end).await
         }
     }
 }
 
-/// Ends an execution no replica served: `ExecutionFailed` (not charged) after the last
-/// `AttemptFailed`, recorded before the `all_replicas_failed` reply goes out. `end` is why no further
-/// replica was tried (`None` when none was left to try) and the last `AttemptFailed` event id.
+/// Ends an execution no replica served: `ExecutionFailed` (not charged) after the last attempt,
+/// recorded before the reply goes out. `end` is the code (`all_replicas_failed`, or `unavailable`
+/// when the last attempt was lost to our own bus), why no further replica was tried or judged
+/// (`None` when none was left to try) and the event that caused the end.
 async fn give_up(
     s: &Scheduler,
     stream: &StreamId,
@@ -708,13 +728,13 @@ async fn give_up(
     model_id: &ModelId,
     meta: &Metadata,
     mut trail: Trail,
-    (refusal, cause): (Option<&str>, Uuid),
+    (code, why, cause): (ErrorCode, Option<&str>, Uuid),
 ) -> Reply {
-    let message = failure_message(&trail.attempts, refusal);
+    let message = failure_message(&trail.attempts, why);
     let attempts = u8::try_from(trail.attempts.len()).unwrap_or(u8::MAX);
-    let end = execution_failed(request_id, model_id, attempts, &message, meta, cause);
+    let end = execution_failed(request_id, model_id, attempts, code, &message, meta, cause);
     trail.record.push(end);
-    let reply = failure_reply(request_id, message, &trail.attempts);
+    let reply = failure_reply_with(code, request_id, message, &trail.attempts);
     s.record(stream, request_id, trail.record, trail.decisions, reply)
         .await
 }
@@ -724,6 +744,7 @@ fn execution_failed(
     request_id: &RequestId,
     model_id: &ModelId,
     attempts: u8,
+    code: ErrorCode,
     message: &str,
     meta: &Metadata,
     cause: Uuid,
@@ -735,7 +756,7 @@ fn execution_failed(
                 model_id: model_id.clone(),
                 attempts,
                 charged: false,
-                error_code: ErrorCode::AllReplicasFailed.as_str().to_owned(),
+                error_code: code.as_str().to_owned(),
             }),
             meta.clone().caused_by(cause),
         ),

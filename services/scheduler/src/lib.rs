@@ -10,6 +10,7 @@
 
 mod admission;
 mod budget;
+mod bus;
 mod classify;
 mod copies;
 mod emergency;
@@ -34,7 +35,7 @@ use deepnode_store::FollowerHandle;
 use serde::Deserialize;
 
 pub use budget::RetryBudget;
-pub use classify::{classify, Classified, Transport};
+pub use classify::{classify, judge, Bus, Classified, Transport};
 
 use live::Live;
 use queue::Queues;
@@ -65,6 +66,9 @@ pub struct SchedulerOptions {
     pub presence_interval: Duration,
     /// How long a starting copy listens for the other copies before it admits a request.
     pub presence_settle: Duration,
+    /// For this long after our NATS connection is re-established, an attempt that got no answer
+    /// is not held against its node (the nodes reconnect on their own schedule).
+    pub reconnect_grace: Duration,
 }
 
 impl Default for SchedulerOptions {
@@ -79,6 +83,7 @@ impl Default for SchedulerOptions {
             sweep_interval: Duration::from_secs(5),
             presence_interval: Duration::from_secs(1),
             presence_settle: Duration::from_millis(250),
+            reconnect_grace: Duration::from_secs(5),
         }
     }
 }
@@ -108,6 +113,8 @@ pub(crate) struct Scheduler {
     admission: std::sync::Mutex<()>,
     /// Requests waiting for a slot, per model, in the order they may take one.
     queues: Queues,
+    /// Our own connection's history, so our outages are not held against nodes.
+    bus: Arc<bus::BusWatch>,
 }
 
 /// `cmd.schedule` body.
@@ -175,6 +182,7 @@ pub async fn run(
             source,
         })
     })?;
+    let bus = Arc::new(bus::BusWatch::new(nats.clone(), options.reconnect_grace));
     let scheduler = Arc::new(Scheduler {
         ctx,
         book: book.clone(),
@@ -185,6 +193,7 @@ pub async fn run(
         emergencies: emergency::Emergencies::default(),
         admission: std::sync::Mutex::default(),
         queues,
+        bus,
     });
     let sweeper = tokio::spawn(sweep::run(
         scheduler.clone(),

@@ -296,12 +296,99 @@ async fn nats_restart_under_load() {
     }
     let f = verify(&c, &record, true).await;
     assert!(f.reports_logged > 0);
+    // Our outage is not the nodes' fault: every node is healthy, so no attempt failed and no node
+    // was ejected, though requests were caught in the restart.
+    let held_against_nodes: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE event_type IN ('AttemptFailed', 'NodeEjected')",
+    )
+    .fetch_one(c.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        held_against_nodes, 0,
+        "attempts lost to our own outage were held against nodes"
+    );
     let relay_resumes = c.log_count("relay lost its footing");
     report(
         "nats_restart",
         &format!("NATS away {down_for:?}; first success {:?} after the stop; relay checkpoint at stop {relay_before}; relay resumed from its checkpoint {relay_resumes} times", back - restarted_at),
         &f,
     );
+    sim.stop().await;
+    drop((rep, rot, sched));
+    drop(c);
+}
+
+/// 5. Requests caught in a NATS outage are not held against the healthy nodes serving them
+/// (issue 12 item 7): their attempts are left unjudged, nothing is recorded for them, and a caller
+/// that hears back is told `unavailable`, retryable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_caught_in_a_nats_outage_are_not_held_against_nodes() {
+    let _serial = serial();
+    let mut nats = PrivateNats::start().await;
+    let mut c = Cluster::new(None, Some(nats.url())).await;
+    let (mut rep, mut rot, mut sched) = standard(&mut c).await;
+    // given healthy nodes that take 600 ms to answer (the attempt timeout is 1 s)
+    let sim = c
+        .start_fleet_of(4, Behaviour::healthy(Latency::fixed_ms(600)))
+        .await;
+    c.deploy("m-1").await;
+    let before = sim.totals().requests;
+
+    // when NATS goes away for 1.5 s while the nodes work on 8 requests
+    let subject = c.subjects.cmd_exec();
+    let ids: Vec<String> = (0..8).map(|i| format!("caught-{i}")).collect();
+    let calls =
+        futures::future::join_all(ids.iter().map(|id| exec(&c.client, &subject, id, "m-1")));
+    let outage = async {
+        wait_until(
+            "the nodes to hold the 8 requests",
+            Duration::from_secs(10),
+            || async { sim.totals().requests >= before + 8 },
+        )
+        .await;
+        nats.stop().await;
+        tokio::time::sleep(Duration::from_millis(1_500)).await; // the outage itself
+        nats.start_again().await;
+    };
+    let (calls, ()) = tokio::join!(calls, outage);
+
+    // then each of the 8 attempts is left unjudged: not a failure, no ejection, nothing recorded
+    wait_until(
+        "the scheduler to settle the 8 attempts",
+        Duration::from_secs(20),
+        || async { c.log_count("attempt not held against the node") >= 8 },
+    )
+    .await;
+    let caught: Vec<(String, String)> = sqlx::query_as(
+        "SELECT stream_id, event_type FROM events
+          WHERE stream_id LIKE 'exec-caught-%' OR event_type IN ('AttemptFailed', 'NodeEjected')",
+    )
+    .fetch_all(c.store.pool())
+    .await
+    .unwrap();
+    assert!(caught.is_empty(), "{caught:?}");
+    for call in &calls {
+        if let Seen::Reply(reply) = &call.seen {
+            assert_eq!(reply["error"]["code"], json!("unavailable"), "{reply}");
+            assert_eq!(reply["retryable"], json!(true), "{reply}");
+            assert_eq!(reply["charged"], json!(false), "{reply}");
+        }
+    }
+    // and once the nodes are back, sending a caught request again runs it (nothing was recorded
+    // for it, so the retry is its one story)
+    wait_until(
+        "a caught request to run when sent again",
+        Duration::from_secs(20),
+        || async {
+            matches!(exec(&c.client, &subject, "caught-0", "m-1").await.seen,
+            Seen::Reply(r) if r["ok"] == json!(true))
+        },
+    )
+    .await;
+    for p in [&mut rep, &mut rot, &mut sched] {
+        assert!(p.alive(), "{} exited after the NATS outage", p.service);
+    }
     sim.stop().await;
     drop((rep, rot, sched));
     drop(c);
@@ -324,7 +411,7 @@ async fn seed(c: &Cluster, event: DomainEvent) {
         .unwrap();
 }
 
-/// 5. Nodes that hang forever, answer twice, answer after their timeout.
+/// 6. Nodes that hang forever, answer twice, answer after their timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misbehaving_nodes_classified_once() {
     let _serial = serial();

@@ -99,7 +99,15 @@ pub async fn run(cli: &Cli, args: &UpArgs) -> anyhow::Result<Outcome> {
             .with_context(|| format!("DEEPNODE_CONFIG {}", config.display()))?;
         env.push(("DEEPNODE_CONFIG", absolute.display().to_string()));
     }
-    let mut services = children::start(&bin_dir, &run_dir, &env).await?;
+    // The scheduler's metrics on a port we know, for the live view's queue figures.
+    let scheduler_metrics =
+        free_local_addr().context("finding a free port for the scheduler's metrics")?;
+    let own = [(
+        "deepnode-scheduler",
+        deepnode_runtime::observability::METRICS_ADDR_ENV,
+        scheduler_metrics.to_string(),
+    )];
+    let mut services = children::start(&bin_dir, &run_dir, &env, &own).await?;
     let demo = Demo {
         cli,
         args,
@@ -109,6 +117,7 @@ pub async fn run(cli: &Cli, args: &UpArgs) -> anyhow::Result<Outcome> {
         run_id,
         run_dir,
         start_position,
+        scheduler_metrics,
         shutdown,
     };
     let result = demo.run(&mut services).await;
@@ -131,6 +140,8 @@ struct Demo<'a> {
     run_id: String,
     run_dir: PathBuf,
     start_position: i64,
+    /// Where the scheduler serves `/metrics`.
+    scheduler_metrics: std::net::SocketAddr,
     shutdown: Shutdown,
 }
 
@@ -484,6 +495,10 @@ impl Demo<'_> {
             notes.push(e);
             0
         });
+        let queue = view::queue(self.scheduler_metrics)
+            .await
+            .map_err(|e| notes.push(e))
+            .ok();
         Frame {
             elapsed,
             answered_per_sec,
@@ -491,6 +506,7 @@ impl Demo<'_> {
             nodes,
             rotations,
             deployments,
+            queue,
             note: (!notes.is_empty()).then(|| notes.join("; ")),
         }
     }
@@ -685,4 +701,9 @@ fn assignments(fields: &serde_json::Map<String, Value>) -> String {
 /// Prints one progress line (stdout, so the whole run reads in order).
 fn say(line: &str) {
     println!("{line}");
+}
+
+/// A loopback address with a port free right now (the OS picks it).
+fn free_local_addr() -> std::io::Result<std::net::SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
 }

@@ -57,15 +57,23 @@ pub fn locate() -> anyhow::Result<PathBuf> {
 }
 
 /// Starts every binary of [`BINARIES`] from `bin_dir` with `env` added to the inherited
-/// environment, logging to `run_dir`. On failure, the ones already started are stopped.
+/// environment, and `own` (binary, variable, value) to that binary's only, logging to `run_dir`.
+/// On failure, the ones already started are stopped.
 pub async fn start(
     bin_dir: &Path,
     run_dir: &Path,
     env: &[(&str, String)],
+    own: &[(&str, &str, String)],
 ) -> anyhow::Result<Services> {
     let mut services = Services { list: Vec::new() };
     for name in BINARIES {
-        match spawn(bin_dir, run_dir, name, env) {
+        let mut env = env.to_vec();
+        env.extend(
+            own.iter()
+                .filter(|(binary, _, _)| *binary == name)
+                .map(|(_, key, value)| (*key, value.clone())),
+        );
+        match spawn(bin_dir, run_dir, name, &env) {
             Ok(service) => services.list.push(service),
             Err(e) => {
                 services.stop(Duration::from_secs(10)).await;

@@ -13,6 +13,10 @@
 //!    (`pg_stat_database`);
 //! 3. saturation: `--clients` closed-loop clients; executions per second, all answered `ok`, each
 //!    durable before its reply (the scheduler appends before it answers);
+//!    with `--overload F`, then open loop at F × that rate: what flow control does with the excess
+//!    (served rate, the served requests' p99 against their deadline, `overloaded` refusals and how
+//!    fast they come) — with `--node-capacity` and `--node-latency-ms` making the nodes, not the
+//!    control plane, the bottleneck, so the scheduler's queue is what takes the overload;
 //! 4. how long the relay and the SQL projection take to reach the log's head after the load stops;
 //! 5. the RSS of every service before and after, then (with `--soak N`) after N executions;
 //! 6. the charged executions in `executions` against the `ok` replies, and `deepnode audit`'s exit.
@@ -66,6 +70,15 @@ pub struct SystemArgs {
     /// Simulated nodes.
     #[arg(long, default_value_t = 6)]
     pub nodes: usize,
+    /// Each node's registered capacity (the default never binds).
+    #[arg(long, default_value_t = 100_000)]
+    pub node_capacity: u32,
+    /// The nodes' typical answer time, in milliseconds (log-normal around it; 0: at once).
+    #[arg(long, default_value_t = 0)]
+    pub node_latency_ms: u64,
+    /// After the saturation phase, offer this many times its rate, open loop (0: skip).
+    #[arg(long, default_value_t = 0.0)]
+    pub overload: f64,
     /// The `nats-server` executable to start for each deployment.
     #[arg(long, default_value = "nats-server")]
     pub nats_server: String,
@@ -107,12 +120,14 @@ pub async fn run(database_url: &str, keep: bool, args: &SystemArgs) -> Result<()
     };
     println!("# deepnode-bench system\n");
     println!(
-        "{} · {} s per phase, rates {:?} exec/s, {} closed-loop clients, {} nodes answering at once · logs in {}\n",
+        "{} · {} s per phase, rates {:?} exec/s, {} closed-loop clients, {} nodes of capacity {} answering in ~{} ms · logs in {}\n",
         machine_line(),
         args.seconds,
         args.rates,
         args.clients,
         args.nodes,
+        args.node_capacity,
+        args.node_latency_ms,
         log_root.display()
     );
     for &copies in &args.copies {
@@ -197,22 +212,15 @@ impl Deployment {
         for subject in &commands {
             wait_serving(&client, subject).await?;
         }
-        // Capacity far above any concurrency of the load: admission never refuses here.
-        let capacity = "100000".to_owned();
         let mut sim_command = Command::new(bin_dir.join("deepnode"));
         sim_command
             .env("DATABASE_URL", &db.url)
             .env("NATS_URL", &nats_url)
             .env("RUST_LOG", "warn")
-            .args([
-                "sim",
-                "--latency-ms",
-                "0",
-                "--prefix",
-                "bench",
-                "--capacity",
-            ])
-            .arg(&capacity)
+            .args(["sim", "--prefix", "bench", "--latency-ms"])
+            .arg(args.node_latency_ms.to_string())
+            .arg("--capacity")
+            .arg(args.node_capacity.to_string())
             .arg("--nodes")
             .arg(args.nodes.to_string());
         let sim = spawn(&mut sim_command, &log_dir.join("sim.log"))?;
@@ -383,6 +391,10 @@ impl Deployment {
 /// What one load phase saw.
 struct Phase {
     latency: Histogram<u64>,
+    /// Round trips of the `ok` replies alone.
+    served: Histogram<u64>,
+    /// Round trips of the `overloaded` refusals alone.
+    refused: Histogram<u64>,
     ok: u64,
     errors: BTreeMap<String, u64>,
     elapsed: Duration,
@@ -393,6 +405,8 @@ impl Phase {
         Phase {
             // 1 µs .. 10 min, 3 significant digits.
             latency: Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds"),
+            served: Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds"),
+            refused: Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds"),
             ok: 0,
             errors: BTreeMap::new(),
             elapsed: Duration::ZERO,
@@ -407,6 +421,7 @@ impl Phase {
         let _ = self.latency.record(micros.max(1));
         match reply {
             Ok(v) if v["ok"] == true || v.get("output").is_some() && v.get("ok").is_none() => {
+                let _ = self.served.record(micros.max(1));
                 self.ok += 1
             }
             Ok(v) => {
@@ -414,6 +429,9 @@ impl Phase {
                     .pointer("/error/code")
                     .and_then(Value::as_str)
                     .unwrap_or("malformed_reply");
+                if code == "overloaded" {
+                    let _ = self.refused.record(micros.max(1));
+                }
                 *self.errors.entry(code.to_owned()).or_default() += 1;
             }
             Err(e) => *self.errors.entry(bus_error(e)).or_default() += 1,
@@ -484,6 +502,17 @@ async fn measure(d: &mut Deployment, args: &SystemArgs) -> Result<()> {
         d.ok_replies += row.phase.ok;
         saturation = Some(row);
     }
+    let mut overload = None;
+    if let (Some(sat), true) = (&saturation, args.overload > 0.0) {
+        let rate = sat.phase.ok as f64 / sat.phase.elapsed.as_secs_f64() * args.overload;
+        let rate = rate.round().max(1.0) as u32;
+        let row = metered(d, &format!("overload {:.1}×", args.overload), || {
+            open_loop(d, "over", rate, seconds, false)
+        })
+        .await?;
+        d.ok_replies += row.phase.ok;
+        overload = Some((rate, row));
+    }
     let catch_up = catch_up(d).await?;
     if catch_up.relay.is_none() || catch_up.projection.is_none() {
         bail!(
@@ -552,6 +581,9 @@ async fn measure(d: &mut Deployment, args: &SystemArgs) -> Result<()> {
         );
     }
     println!();
+    if let Some((offered, row)) = &overload {
+        print_overload(*offered, row);
+    }
     let idle_cpu: Vec<String> = processes
         .iter()
         .map(|p| {
@@ -586,6 +618,32 @@ async fn measure(d: &mut Deployment, args: &SystemArgs) -> Result<()> {
     check_durable(d).await?;
     audit(d).await?;
     Ok(())
+}
+
+/// What flow control did with an overload: the rate served against the rate offered, the served
+/// requests' round trips against their deadline, and how fast the excess was refused.
+fn print_overload(offered: u32, row: &Row) {
+    let p = &row.phase;
+    let secs = p.elapsed.as_secs_f64();
+    let refused = p.errors.get("overloaded").copied().unwrap_or(0);
+    let others: u64 = p.errors.values().sum::<u64>() - refused;
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "| {} | offered exec/s | served ok/s | ok p50 / p99 ms (deadline {} ms + the attempt) | overloaded | refusal p50 / p99 / max ms | other errors |",
+        row.label, EXEC_TIMEOUT_MS
+    );
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| | {offered} | {:.0} | {:.1} / {:.1} | {refused} ({:.0} %) | {:.2} / {:.2} / {:.2} | {others} |",
+        p.ok as f64 / secs,
+        ms(&p.served, 0.5),
+        ms(&p.served, 0.99),
+        refused as f64 * 100.0 / (p.ok + refused + others).max(1) as f64,
+        ms(&p.refused, 0.5),
+        ms(&p.refused, 0.99),
+        ms(&p.refused, 1.0),
+    );
+    println!();
 }
 
 /// Runs `load`, measuring the CPU of every process and the database transactions around it. The
@@ -701,12 +759,15 @@ fn lock(phase: &Mutex<Phase>) -> std::sync::MutexGuard<'_, Phase> {
     phase.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The `timeout_ms` every exec carries: at most this long in the queue, then per attempt.
+const EXEC_TIMEOUT_MS: u64 = 2_000;
+
 fn exec_body(request_id: &str) -> Value {
     json!({
         "request_id": request_id,
         "model_id": MODEL,
         "input": {"prompt": "benchmark"},
-        "timeout_ms": 2000,
+        "timeout_ms": EXEC_TIMEOUT_MS,
     })
 }
 

@@ -580,6 +580,16 @@ async fn execute(
         .await
     {
         Ok(admitted) => admitted,
+        // Overloaded: answered from memory, at once (a read of the log per refusal is exactly the
+        // load an overload cannot afford); a repeat of a recorded request gets its record once
+        // it is admitted.
+        Err(refusal)
+            if refusal
+                .error()
+                .is_some_and(|e| e.code == ErrorCode::Overloaded) =>
+        {
+            return refusal;
+        }
         Err(refusal) => {
             // A repeated request whose model has gone since still gets its recorded answer.
             if let Ok(Some(reply)) = s.recorded(&stream, &request_id).await {

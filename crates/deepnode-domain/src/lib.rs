@@ -12,6 +12,8 @@ pub mod events;
 pub mod fixed;
 pub mod ids;
 pub mod log;
+pub mod merkle;
+pub mod note;
 pub mod penalties;
 pub mod placement;
 pub mod reputation;

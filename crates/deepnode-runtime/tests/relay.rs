@@ -31,8 +31,11 @@ async fn append(store: &EventStore, from: usize, to: usize) {
 async fn wait_for_messages(js: &jetstream::Context, stream: &str, n: u64) -> u64 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let mut s = js.get_stream(stream).await.unwrap();
-        let count = s.info().await.unwrap().state.messages;
+        // The relays create the stream when they start: until then it holds nothing.
+        let count = match js.get_stream(stream).await {
+            Ok(mut s) => s.info().await.unwrap().state.messages,
+            Err(_) => 0,
+        };
         if count >= n || tokio::time::Instant::now() > deadline {
             return count;
         }
@@ -119,4 +122,5 @@ async fn every_event_is_published_once_in_order_across_a_lease_takeover() {
     );
     js.delete_stream(&stream).await.unwrap();
     let _ = js.delete_stream(subjects.ingest_stream()).await;
+    let _ = js.delete_stream(subjects.checkpoints_stream()).await;
 }

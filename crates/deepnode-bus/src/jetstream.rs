@@ -87,11 +87,31 @@ pub fn ingest_stream_config(subjects: &Subjects) -> Config {
     }
 }
 
-/// Creates the events and ingest streams, or updates them to the current config. Idempotent.
+/// The checkpoints stream's config: `<prefix>.checkpoints`, file storage, kept for good (its own
+/// retention: no age or size limit, so an operator trimming the events stream or the database does
+/// not take the checkpoints with it).
+pub fn checkpoints_stream_config(subjects: &Subjects) -> Config {
+    Config {
+        name: subjects.checkpoints_stream(),
+        description: Some("deepnode's signed log checkpoints, outside the database".to_owned()),
+        subjects: vec![subjects.checkpoints()],
+        storage: StorageType::File,
+        retention: RetentionPolicy::Limits,
+        discard: DiscardPolicy::New,
+        duplicate_window: DUPLICATE_WINDOW,
+        deny_delete: true,
+        deny_purge: true,
+        ..Default::default()
+    }
+}
+
+/// Creates the events, ingest and checkpoints streams, or updates them to the current config.
+/// Idempotent.
 pub async fn ensure_streams(js: &Context, subjects: &Subjects) -> Result<(), Error> {
     for config in [
         events_stream_config(subjects),
         ingest_stream_config(subjects),
+        checkpoints_stream_config(subjects),
     ] {
         let stream = config.name.clone();
         js.create_or_update_stream(config)

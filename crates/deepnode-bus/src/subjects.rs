@@ -180,6 +180,21 @@ impl Subjects {
         self.sub("events.>")
     }
 
+    /// `<prefix>.checkpoints`: the log's signed checkpoints, JetStream (CONTRACT §3, §4a).
+    pub fn checkpoints(&self) -> String {
+        self.sub("checkpoints")
+    }
+
+    /// `<prefix>.cmd.log.checkpoint`: the latest signed checkpoint.
+    pub fn cmd_log_checkpoint(&self) -> String {
+        self.sub("cmd.log.checkpoint")
+    }
+
+    /// `<prefix>.cmd.log.proof`: an inclusion or consistency proof.
+    pub fn cmd_log_proof(&self) -> String {
+        self.sub("cmd.log.proof")
+    }
+
     fn stream(&self, suffix: &str) -> String {
         let root: String = self
             .prefix
@@ -195,6 +210,11 @@ impl Subjects {
     /// The JetStream stream holding published events: `DEEPNODE_EVENTS` by default.
     pub fn events_stream(&self) -> String {
         self.stream("EVENTS")
+    }
+
+    /// The JetStream stream holding the log's checkpoints: `DEEPNODE_CHECKPOINTS` by default.
+    pub fn checkpoints_stream(&self) -> String {
+        self.stream("CHECKPOINTS")
     }
 
     /// The JetStream stream holding outside execution reports: `DEEPNODE_INGEST` by default.

@@ -244,6 +244,9 @@ async fn ensure_streams_is_idempotent() {
 
     js.delete_stream(subjects.events_stream()).await.unwrap();
     js.delete_stream(subjects.ingest_stream()).await.unwrap();
+    js.delete_stream(subjects.checkpoints_stream())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -310,6 +313,9 @@ async fn publish_with_id_deduplicates_by_msg_id() {
 
     js.delete_stream(subjects.events_stream()).await.unwrap();
     js.delete_stream(subjects.ingest_stream()).await.unwrap();
+    js.delete_stream(subjects.checkpoints_stream())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

@@ -48,6 +48,45 @@ pub enum Command {
     Up(UpArgs),
     /// Run simulated nodes (registered through `cmd.node.register`) until Ctrl-C.
     Sim(SimArgs),
+    /// Make an Ed25519 key for the log (or a witness) and print its public key.
+    Keygen(KeygenArgs),
+    /// Check the log against every checkpoint (database, DEEPNODE_CHECKPOINTS, files); exit 1 on
+    /// the first that does not hold.
+    Verify(VerifyArgs),
+}
+
+/// `deepnode keygen`.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Write the private key to this file (created with mode 0600; never overwritten) instead of
+    /// printing it.
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+    /// The key's name: the log's origin in its checkpoints (no spaces, no `+`).
+    #[arg(long, default_value = "deepnode.local/log")]
+    pub name: String,
+}
+
+/// `deepnode verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The log's (and witnesses') public keys, as `deepnode keygen` prints them, or files of them;
+    /// without any, signatures are not checked (and the report says so).
+    #[arg(
+        long = "public-key",
+        env = "DEEPNODE_LOG_PUBLIC_KEYS",
+        value_delimiter = ','
+    )]
+    pub public_key: Vec<String>,
+    /// A checkpoint kept outside the deployment (a signed note in a file); repeatable.
+    #[arg(long)]
+    pub checkpoint: Vec<std::path::PathBuf>,
+    /// The deployment's subject prefix (its checkpoints stream is `<PREFIX>_CHECKPOINTS`).
+    #[arg(long, default_value = "deepnode")]
+    pub prefix: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `deepnode replay`.

@@ -287,3 +287,169 @@ async fn a_bad_policy_file_is_a_usage_error() {
     assert!(stderr(&o).contains("DEEPNODE_CONFIG"), "{}", stderr(&o));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A log of `executions` executions with its Merkle tree built and one checkpoint of it signed by
+/// `key`, stored in the database and published to the checkpoints stream of a fresh prefix.
+async fn checkpointed(
+    store: &EventStore,
+    executions: usize,
+    key: &deepnode_domain::note::NoteSigner,
+) -> (deepnode_bus::Subjects, u64) {
+    use deepnode_projections::tree::{self, Cadence, TreeProjection};
+    history(store, executions).await;
+    ProjectionRunner::new(store.pool().clone(), TreeProjection::new())
+        .run_to_head()
+        .await
+        .unwrap();
+    let cadence = Cadence {
+        every_events: 1,
+        every: chrono::Duration::seconds(10),
+    };
+    let cp = tree::take_checkpoint(
+        store.pool(),
+        key.name(),
+        Some(key),
+        cadence,
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let subjects = deepnode_bus::Subjects::random();
+    let client = deepnode_bus::async_nats::connect(deepnode_testkit::nats_url())
+        .await
+        .unwrap();
+    let js = deepnode_bus::async_nats::jetstream::new(client);
+    deepnode_bus::jetstream::ensure_streams(&js, &subjects)
+        .await
+        .unwrap();
+    js.publish(subjects.checkpoints(), cp.note.clone().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    (subjects, cp.tree_size)
+}
+
+fn verify(url: &str, subjects: &deepnode_bus::Subjects, key: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_deepnode"))
+        .args(["verify", "--prefix", subjects.prefix(), "--public-key", key])
+        .env("DATABASE_URL", url)
+        .env("NATS_URL", deepnode_testkit::nats_url())
+        .env_remove("DEEPNODE_CONFIG")
+        .output()
+        .unwrap()
+}
+
+async fn sql(store: &EventStore, statements: &[&str]) {
+    let mut conn = store.pool().acquire().await.unwrap();
+    for statement in statements {
+        sqlx::query(statement).execute(&mut *conn).await.unwrap();
+    }
+}
+
+async fn drop_stream(subjects: &deepnode_bus::Subjects) {
+    let client = deepnode_bus::async_nats::connect(deepnode_testkit::nats_url())
+        .await
+        .unwrap();
+    let js = deepnode_bus::async_nats::jetstream::new(client);
+    for stream in [
+        subjects.events_stream(),
+        subjects.ingest_stream(),
+        subjects.checkpoints_stream(),
+    ] {
+        let _ = js.delete_stream(stream).await;
+    }
+}
+
+#[tokio::test]
+async fn verify_holds_on_an_untouched_log_and_names_a_tail_cut_by_the_database_owner() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let key = deepnode_domain::note::NoteSigner::from_seed("deepnode.test/log", [3; 32]).unwrap();
+    let public = key.verifier().encode();
+    let (subjects, size) = checkpointed(&store, 40, &key).await;
+
+    let o = verify(db.url(), &subjects, &public);
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("verify: ok"), "{}", stdout(&o));
+    assert_eq!(
+        stdout(&o).matches("verified").count(),
+        2,
+        "database and stream: {}",
+        stdout(&o)
+    );
+
+    // A key of another name is not the log's: its checkpoints are not trusted.
+    let stranger =
+        deepnode_domain::note::NoteSigner::from_seed("someone.else/log", [4; 32]).unwrap();
+    let o = verify(db.url(), &subjects, &stranger.verifier().encode());
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+
+    // The database owner erases the last 5 events, the checkpoints it holds, and moves the head
+    // back: the audit's chain still holds, but the stream's checkpoint counts the erased events.
+    let cut = size - 5;
+    sql(
+        &store,
+        &[
+            "ALTER TABLE events DISABLE TRIGGER USER",
+            "ALTER TABLE log_head DISABLE TRIGGER USER",
+            "ALTER TABLE log_checkpoints DISABLE TRIGGER USER",
+            &format!("DELETE FROM events WHERE global_position > {cut}"),
+            &format!(
+                "UPDATE log_head SET position = {cut}, hash = (SELECT hash FROM events WHERE global_position = {cut})"
+            ),
+            "DELETE FROM log_checkpoints",
+            "ALTER TABLE events ENABLE TRIGGER USER",
+            "ALTER TABLE log_head ENABLE TRIGGER USER",
+            "ALTER TABLE log_checkpoints ENABLE TRIGGER USER",
+        ],
+    )
+    .await;
+    let chain = deepnode_store::verify_chain(store.pool(), 0, None)
+        .await
+        .unwrap();
+    assert!(
+        chain.first_break.is_none(),
+        "the chain alone does not notice"
+    );
+    let o = verify(db.url(), &subjects, &public);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains(&format!(
+            "verify: FAILED at the checkpoint of size {size} (stream #1)"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("positions {}..={size} are gone", cut + 1)),
+        "{out}"
+    );
+    drop_stream(&subjects).await;
+}
+
+#[tokio::test]
+async fn verify_names_the_position_of_a_rewritten_event() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let key = deepnode_domain::note::NoteSigner::from_seed("deepnode.test/log", [5; 32]).unwrap();
+    let (subjects, size) = checkpointed(&store, 30, &key).await;
+    // Rewrite event 17. (The chain names it as well; an operator who also recomputed every later
+    // hash would pass the chain, not the checkpoint signed before.)
+    sql(
+        &store,
+        &[
+            "ALTER TABLE events DISABLE TRIGGER USER",
+            "UPDATE events SET occurred_at = occurred_at + interval '1 second' WHERE global_position = 17",
+            "ALTER TABLE events ENABLE TRIGGER USER",
+        ],
+    )
+    .await;
+    let o = verify(db.url(), &subjects, &key.verifier().encode());
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    let out = stdout(&o);
+    assert!(out.contains(&format!("checkpoint of size {size}")), "{out}");
+    assert!(out.contains("position 17 was changed"), "{out}");
+    drop_stream(&subjects).await;
+}

@@ -170,6 +170,29 @@ impl Default for ExecPolicy {
     }
 }
 
+/// The log's signed checkpoints (issue 14, CONTRACT §4a): how often the Merkle tree's root is
+/// taken, signed and published.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LogPolicy {
+    /// A checkpoint after this many more events (10,000)…
+    pub checkpoint_every_events: u64,
+    /// …or this long after the last one, when any event arrived since (10 s).
+    pub checkpoint_every_secs: u64,
+    /// The log's name in its checkpoints when no signing key names it (with a key: the key's name).
+    pub origin: String,
+}
+
+impl Default for LogPolicy {
+    fn default() -> Self {
+        LogPolicy {
+            checkpoint_every_events: 10_000,
+            checkpoint_every_secs: 10,
+            origin: "deepnode.local/log".to_owned(),
+        }
+    }
+}
+
 /// Every policy number, with POLICY.md's defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default)]
@@ -182,6 +205,7 @@ pub struct PolicyConfig {
     pub penalty: PenaltyPolicy,
     pub liveness: LivenessPolicy,
     pub exec: ExecPolicy,
+    pub log: LogPolicy,
 }
 
 impl PolicyConfig {
@@ -240,6 +264,17 @@ impl PolicyConfig {
         if self.liveness.heartbeat_interval_secs <= 0 || self.liveness.offline_after_missed == 0 {
             return Err(Error::Invalid(
                 "liveness: heartbeat interval and missed beats must be > 0".into(),
+            ));
+        }
+        let log = &self.log;
+        if log.checkpoint_every_events == 0 || log.checkpoint_every_secs == 0 {
+            return Err(Error::Invalid(
+                "log: checkpoint_every_events and checkpoint_every_secs must be > 0".into(),
+            ));
+        }
+        if log.origin.is_empty() || log.origin.contains(|c: char| c.is_whitespace() || c == '+') {
+            return Err(Error::Invalid(
+                "log.origin must be a non-empty name without spaces or `+`".into(),
             ));
         }
         Ok(())

@@ -15,6 +15,7 @@ mod projection;
 mod replay;
 mod rows;
 pub mod synthetic;
+pub mod tree;
 
 pub use audit::{audit, AuditProgress, AuditReport, Difference, DifferenceKind, MAX_LISTED};
 pub use error::Error;

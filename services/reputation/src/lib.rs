@@ -16,6 +16,7 @@ mod ingest;
 mod liveness;
 mod outcomes;
 mod pull;
+pub mod tlog;
 pub mod view;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,6 +87,8 @@ pub struct ReputationOptions {
     pub ingest_concurrency: usize,
     /// Counters, readable while the service runs (clone the `Arc` before passing the options).
     pub stats: Arc<Stats>,
+    /// The key checkpoints are signed with (`DEEPNODE_LOG_KEY`); none: checkpoints are unsigned.
+    pub log_key: Option<deepnode_domain::note::NoteSigner>,
 }
 
 impl ReputationOptions {
@@ -101,6 +104,7 @@ impl ReputationOptions {
             outcome_consumer: "reputation-outcomes".to_owned(),
             ingest_concurrency: 32,
             stats: Arc::new(Stats::default()),
+            log_key: None,
         }
     }
 }
@@ -201,6 +205,10 @@ pub async fn run(
     tasks.spawn(outcomes::run(shared.clone(), outcomes));
     tasks.spawn(liveness::run(shared.clone(), heartbeats));
     tasks.spawn(host_projection(shared.clone()));
+    tasks.spawn(tlog::host_tree(shared.clone(), PROJECTION_LINGER));
+    tasks.spawn(tlog::checkpoints(shared.clone()));
+    tasks.spawn(tlog::serve_checkpoint(shared.clone()));
+    tasks.spawn(tlog::serve_proof(shared.clone()));
     tracing::info!(
         prefix = shared.ctx.subjects.prefix(),
         "reputation service running"

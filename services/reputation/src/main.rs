@@ -16,8 +16,16 @@ async fn main() -> ExitCode {
         producer: "reputation",
         gated_checkpoints: &[BOOK_PROJECTION],
     };
-    run_service(spec, |ctx, shutdown| {
-        let options = ReputationOptions::from_policy(&ctx.policy);
+    let log_key = match deepnode_reputation::tlog::log_key_from_env() {
+        Ok(key) => key,
+        Err(e) => {
+            eprintln!("deepnode-reputation: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    run_service(spec, move |ctx, shutdown| {
+        let mut options = ReputationOptions::from_policy(&ctx.policy);
+        options.log_key = log_key.clone();
         deepnode_reputation::run(ctx, options, shutdown)
     })
     .await

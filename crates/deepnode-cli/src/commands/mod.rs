@@ -5,11 +5,13 @@
 mod audit;
 mod deployments;
 mod events;
+mod keygen;
 mod migrate;
 mod nodes;
 mod replay;
 mod sim;
 mod up;
+mod verify;
 
 use crate::cli::{Cli, Command};
 
@@ -33,5 +35,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Events(args) => events::run(&cli, args).await,
         Command::Up(args) => up::run(&cli, args).await,
         Command::Sim(args) => sim::run(&cli, args).await,
+        Command::Keygen(args) => keygen::run(args),
+        Command::Verify(args) => verify::run(&cli, args).await,
     }
 }

@@ -519,6 +519,7 @@ impl Cluster {
         let js = async_nats::jetstream::new(self.client.clone());
         let _ = js.delete_stream(self.subjects.events_stream()).await;
         let _ = js.delete_stream(self.subjects.ingest_stream()).await;
+        let _ = js.delete_stream(self.subjects.checkpoints_stream()).await;
         let _ = std::fs::remove_dir_all(&self.logs);
     }
 }

@@ -1,0 +1,336 @@
+//! `deepnode verify`: checks the log against every checkpoint it can get — the database's
+//! `log_checkpoints`, the JetStream stream `DEEPNODE_CHECKPOINTS` (outside the database), and files
+//! given with `--checkpoint` — so that whoever runs the database cannot rewrite or cut the log
+//! unnoticed (issue 14, CONTRACT §4a, §6).
+//!
+//! For each checkpoint: its signature by the log's key (when public keys are given; otherwise it
+//! says the signatures were not checked), then its root against the tree recomputed from the events
+//! themselves, streamed from position 1. Two checkpoints of one size with different roots (a fork),
+//! a checkpoint larger than the log (a cut tail), or a root the log does not hash to (a rewrite)
+//! each fail the run (exit 1), naming the first failing checkpoint and the first position the
+//! stored tree shows changed, or the range of positions between the last checkpoint that holds
+//! and the failing one.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use deepnode_domain::merkle::{Frontier, Hash};
+use deepnode_domain::note::{Checkpoint, NoteVerifier, SignedNote};
+use deepnode_projections::tree;
+use serde::Serialize;
+
+use super::Outcome;
+use crate::cli::{Cli, VerifyArgs};
+use crate::context;
+
+/// One checkpoint as found, and what was made of it.
+#[derive(Debug, Serialize)]
+struct Found {
+    /// Where it came from: `database`, `stream #<seq>`, or a file's path.
+    source: String,
+    tree_size: u64,
+    root: String,
+    /// `verified`, `unchecked` (no public key given) or why it failed.
+    signature: String,
+    /// `holds`, or why the log does not match it.
+    log: String,
+    #[serde(skip)]
+    root_hash: Hash,
+    #[serde(skip)]
+    failed: bool,
+}
+
+/// The run's report.
+#[derive(Debug, Serialize)]
+struct Report {
+    ok: bool,
+    head: u64,
+    checkpoints: Vec<Found>,
+    /// Sources that could not be read (the stream when NATS is unreachable…).
+    unread: Vec<String>,
+    /// The first failing checkpoint and position, when one failed.
+    first_failure: Option<String>,
+}
+
+/// Verifies and prints the report.
+pub async fn run(cli: &Cli, args: &VerifyArgs) -> anyhow::Result<Outcome> {
+    let keys = public_keys(&args.public_key)?;
+    let store = context::connect(cli).await?;
+    let pool = store.pool();
+    let mut unread = Vec::new();
+    let mut notes: Vec<(String, String)> = tree::checkpoints(pool)
+        .await
+        .context("reading log_checkpoints")?
+        .into_iter()
+        .map(|c| ("database".to_owned(), c.note))
+        .collect();
+    match stream_notes(cli, &args.prefix).await {
+        Ok(found) => notes.extend(found),
+        Err(e) => unread.push(format!("stream: {e:#}")),
+    }
+    for path in &args.checkpoint {
+        let note = std::fs::read_to_string(path)
+            .with_context(|| format!("reading checkpoint file {}", path.display()))?;
+        notes.push((path.display().to_string(), note));
+    }
+
+    let mut found: Vec<Found> = notes
+        .into_iter()
+        .filter_map(|(source, note)| read(source, &note, &keys))
+        .collect();
+    found.sort_by_key(|f| f.tree_size);
+    let head = check_against_log(&store, &mut found).await?;
+    let mut first_failure = None;
+    // A fork: two checkpoints of one size that disagree.
+    let mut by_size: BTreeMap<u64, Hash> = BTreeMap::new();
+    for f in &mut found {
+        if let Some(root) = by_size.insert(f.tree_size, f.root_hash) {
+            if root != f.root_hash {
+                f.failed = true;
+                f.log = "another checkpoint of this size has another root (a fork)".into();
+            }
+        }
+    }
+    if let Some(f) = found.iter().find(|f| f.failed) {
+        first_failure = Some(format!(
+            "checkpoint of size {} ({}): {}; {}",
+            f.tree_size, f.source, f.signature, f.log
+        ));
+    }
+    let report = Report {
+        ok: first_failure.is_none(),
+        head,
+        checkpoints: found,
+        unread,
+        first_failure,
+    };
+    print(&report, args.json, keys.is_empty())?;
+    Ok(if report.ok {
+        Outcome::Clean
+    } else {
+        Outcome::Difference
+    })
+}
+
+/// The public keys given (each a key, or a file of keys one per line).
+fn public_keys(given: &[String]) -> anyhow::Result<Vec<NoteVerifier>> {
+    let mut keys = Vec::new();
+    for item in given.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        let path = PathBuf::from(item);
+        let text = if path.is_file() {
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("reading public keys from {}", path.display()))?
+        } else {
+            item.to_owned()
+        };
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            keys.push(NoteVerifier::decode(line).with_context(|| format!("public key {line:?}"))?);
+        }
+    }
+    Ok(keys)
+}
+
+/// Every message of the checkpoints stream, as `(stream #seq, note)`.
+async fn stream_notes(cli: &Cli, prefix: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let subjects = deepnode_bus::Subjects::with_prefix(prefix)?;
+    let client = context::connect_nats(cli, "deepnode-verify").await?;
+    let js = deepnode_bus::async_nats::jetstream::new(client);
+    let mut stream = js
+        .get_stream(subjects.checkpoints_stream())
+        .await
+        .with_context(|| format!("opening {}", subjects.checkpoints_stream()))?;
+    let state = stream
+        .info()
+        .await
+        .context("reading the stream's state")?
+        .state
+        .clone();
+    let mut out = Vec::new();
+    if state.messages == 0 {
+        return Ok(out);
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(message) = stream.get_raw_message(seq).await {
+            out.push((
+                format!("stream #{seq}"),
+                String::from_utf8_lossy(&message.payload).into_owned(),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Reads one note: its checkpoint and whether the log's key signed it.
+fn read(source: String, note: &str, keys: &[NoteVerifier]) -> Option<Found> {
+    let (checkpoint, signed) = match SignedNote::parse(note) {
+        Ok(signed) => (Checkpoint::parse(&signed.text), Some(signed)),
+        Err(_) => (Checkpoint::parse(note), None),
+    };
+    let checkpoint = match checkpoint {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("verify: {source}: not a checkpoint ({e}); ignored");
+            return None;
+        }
+    };
+    let key = keys.iter().find(|k| k.name() == checkpoint.origin);
+    let (signature, failed) = match (key, &signed) {
+        (None, _) if keys.is_empty() => ("unchecked (no public key given)".to_owned(), false),
+        (None, _) => (
+            format!("FAILED: no public key named {}", checkpoint.origin),
+            true,
+        ),
+        (Some(_), None) => ("FAILED: unsigned".to_owned(), true),
+        (Some(k), Some(note)) => match note.verify(k) {
+            Ok(()) => ("verified".to_owned(), false),
+            Err(e) => (format!("FAILED: {e}"), true),
+        },
+    };
+    Some(Found {
+        source,
+        tree_size: checkpoint.size,
+        root: checkpoint.root.iter().map(|b| format!("{b:02x}")).collect(),
+        signature,
+        log: String::new(),
+        root_hash: checkpoint.root,
+        failed,
+    })
+}
+
+/// Streams the log once, recomputing the tree, and checks each checkpoint's root at its size
+/// (`found` sorted by size). Returns the log's head.
+async fn check_against_log(
+    store: &deepnode_store::EventStore,
+    found: &mut [Found],
+) -> anyhow::Result<u64> {
+    let pool = store.pool();
+    let mut frontier = Frontier::new();
+    let mut next = 0usize;
+    let mut last_good = 0u64;
+    let mut changed_at: Option<u64> = None;
+    let mut after = 0i64;
+    loop {
+        while next < found.len() && found[next].tree_size <= frontier.size() {
+            let f = &mut found[next];
+            let size = f.tree_size;
+            let root = if size == frontier.size() {
+                Some(frontier.root())
+            } else {
+                None
+            };
+            if root == Some(f.root_hash) {
+                f.log = "holds".into();
+                last_good = last_good.max(size);
+            } else {
+                f.failed = true;
+                f.log = match changed_at {
+                    Some(p) if p <= size => {
+                        format!("the log differs from it: position {p} was changed")
+                    }
+                    _ => format!(
+                        "the log differs from it somewhere in positions {}..={size}",
+                        last_good + 1
+                    ),
+                };
+            }
+            next += 1;
+        }
+        let page = store
+            .read_all(after, 2_000)
+            .await
+            .context("reading the log")?;
+        let Some(last) = page.last() else { break };
+        let stored = stored_leaves(pool, after, last.global_position).await?;
+        after = last.global_position;
+        for event in &page {
+            let leaf = tree::leaf_of(event);
+            let index = frontier.size();
+            if changed_at.is_none() && stored.get(&index).is_some_and(|s| *s != leaf) {
+                changed_at = Some(index + 1);
+            }
+            frontier.push(leaf);
+            // Checkpoints end exactly at a size: check each as the tree reaches it.
+            while next < found.len() && found[next].tree_size == frontier.size() {
+                let f = &mut found[next];
+                if frontier.root() == f.root_hash {
+                    f.log = "holds".into();
+                    last_good = last_good.max(f.tree_size);
+                } else {
+                    f.failed = true;
+                    f.log = match changed_at {
+                        Some(p) => format!("the log differs from it: position {p} was changed"),
+                        None => format!(
+                            "the log differs from it somewhere in positions {}..={}",
+                            last_good + 1,
+                            f.tree_size
+                        ),
+                    };
+                }
+                next += 1;
+            }
+        }
+    }
+    let head = frontier.size();
+    for f in &mut found[next..] {
+        f.failed = true;
+        f.log = format!(
+            "it counts {} events but the log holds {head}: positions {}..={} are gone",
+            f.tree_size,
+            head + 1,
+            f.tree_size
+        );
+    }
+    Ok(head)
+}
+
+/// The leaf hashes the stored tree holds for positions `(after, to]`, by leaf index.
+async fn stored_leaves(
+    pool: &sqlx::PgPool,
+    after: i64,
+    to: i64,
+) -> anyhow::Result<BTreeMap<u64, Hash>> {
+    let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+        "SELECT idx, hash FROM merkle_subtrees WHERE level = 0 AND idx >= $1 AND idx < $2",
+    )
+    .bind(after)
+    .bind(to)
+    .fetch_all(pool)
+    .await
+    .context("reading the stored tree")?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(i, h)| Some((u64::try_from(i).ok()?, Hash::try_from(h).ok()?)))
+        .collect())
+}
+
+fn print(report: &Report, json: bool, no_keys: bool) -> anyhow::Result<()> {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(report).context("serialising the report")?
+        );
+        return Ok(());
+    }
+    println!("log: {} events", report.head);
+    for source in &report.unread {
+        println!("not read: {source}");
+    }
+    if report.checkpoints.is_empty() {
+        println!("no checkpoint found: nothing to verify against");
+    }
+    for f in &report.checkpoints {
+        println!(
+            "checkpoint {:>10} from {:<14} signature {:<32} log {}",
+            f.tree_size, f.source, f.signature, f.log
+        );
+    }
+    if no_keys {
+        println!("signatures were not checked: give the log's public key (--public-key or DEEPNODE_LOG_PUBLIC_KEYS)");
+    }
+    match &report.first_failure {
+        None => println!("verify: ok"),
+        Some(why) => println!("verify: FAILED at the {why}"),
+    }
+    Ok(())
+}

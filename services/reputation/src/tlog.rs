@@ -1,0 +1,293 @@
+//! The log made checkable by someone who does not trust its operator (issue 14, CONTRACT §4a): this
+//! service keeps the Merkle tree of the log (`deepnode_projections::tree::TreeProjection`, turns
+//! taken between copies like the SQL projection), takes a signed checkpoint of it when one is due
+//! (the policy's `log.checkpoint_every_events` / `log.checkpoint_every_secs`), publishes each to the
+//! JetStream stream `DEEPNODE_CHECKPOINTS` — outside the database, where the operator of the
+//! database cannot take it back — and answers `cmd.log.checkpoint` and `cmd.log.proof`.
+//!
+//! The signing key comes from the file `DEEPNODE_LOG_KEY` names (read by the binary); without one
+//! checkpoints are taken unsigned, and `deepnode verify` says so.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use chrono::Utc;
+use deepnode_bus::envelope::{parse_command, ErrorBody, ErrorCode, Reply};
+use deepnode_bus::rpc::Request;
+use deepnode_domain::merkle::{self, Hash};
+use deepnode_domain::note::{NoteSigner, SignedNote};
+use deepnode_projections::tree::{self, Cadence, StoredCheckpoint, TreeProjection};
+use deepnode_store::ProjectionRunner;
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::{Error, Shared, QUEUE_GROUP};
+
+/// How often a checkpoint's being due is looked at.
+const CHECKPOINT_TICK: Duration = Duration::from_secs(1);
+
+/// Hosts the tree projection until the service stops.
+pub(crate) async fn host_tree(shared: Arc<Shared>, linger: Duration) -> Result<(), Error> {
+    let stop = shared.stop.clone();
+    ProjectionRunner::for_store(&shared.ctx.store, TreeProjection::new())
+        .with_linger(linger)
+        .run(async move { stop.wait().await })
+        .await?;
+    Ok(())
+}
+
+/// The log's name in its checkpoints: the signing key's name, else the policy's `log.origin`.
+pub(crate) fn origin(shared: &Shared) -> String {
+    shared.options.log_key.as_ref().map_or_else(
+        || shared.ctx.policy.log.origin.clone(),
+        |k| k.name().to_owned(),
+    )
+}
+
+/// Takes and publishes checkpoints until the service stops.
+pub(crate) async fn checkpoints(shared: Arc<Shared>) -> Result<(), Error> {
+    let policy = &shared.ctx.policy.log;
+    let cadence = Cadence {
+        every_events: policy.checkpoint_every_events,
+        every: chrono::Duration::seconds(i64::try_from(policy.checkpoint_every_secs).unwrap_or(10)),
+    };
+    let origin = origin(&shared);
+    let pool = shared.ctx.store.pool().clone();
+    let mut published = None::<u64>;
+    loop {
+        tokio::select! {
+            () = shared.stop.wait() => return Ok(()),
+            () = tokio::time::sleep(CHECKPOINT_TICK) => {}
+        }
+        match tree::take_checkpoint(
+            &pool,
+            &origin,
+            shared.options.log_key.as_ref(),
+            cadence,
+            Utc::now(),
+        )
+        .await
+        {
+            Ok(Some(cp)) => tracing::info!(
+                tree_size = cp.tree_size,
+                signed = cp.signed,
+                "checkpoint taken"
+            ),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "could not take a checkpoint"),
+        }
+        // Publish every stored checkpoint the stream may lack (one taken by another copy, or by this
+        // one before a crash); the stream drops repeats by message id.
+        match tree::checkpoints(&pool).await {
+            Ok(all) => {
+                let since = published;
+                for cp in all
+                    .iter()
+                    .filter(|cp| since.is_none_or(|p| cp.tree_size > p))
+                {
+                    if publish(&shared, cp).await {
+                        published = Some(cp.tree_size);
+                    } else {
+                        break;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read the checkpoints"),
+        }
+    }
+}
+
+/// Publishes one checkpoint to `DEEPNODE_CHECKPOINTS` (message id `checkpoint-<tree size>`);
+/// `true` once the stream acknowledged it.
+async fn publish(shared: &Shared, cp: &StoredCheckpoint) -> bool {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "Nats-Msg-Id",
+        format!("checkpoint-{}", cp.tree_size).as_str(),
+    );
+    let subject = shared.ctx.subjects.checkpoints();
+    let sent = shared
+        .ctx
+        .js
+        .publish_with_headers(subject, headers, cp.note.clone().into())
+        .await;
+    match sent {
+        Ok(ack) => match ack.await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(tree_size = cp.tree_size, error = %e, "checkpoint not acknowledged by the stream");
+                false
+            }
+        },
+        Err(e) => {
+            tracing::warn!(tree_size = cp.tree_size, error = %e, "could not publish a checkpoint");
+            false
+        }
+    }
+}
+
+/// Serves `cmd.log.checkpoint` in [`QUEUE_GROUP`] until the service stops.
+pub(crate) async fn serve_checkpoint(shared: Arc<Shared>) -> Result<(), Error> {
+    let subject = shared.ctx.subjects.cmd_log_checkpoint();
+    let (client, stop) = (shared.ctx.nats.clone(), shared.stop.clone());
+    let handler = move |_request: Request| {
+        let shared = shared.clone();
+        async move { latest(&shared).await }
+    };
+    deepnode_bus::serve(&client, &subject, QUEUE_GROUP, handler, async move {
+        stop.wait().await
+    })
+    .await?;
+    Ok(())
+}
+
+async fn latest(shared: &Shared) -> Reply {
+    match tree::latest_checkpoint(shared.ctx.store.pool()).await {
+        Ok(Some(cp)) => {
+            // The cosignatures are the note's signature lines past the log's own.
+            let cosignatures: Vec<String> = SignedNote::parse(&cp.note)
+                .map(|n| {
+                    n.signatures
+                        .into_iter()
+                        .filter(|(name, _)| *name != origin(shared))
+                        .map(|(name, sig)| format!("\u{2014} {name} {sig}"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            Reply::ok(&json!({
+                "checkpoint": cp.note,
+                "cosignatures": cosignatures,
+                "tree_size": cp.tree_size,
+                "signed": cp.signed,
+            }))
+        }
+        Ok(None) => Reply::err(ErrorBody::new(
+            ErrorCode::Unavailable,
+            "no checkpoint has been taken yet",
+        )),
+        Err(e) => Reply::err(ErrorBody::new(ErrorCode::Unavailable, e.to_string())),
+    }
+}
+
+/// `cmd.log.proof`'s body.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+enum ProofCommand {
+    Inclusion {
+        #[serde(default)]
+        position: Option<u64>,
+        #[serde(default)]
+        event_id: Option<Uuid>,
+        tree_size: u64,
+    },
+    Consistency {
+        from_size: u64,
+        to_size: u64,
+    },
+}
+
+/// Serves `cmd.log.proof` in [`QUEUE_GROUP`] until the service stops.
+pub(crate) async fn serve_proof(shared: Arc<Shared>) -> Result<(), Error> {
+    let subject = shared.ctx.subjects.cmd_log_proof();
+    let (client, stop) = (shared.ctx.nats.clone(), shared.stop.clone());
+    let handler = move |request: Request| {
+        let shared = shared.clone();
+        async move { proof(&shared, request).await }
+    };
+    deepnode_bus::serve(&client, &subject, QUEUE_GROUP, handler, async move {
+        stop.wait().await
+    })
+    .await?;
+    Ok(())
+}
+
+fn hex(hashes: &[Hash]) -> Vec<String> {
+    hashes
+        .iter()
+        .map(|h| h.iter().map(|b| format!("{b:02x}")).collect())
+        .collect()
+}
+
+async fn proof(shared: &Shared, request: Request) -> Reply {
+    let cmd: ProofCommand = match parse_command(&request.payload) {
+        Ok(cmd) => cmd,
+        Err(e) => return Reply::err(e),
+    };
+    let pool = shared.ctx.store.pool();
+    let built = match tree::tree_size(pool).await {
+        Ok(size) => size,
+        Err(e) => return Reply::err(ErrorBody::new(ErrorCode::Unavailable, e.to_string())),
+    };
+    let bad = |why: String| Reply::err(ErrorBody::bad_request(why));
+    let (ranges, leaf_index, tree_size) = match cmd {
+        ProofCommand::Inclusion {
+            position,
+            event_id,
+            tree_size,
+        } => {
+            let position = match (position, event_id) {
+                (Some(p), None) => p,
+                (None, Some(id)) => match tree::position_of(pool, id).await {
+                    Ok(Some(p)) => p,
+                    Ok(None) => return bad(format!("no event {id} in the log")),
+                    Err(e) => {
+                        return Reply::err(ErrorBody::new(ErrorCode::Unavailable, e.to_string()))
+                    }
+                },
+                _ => return bad("give exactly one of `position` and `event_id`".to_owned()),
+            };
+            if position == 0 || position > tree_size {
+                return bad(format!(
+                    "position {position} is not in a tree of {tree_size} events"
+                ));
+            }
+            let Some(ranges) = merkle::inclusion_ranges(position - 1, tree_size) else {
+                return bad("no such leaf".to_owned());
+            };
+            (ranges, Some(position - 1), tree_size)
+        }
+        ProofCommand::Consistency { from_size, to_size } => {
+            let Some(ranges) = merkle::consistency_ranges(from_size, to_size) else {
+                return bad(format!(
+                    "a consistency proof needs 0 < from_size ≤ to_size, not {from_size} and {to_size}"
+                ));
+            };
+            (ranges, None, to_size)
+        }
+    };
+    if tree_size > built {
+        return bad(format!(
+            "the tree holds {built} events so far, not {tree_size}"
+        ));
+    }
+    match tree::range_hashes(pool, &ranges).await {
+        Ok(Some(hashes)) => Reply::ok(&json!({
+            "tree_size": tree_size,
+            "leaf_index": leaf_index,
+            "hashes": hex(&hashes),
+        })),
+        Ok(None) => Reply::err(ErrorBody::new(
+            ErrorCode::Unavailable,
+            "the stored tree lacks a subtree this proof needs",
+        )),
+        Err(e) => Reply::err(ErrorBody::new(ErrorCode::Unavailable, e.to_string())),
+    }
+}
+
+/// Reads the log key file named by `DEEPNODE_LOG_KEY` (CONTRACT §1), if set.
+pub fn log_key_from_env() -> Result<Option<NoteSigner>, String> {
+    let Some(path) = std::env::var_os("DEEPNODE_LOG_KEY").filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "reading DEEPNODE_LOG_KEY file {}: {e}",
+            path.to_string_lossy()
+        )
+    })?;
+    NoteSigner::decode(&text)
+        .map(Some)
+        .map_err(|e| format!("DEEPNODE_LOG_KEY file {}: {e}", path.to_string_lossy()))
+}

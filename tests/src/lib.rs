@@ -117,11 +117,20 @@ impl Cluster {
     /// Starts a reputation service (fast ticks, offline detection effectively off) and waits
     /// until it answers.
     pub async fn start_reputation(&mut self) -> anyhow::Result<()> {
+        self.start_reputation_signing(None).await
+    }
+
+    /// [`Cluster::start_reputation`], signing the log's checkpoints with `log_key`.
+    pub async fn start_reputation_signing(
+        &mut self,
+        log_key: Option<deepnode_domain::note::NoteSigner>,
+    ) -> anyhow::Result<()> {
         let ctx = self.context("reputation").await?;
         let options = ReputationOptions {
             offline_after: Duration::from_secs(600),
             tick: Duration::from_millis(100),
             nak_delay: Duration::from_millis(200),
+            log_key,
             ..ReputationOptions::from_policy(&self.policy)
         };
         self.reputation_stats = options.stats.clone();
@@ -262,7 +271,11 @@ impl Cluster {
             }
         }
         let js = async_nats::jetstream::new(self.client.clone());
-        for stream in [self.subjects.events_stream(), self.subjects.ingest_stream()] {
+        for stream in [
+            self.subjects.events_stream(),
+            self.subjects.ingest_stream(),
+            self.subjects.checkpoints_stream(),
+        ] {
             let _ = js.delete_stream(&stream).await;
         }
         if failures.is_empty() {

@@ -1,0 +1,156 @@
+//! The log made checkable from outside (issue 14), through the reputation service over real
+//! Postgres and NATS: checkpoints of the whole log come out signed on the JetStream stream (outside
+//! the database), `cmd.log.checkpoint` answers the latest, and `cmd.log.proof`'s inclusion and
+//! consistency proofs verify against the signed roots with nothing but the domain's pure checks.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use deepnode_bus::Subjects;
+use deepnode_domain::config::PolicyConfig;
+use deepnode_domain::merkle::{self, Hash};
+use deepnode_domain::note::{Checkpoint, NoteSigner, SignedNote};
+use deepnode_e2e::Cluster;
+use deepnode_projections::tree;
+use serde_json::{json, Value};
+
+/// Registers `n` nodes from `first` on: one event each.
+async fn register(c: &Cluster, first: usize, n: usize) {
+    for i in first..first + n {
+        let body =
+            json!({"node_id": format!("n-{i}"), "domain": "text", "stake": 1.0, "capacity": 4});
+        let reply = c
+            .request(&c.subjects.cmd_node_register(), &body)
+            .await
+            .unwrap();
+        assert_eq!(reply["ok"], json!(true), "{reply}");
+    }
+}
+
+/// The latest checkpoint on the stream once it covers at least `size` events (the checkpointer
+/// looks every second, the policy here asks for one a second).
+async fn published_at_least(c: &Cluster, size: u64) -> (SignedNote, Checkpoint) {
+    let js = async_nats::jetstream::new(c.client.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(stream) = js.get_stream(c.subjects.checkpoints_stream()).await {
+            if let Ok(last) = stream
+                .get_last_raw_message_by_subject(&c.subjects.checkpoints())
+                .await
+            {
+                let note = SignedNote::parse(std::str::from_utf8(&last.payload).unwrap()).unwrap();
+                let checkpoint = Checkpoint::parse(&note.text).unwrap();
+                if checkpoint.size >= size {
+                    return (note, checkpoint);
+                }
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no checkpoint of {size} events on the stream"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn hashes(reply: &Value) -> Vec<Hash> {
+    reply["hashes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            let h = h.as_str().unwrap();
+            let bytes: Vec<u8> = (0..h.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+                .collect();
+            Hash::try_from(bytes).unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_checkpoints_leave_the_database_and_proofs_against_them_verify() {
+    let mut policy = PolicyConfig::default();
+    policy.log.checkpoint_every_secs = 1;
+    let mut c = Cluster::new(policy).await.unwrap();
+    let key = NoteSigner::from_seed("deepnode.test/log", [9; 32]).unwrap();
+    c.start_reputation_signing(Some(key.clone())).await.unwrap();
+
+    // given 12 events in the log
+    register(&c, 0, 12).await;
+    let head = u64::try_from(c.head().await.unwrap()).unwrap();
+
+    // then a checkpoint of all of them is on the stream, signed by the log key
+    let (note, first) = published_at_least(&c, head).await;
+    note.verify(&key.verifier()).unwrap();
+    assert_eq!(first.origin, "deepnode.test/log");
+    let latest = c
+        .request(&c.subjects.cmd_log_checkpoint(), &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(latest["ok"], json!(true), "{latest}");
+    let served = Checkpoint::parse(
+        &SignedNote::parse(latest["checkpoint"].as_str().unwrap())
+            .unwrap()
+            .text,
+    )
+    .unwrap();
+    assert!(served.size >= first.size);
+
+    // and an event's inclusion proof, by position and by id, verifies against the signed root
+    let event = c.store.read_all(4, 1).await.unwrap().remove(0);
+    for ask in [
+        json!({"kind": "inclusion", "position": 5, "tree_size": first.size}),
+        json!({"kind": "inclusion", "event_id": event.event_id, "tree_size": first.size}),
+    ] {
+        let proof = c.request(&c.subjects.cmd_log_proof(), &ask).await.unwrap();
+        assert_eq!(proof["ok"], json!(true), "{proof}");
+        assert_eq!(proof["leaf_index"], json!(4));
+        merkle::verify_inclusion(
+            4,
+            first.size,
+            &tree::leaf_of(&event),
+            &hashes(&proof),
+            &first.root,
+        )
+        .unwrap();
+    }
+
+    // when the log grows, the next checkpoint is consistent with the first
+    register(&c, 12, 5).await;
+    let head = u64::try_from(c.head().await.unwrap()).unwrap();
+    let (_, second) = published_at_least(&c, head).await;
+    let ask = json!({"kind": "consistency", "from_size": first.size, "to_size": second.size});
+    let proof = c.request(&c.subjects.cmd_log_proof(), &ask).await.unwrap();
+    assert_eq!(proof["ok"], json!(true), "{proof}");
+    merkle::verify_consistency(
+        first.size,
+        second.size,
+        &first.root,
+        &second.root,
+        &hashes(&proof),
+    )
+    .unwrap();
+
+    // bad requests are refused, clearly
+    for bad in [
+        json!({"kind": "inclusion", "position": 0, "tree_size": 3}),
+        json!({"kind": "inclusion", "position": 1, "tree_size": second.size + 1_000}),
+        json!({"kind": "inclusion", "position": 1, "event_id": event.event_id, "tree_size": 3}),
+        json!({"kind": "consistency", "from_size": 5, "to_size": 4}),
+        json!({"kind": "rewrite"}),
+    ] {
+        let reply = c.request(&c.subjects.cmd_log_proof(), &bad).await.unwrap();
+        assert_eq!(
+            reply["error"]["code"],
+            json!("bad_request"),
+            "{bad} → {reply}"
+        );
+    }
+    assert_ne!(
+        Subjects::new().checkpoints_stream(),
+        c.subjects.checkpoints_stream()
+    );
+    c.stop().await.unwrap();
+}

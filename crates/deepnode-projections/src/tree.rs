@@ -213,9 +213,20 @@ fn stored(row: CheckpointRow) -> Option<StoredCheckpoint> {
 
 /// Every stored checkpoint, smallest tree first.
 pub async fn checkpoints(pool: &PgPool) -> Result<Vec<StoredCheckpoint>, Error> {
+    checkpoints_after(pool, None).await
+}
+
+/// The stored checkpoints of more than `size` events (all with `None`), smallest tree first.
+pub async fn checkpoints_after(
+    pool: &PgPool,
+    size: Option<u64>,
+) -> Result<Vec<StoredCheckpoint>, Error> {
+    let after = size.map_or(-1, |s| i64::try_from(s).unwrap_or(i64::MAX));
     let rows: Vec<CheckpointRow> = sqlx::query_as(
-        "SELECT tree_size, root, note, signed, taken_at FROM log_checkpoints ORDER BY tree_size",
+        "SELECT tree_size, root, note, signed, taken_at FROM log_checkpoints
+          WHERE tree_size > $1 ORDER BY tree_size",
     )
+    .bind(after)
     .fetch_all(pool)
     .await?;
     Ok(rows.into_iter().filter_map(stored).collect())

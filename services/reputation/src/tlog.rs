@@ -80,13 +80,9 @@ pub(crate) async fn checkpoints(shared: Arc<Shared>) -> Result<(), Error> {
         }
         // Publish every stored checkpoint the stream may lack (one taken by another copy, or by this
         // one before a crash); the stream drops repeats by message id.
-        match tree::checkpoints(&pool).await {
-            Ok(all) => {
-                let since = published;
-                for cp in all
-                    .iter()
-                    .filter(|cp| since.is_none_or(|p| cp.tree_size > p))
-                {
+        match tree::checkpoints_after(&pool, published).await {
+            Ok(unpublished) => {
+                for cp in &unpublished {
                     if publish(&shared, cp).await {
                         published = Some(cp.tree_size);
                     } else {

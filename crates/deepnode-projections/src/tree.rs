@@ -18,6 +18,10 @@ use crate::Error;
 /// The checkpoint name of [`TreeProjection`] in `projection_checkpoints`: the tree's size.
 pub const TREE_PROJECTION: &str = "merkle";
 
+/// The lowest level of subtree stored: subtrees of 16 leaves and up (an eighth of the rows of
+/// storing every level); a proof recomputes the few smaller ones it needs from their events.
+pub const LOWEST_STORED_LEVEL: u32 = 4;
+
 /// The leaf hash of one event: RFC 9162's leaf hash of its canonical bytes (the chain's).
 pub fn leaf_of(event: &RecordedEvent) -> Hash {
     merkle::leaf_hash(&event.canonical_bytes())
@@ -75,6 +79,9 @@ impl Projection for TreeProjection {
     ) -> Result<(), deepnode_store::Error> {
         let (mut levels, mut indexes, mut hashes) = (Vec::new(), Vec::new(), Vec::new());
         self.push(events, |subtree, hash| {
+            if subtree.level < LOWEST_STORED_LEVEL {
+                return;
+            }
             levels.push(i16::try_from(subtree.level).unwrap_or(i16::MAX));
             indexes.push(i64::try_from(subtree.index).unwrap_or(i64::MAX));
             hashes.push(hash.to_vec());
@@ -145,18 +152,51 @@ pub async fn subtrees(
         .collect())
 }
 
-/// The hashes of `ranges` (a proof's), from the stored subtrees; `None` if the tree does not hold
-/// them yet.
+/// The hashes of `ranges` (a proof's), from the stored subtrees and, below
+/// [`LOWEST_STORED_LEVEL`], from the events themselves; `None` if the tree does not hold them yet.
 pub async fn range_hashes(pool: &PgPool, ranges: &[Range]) -> Result<Option<Vec<Hash>>, Error> {
     let needed: Vec<Subtree> = ranges
         .iter()
         .flat_map(|r| merkle::perfect_cover(*r))
         .collect();
-    let found = subtrees(pool, &needed).await?;
+    let (stored, small): (Vec<Subtree>, Vec<Subtree>) = needed
+        .into_iter()
+        .partition(|t| t.level >= LOWEST_STORED_LEVEL);
+    let mut found = subtrees(pool, &stored).await?;
+    // The small ones lie in blocks of 2^LOWEST_STORED_LEVEL leaves: read each block's events once.
+    let block = 1u64 << LOWEST_STORED_LEVEL;
+    let first_leaf = |t: &Subtree| t.index << t.level;
+    let blocks: std::collections::BTreeSet<u64> =
+        small.iter().map(|t| first_leaf(t) / block).collect();
+    for b in blocks {
+        let after = i64::try_from(b * block).unwrap_or(i64::MAX);
+        let limit = i64::try_from(block).unwrap_or(16);
+        let events = deepnode_store::read_all(pool, after, limit).await?;
+        let leaves: Vec<Hash> = events.iter().map(leaf_of).collect();
+        for t in small.iter().filter(|t| first_leaf(t) / block == b) {
+            let start = usize::try_from(first_leaf(t) - b * block).unwrap_or(usize::MAX);
+            let end = start.saturating_add(1usize << t.level);
+            if let Some(slice) = leaves.get(start..end) {
+                found.insert(*t, perfect(slice));
+            }
+        }
+    }
     Ok(ranges
         .iter()
         .map(|r| merkle::range_hash(*r, |t| found.get(&t).copied()))
         .collect())
+}
+
+/// The hash of a complete subtree from its leaves (a power of two of them).
+fn perfect(leaves: &[Hash]) -> Hash {
+    let mut level = leaves.to_vec();
+    while level.len() > 1 {
+        level = level
+            .chunks(2)
+            .map(|pair| merkle::node_hash(&pair[0], &pair[pair.len() - 1]))
+            .collect();
+    }
+    level.first().copied().unwrap_or_else(merkle::empty_root)
 }
 
 /// The position of the event `id` in the log, if it is there.

@@ -29,7 +29,7 @@ pub use error::Error;
 pub use follower::{Follower, FollowerHandle};
 pub use migrate::{create_database_if_missing, latest_known_version, migrate};
 pub use projection::{checkpoint, Projection, ProjectionRunner};
-pub use read::{Subscription, Urgency};
+pub use read::{read_all, Subscription, Urgency};
 pub use tail::{LogTail, Offered};
 
 /// Default `DATABASE_URL` (CONTRACT §1).

@@ -7,9 +7,9 @@
 //! says the signatures were not checked), then its root against the tree recomputed from the events
 //! themselves, streamed from position 1. Two checkpoints of one size with different roots (a fork),
 //! a checkpoint larger than the log (a cut tail), or a root the log does not hash to (a rewrite)
-//! each fail the run (exit 1), naming the first failing checkpoint and the first position the
-//! stored tree shows changed, or the range of positions between the last checkpoint that holds
-//! and the failing one.
+//! each fail the run (exit 1), naming the first failing checkpoint and the first block of 16
+//! positions the stored tree shows changed, or the range of positions between the last checkpoint
+//! that holds and the failing one.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -204,36 +204,19 @@ async fn check_against_log(
     store: &deepnode_store::EventStore,
     found: &mut [Found],
 ) -> anyhow::Result<u64> {
-    let pool = store.pool();
     let mut frontier = Frontier::new();
     let mut next = 0usize;
     let mut last_good = 0u64;
-    let mut changed_at: Option<u64> = None;
+    // The first block of stored leaves whose hash the log no longer gives, as positions.
+    let mut changed: Option<(u64, u64)> = None;
     let mut after = 0i64;
     loop {
+        // Checkpoints end exactly at a size: each is checked as the tree reaches it (an empty
+        // tree's before the first event).
         while next < found.len() && found[next].tree_size <= frontier.size() {
             let f = &mut found[next];
-            let size = f.tree_size;
-            let root = if size == frontier.size() {
-                Some(frontier.root())
-            } else {
-                None
-            };
-            if root == Some(f.root_hash) {
-                f.log = "holds".into();
-                last_good = last_good.max(size);
-            } else {
-                f.failed = true;
-                f.log = match changed_at {
-                    Some(p) if p <= size => {
-                        format!("the log differs from it: position {p} was changed")
-                    }
-                    _ => format!(
-                        "the log differs from it somewhere in positions {}..={size}",
-                        last_good + 1
-                    ),
-                };
-            }
+            let holds = f.tree_size == frontier.size() && frontier.root() == f.root_hash;
+            judge(f, holds, changed, &mut last_good);
             next += 1;
         }
         let page = store
@@ -241,32 +224,23 @@ async fn check_against_log(
             .await
             .context("reading the log")?;
         let Some(last) = page.last() else { break };
-        let stored = stored_leaves(pool, after, last.global_position).await?;
+        let stored = stored_blocks(store.pool(), after, last.global_position).await?;
         after = last.global_position;
         for event in &page {
-            let leaf = tree::leaf_of(event);
-            let index = frontier.size();
-            if changed_at.is_none() && stored.get(&index).is_some_and(|s| *s != leaf) {
-                changed_at = Some(index + 1);
+            for (subtree, hash) in frontier.push(tree::leaf_of(event)) {
+                let block = subtree.level == tree::LOWEST_STORED_LEVEL;
+                if block
+                    && changed.is_none()
+                    && stored.get(&subtree.index).is_some_and(|s| *s != hash)
+                {
+                    let first = (subtree.index << subtree.level) + 1;
+                    changed = Some((first, first + (1 << subtree.level) - 1));
+                }
             }
-            frontier.push(leaf);
-            // Checkpoints end exactly at a size: check each as the tree reaches it.
             while next < found.len() && found[next].tree_size == frontier.size() {
                 let f = &mut found[next];
-                if frontier.root() == f.root_hash {
-                    f.log = "holds".into();
-                    last_good = last_good.max(f.tree_size);
-                } else {
-                    f.failed = true;
-                    f.log = match changed_at {
-                        Some(p) => format!("the log differs from it: position {p} was changed"),
-                        None => format!(
-                            "the log differs from it somewhere in positions {}..={}",
-                            last_good + 1,
-                            f.tree_size
-                        ),
-                    };
-                }
+                let holds = frontier.root() == f.root_hash;
+                judge(f, holds, changed, &mut last_good);
                 next += 1;
             }
         }
@@ -284,17 +258,42 @@ async fn check_against_log(
     Ok(head)
 }
 
-/// The leaf hashes the stored tree holds for positions `(after, to]`, by leaf index.
-async fn stored_leaves(
+/// Records whether checkpoint `f` holds; if not, where the log changed: the first block of stored
+/// leaves it no longer hashes to, else the positions since the last checkpoint that held.
+fn judge(f: &mut Found, holds: bool, changed: Option<(u64, u64)>, last_good: &mut u64) {
+    if holds {
+        f.log = "holds".into();
+        *last_good = (*last_good).max(f.tree_size);
+        return;
+    }
+    f.failed = true;
+    f.log = match changed {
+        Some((a, b)) if a <= f.tree_size => {
+            format!("the log differs from it: one of positions {a}..={b} was changed")
+        }
+        _ => format!(
+            "the log differs from it somewhere in positions {}..={}",
+            *last_good + 1,
+            f.tree_size
+        ),
+    };
+}
+
+/// The stored hashes of the blocks of leaves (subtrees at the lowest stored level) that lie in
+/// positions `(after, to]`, by block index.
+async fn stored_blocks(
     pool: &sqlx::PgPool,
     after: i64,
     to: i64,
 ) -> anyhow::Result<BTreeMap<u64, Hash>> {
+    let level = i16::try_from(tree::LOWEST_STORED_LEVEL).unwrap_or(i16::MAX);
+    let width = 1i64 << tree::LOWEST_STORED_LEVEL;
     let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
-        "SELECT idx, hash FROM merkle_subtrees WHERE level = 0 AND idx >= $1 AND idx < $2",
+        "SELECT idx, hash FROM merkle_subtrees WHERE level = $1 AND idx >= $2 AND idx <= $3",
     )
-    .bind(after)
-    .bind(to)
+    .bind(level)
+    .bind(after / width)
+    .bind(to / width)
     .fetch_all(pool)
     .await
     .context("reading the stored tree")?;

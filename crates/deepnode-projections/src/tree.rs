@@ -1,6 +1,6 @@
 //! The log's Merkle tree in the database (issue 14): [`TreeProjection`] keeps `merkle_subtrees` equal
-//! to the tree of the log (leaf *i* is the event at position *i + 1*, hashed from the same canonical
-//! bytes as the chain), and the functions below take checkpoints of it (`log_checkpoints`) and put
+//! to the tree of the log (leaf *i* is the event at position *i + 1*: the leaf hash of its chain
+//! hash, itself the hash of its canonical bytes), and the functions below take checkpoints of it (`log_checkpoints`) and put
 //! proofs together from the stored subtrees — each proof O(log n) rows read by their keys.
 //!
 //! The hashing and the proofs' shape are `deepnode_domain::merkle`'s (pure); this module only reads
@@ -22,9 +22,19 @@ pub const TREE_PROJECTION: &str = "merkle";
 /// storing every level); a proof recomputes the few smaller ones it needs from their events.
 pub const LOWEST_STORED_LEVEL: u32 = 4;
 
-/// The leaf hash of one event: RFC 9162's leaf hash of its canonical bytes (the chain's).
+/// The leaf hash of one event as the log stores it: RFC 9162's leaf hash of the event's chain hash,
+/// `SHA-256(prev_hash ‖ canonical bytes)` — so a leaf commits to its event's canonical bytes (and to
+/// the chain before it) without serialising the event again. For the log's writer and the proof
+/// server, who trust the stored `hash`; an auditor recomputes it ([`leaf_recomputed`]).
 pub fn leaf_of(event: &RecordedEvent) -> Hash {
-    merkle::leaf_hash(&event.canonical_bytes())
+    merkle::leaf_hash(&event.hash)
+}
+
+/// The leaf hash of `event` from its fields alone: the chain hash recomputed from `prev_hash` (the
+/// recomputed hash of the event before it) and its canonical bytes. Returns the leaf and that hash.
+pub fn leaf_recomputed(event: &RecordedEvent, prev_hash: &[u8]) -> (Hash, [u8; 32]) {
+    let hash = event.expected_hash(prev_hash);
+    (merkle::leaf_hash(&hash), hash)
 }
 
 /// Keeps `merkle_subtrees` (see the module docs).

@@ -210,6 +210,8 @@ async fn check_against_log(
     // The first block of stored leaves whose hash the log no longer gives, as positions.
     let mut changed: Option<(u64, u64)> = None;
     let mut after = 0i64;
+    // The chain starts from 32 zero bytes (`log_head` of an empty log).
+    let mut prev = vec![0u8; 32];
     loop {
         // Checkpoints end exactly at a size: each is checked as the tree reaches it (an empty
         // tree's before the first event).
@@ -227,7 +229,10 @@ async fn check_against_log(
         let stored = stored_blocks(store.pool(), after, last.global_position).await?;
         after = last.global_position;
         for event in &page {
-            for (subtree, hash) in frontier.push(tree::leaf_of(event)) {
+            // The leaf from the event's own fields, never from the hash stored beside them.
+            let (leaf, hash) = tree::leaf_recomputed(event, &prev);
+            prev = hash.to_vec();
+            for (subtree, hash) in frontier.push(leaf) {
                 let block = subtree.level == tree::LOWEST_STORED_LEVEL;
                 if block
                     && changed.is_none()

@@ -32,7 +32,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::decide::{derived_id, node_stream};
-use crate::{Error, Shared, QUEUE_GROUP};
+use crate::Shared;
 
 /// Longest accepted `domain`, `reason` and `idempotency_key`, in characters.
 const MAX_TEXT_CHARS: usize = 1024;
@@ -156,7 +156,8 @@ async fn node_status(
     Ok(book.node(node).map(|n| (n.status, last.stream_version)))
 }
 
-async fn register(shared: &Shared, request: Request) -> Reply {
+pub(crate) async fn register(shared: Arc<Shared>, request: Request) -> Reply {
+    let shared = &*shared;
     let cmd: RegisterNode = match parse_command(&request.payload) {
         Ok(cmd) => cmd,
         Err(e) => return e.into(),
@@ -229,7 +230,8 @@ async fn register_valid(
     }
 }
 
-async fn deregister(shared: &Shared, request: Request) -> Reply {
+pub(crate) async fn deregister(shared: Arc<Shared>, request: Request) -> Reply {
+    let shared = &*shared;
     let cmd: DeregisterNode = match parse_command(&request.payload) {
         Ok(cmd) => cmd,
         Err(e) => return e.into(),
@@ -289,36 +291,6 @@ async fn deregister_valid(
         tracing::info!("node deregistered");
     }
     Ok(Reply::ok(&json!({})))
-}
-
-/// Serves `cmd.node.register` in [`QUEUE_GROUP`] until the service stops.
-pub(crate) async fn serve_register(shared: Arc<Shared>) -> Result<(), Error> {
-    let subject = shared.ctx.subjects.cmd_node_register();
-    let (client, stop) = (shared.ctx.nats.clone(), shared.stop.clone());
-    let handler = move |request: Request| {
-        let shared = shared.clone();
-        async move { register(&shared, request).await }
-    };
-    deepnode_bus::serve(&client, &subject, QUEUE_GROUP, handler, async move {
-        stop.wait().await
-    })
-    .await?;
-    Ok(())
-}
-
-/// Serves `cmd.node.deregister` in [`QUEUE_GROUP`] until the service stops.
-pub(crate) async fn serve_deregister(shared: Arc<Shared>) -> Result<(), Error> {
-    let subject = shared.ctx.subjects.cmd_node_deregister();
-    let (client, stop) = (shared.ctx.nats.clone(), shared.stop.clone());
-    let handler = move |request: Request| {
-        let shared = shared.clone();
-        async move { deregister(&shared, request).await }
-    };
-    deepnode_bus::serve(&client, &subject, QUEUE_GROUP, handler, async move {
-        stop.wait().await
-    })
-    .await?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -199,16 +199,29 @@ pub async fn run(
     let heartbeats = liveness::subscribe(&shared).await?;
 
     let mut tasks: JoinSet<Result<(), Error>> = JoinSet::new();
-    tasks.spawn(commands::serve_register(shared.clone()));
-    tasks.spawn(commands::serve_deregister(shared.clone()));
+    let subjects = shared.ctx.subjects.clone();
+    tasks.spawn(serve(
+        shared.clone(),
+        subjects.cmd_node_register(),
+        commands::register,
+    ));
+    tasks.spawn(serve(
+        shared.clone(),
+        subjects.cmd_node_deregister(),
+        commands::deregister,
+    ));
+    tasks.spawn(serve(
+        shared.clone(),
+        subjects.cmd_log_checkpoint(),
+        tlog::latest,
+    ));
+    tasks.spawn(serve(shared.clone(), subjects.cmd_log_proof(), tlog::proof));
     tasks.spawn(ingest::run(shared.clone(), ingest));
     tasks.spawn(outcomes::run(shared.clone(), outcomes));
     tasks.spawn(liveness::run(shared.clone(), heartbeats));
     tasks.spawn(host_projection(shared.clone()));
     tasks.spawn(tlog::host_tree(shared.clone(), PROJECTION_LINGER));
     tasks.spawn(tlog::checkpoints(shared.clone()));
-    tasks.spawn(tlog::serve_checkpoint(shared.clone()));
-    tasks.spawn(tlog::serve_proof(shared.clone()));
     tracing::info!(
         prefix = shared.ctx.subjects.prefix(),
         "reputation service running"
@@ -226,6 +239,22 @@ pub async fn run(
     view.stop();
     tracing::info!("reputation service stopped");
     failure.map_or(Ok(()), Err)
+}
+
+/// Serves `subject` in [`QUEUE_GROUP`], answering each request with `answer`, until the service
+/// stops.
+async fn serve<F, Fut>(shared: Arc<Shared>, subject: String, answer: F) -> Result<(), Error>
+where
+    F: Fn(Arc<Shared>, deepnode_bus::rpc::Request) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = deepnode_bus::envelope::Reply> + Send + 'static,
+{
+    let (client, stop) = (shared.ctx.nats.clone(), shared.stop.clone());
+    let handler = move |request| answer(shared.clone(), request);
+    deepnode_bus::serve(&client, &subject, QUEUE_GROUP, handler, async move {
+        stop.wait().await
+    })
+    .await?;
+    Ok(())
 }
 
 /// Hosts the SQL projection of `node_reputation`, `deployments` and `executions`

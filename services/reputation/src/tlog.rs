@@ -23,7 +23,7 @@ use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::{Error, Shared, QUEUE_GROUP};
+use crate::{Error, Shared};
 
 /// How often a checkpoint's being due is looked at.
 const CHECKPOINT_TICK: Duration = Duration::from_secs(1);
@@ -124,22 +124,9 @@ async fn publish(shared: &Shared, cp: &StoredCheckpoint) -> bool {
     }
 }
 
-/// Serves `cmd.log.checkpoint` in [`QUEUE_GROUP`] until the service stops.
-pub(crate) async fn serve_checkpoint(shared: Arc<Shared>) -> Result<(), Error> {
-    let subject = shared.ctx.subjects.cmd_log_checkpoint();
-    let (client, stop) = (shared.ctx.nats.clone(), shared.stop.clone());
-    let handler = move |_request: Request| {
-        let shared = shared.clone();
-        async move { latest(&shared).await }
-    };
-    deepnode_bus::serve(&client, &subject, QUEUE_GROUP, handler, async move {
-        stop.wait().await
-    })
-    .await?;
-    Ok(())
-}
-
-async fn latest(shared: &Shared) -> Reply {
+/// `cmd.log.checkpoint`: the latest checkpoint.
+pub(crate) async fn latest(shared: Arc<Shared>, _request: Request) -> Reply {
+    let shared = &*shared;
     match tree::latest_checkpoint(shared.ctx.store.pool()).await {
         Ok(Some(cp)) => {
             // The cosignatures are the note's signature lines past the log's own.
@@ -184,21 +171,6 @@ enum ProofCommand {
     },
 }
 
-/// Serves `cmd.log.proof` in [`QUEUE_GROUP`] until the service stops.
-pub(crate) async fn serve_proof(shared: Arc<Shared>) -> Result<(), Error> {
-    let subject = shared.ctx.subjects.cmd_log_proof();
-    let (client, stop) = (shared.ctx.nats.clone(), shared.stop.clone());
-    let handler = move |request: Request| {
-        let shared = shared.clone();
-        async move { proof(&shared, request).await }
-    };
-    deepnode_bus::serve(&client, &subject, QUEUE_GROUP, handler, async move {
-        stop.wait().await
-    })
-    .await?;
-    Ok(())
-}
-
 fn hex(hashes: &[Hash]) -> Vec<String> {
     hashes
         .iter()
@@ -206,7 +178,9 @@ fn hex(hashes: &[Hash]) -> Vec<String> {
         .collect()
 }
 
-async fn proof(shared: &Shared, request: Request) -> Reply {
+/// `cmd.log.proof`: an inclusion or consistency proof from the stored tree.
+pub(crate) async fn proof(shared: Arc<Shared>, request: Request) -> Reply {
+    let shared = &*shared;
     let cmd: ProofCommand = match parse_command(&request.payload) {
         Ok(cmd) => cmd,
         Err(e) => return Reply::err(e),

@@ -209,86 +209,71 @@ impl Listener {
         Fut: Future<Output = Reply> + Send + 'static,
         S: Future<Output = ()>,
     {
-        let Listener { sub, subject } = self;
-        serve_subscription(client, sub, &subject, max_in_flight, handler, shutdown).await
-    }
-}
+        let Listener { mut sub, subject } = self;
+        let subject = subject.as_str();
+        tracing::info!(subject, max_in_flight, "serving");
+        let handler = Arc::new(handler);
+        let limit = Arc::new(Semaphore::new(max_in_flight.max(1)));
+        let mut tasks = JoinSet::new();
+        tokio::pin!(shutdown);
 
-async fn serve_subscription<H, Fut, S>(
-    client: &Client,
-    mut sub: async_nats::Subscriber,
-    subject: &str,
-    max_in_flight: usize,
-    handler: H,
-    shutdown: S,
-) -> Result<(), Error>
-where
-    H: Fn(Request) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Reply> + Send + 'static,
-    S: Future<Output = ()>,
-{
-    tracing::info!(subject, max_in_flight, "serving");
-    let handler = Arc::new(handler);
-    let limit = Arc::new(Semaphore::new(max_in_flight.max(1)));
-    let mut tasks = JoinSet::new();
-    tokio::pin!(shutdown);
-
-    let mut draining = false;
-    // Armed (reset to now + DRAIN_LIMIT) when shutdown begins; far in the future until then.
-    let drain_deadline = tokio::time::sleep(Duration::from_secs(86_400 * 365));
-    tokio::pin!(drain_deadline);
-    loop {
-        // Wait for a free slot before taking the next message, so the backlog stays in NATS's
-        // buffer and a stop never abandons a message we already took.
-        let permit = tokio::select! {
-            () = &mut shutdown, if !draining => {
-                draining = start_drain(&mut sub, subject, drain_deadline.as_mut()).await;
-                continue;
-            }
-            permit = limit.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                // Only closed if we close it, which we never do.
-                Err(_) => break,
-            },
-        };
-        let msg = tokio::select! {
-            () = &mut shutdown, if !draining => {
-                draining = start_drain(&mut sub, subject, drain_deadline.as_mut()).await;
-                continue;
-            }
-            () = &mut drain_deadline, if draining => {
-                tracing::warn!(subject, "gave up waiting for buffered requests after shutdown");
-                break;
-            }
-            () = tokio::time::sleep(DRAIN_NUDGE), if draining => {
-                // A drained subscription ends only when the client's connection task next wakes
-                // (a command or a server message); on an idle connection that can be the next ping,
-                // minutes away. A flush is such a wake-up.
-                if let Err(e) = client.flush().await {
-                    tracing::debug!(subject, error = %e, "flush while draining failed");
+        let mut draining = false;
+        // Armed (reset to now + DRAIN_LIMIT) when shutdown begins; far in the future until then.
+        let drain_deadline = tokio::time::sleep(Duration::from_secs(86_400 * 365));
+        tokio::pin!(drain_deadline);
+        loop {
+            // Wait for a free slot before taking the next message, so the backlog stays in NATS's
+            // buffer and a stop never abandons a message we already took.
+            let permit = tokio::select! {
+                () = &mut shutdown, if !draining => {
+                    draining = start_drain(&mut sub, subject, drain_deadline.as_mut()).await;
+                    continue;
                 }
-                continue;
+                permit = limit.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    // Only closed if we close it, which we never do.
+                    Err(_) => break,
+                },
+            };
+            let msg = tokio::select! {
+                () = &mut shutdown, if !draining => {
+                    draining = start_drain(&mut sub, subject, drain_deadline.as_mut()).await;
+                    continue;
+                }
+                () = &mut drain_deadline, if draining => {
+                    tracing::warn!(subject, "gave up waiting for buffered requests after shutdown");
+                    break;
+                }
+                () = tokio::time::sleep(DRAIN_NUDGE), if draining => {
+                    // A drained subscription ends only when the client's connection task next wakes
+                    // (a command or a server message); on an idle connection that can be the next ping,
+                    // minutes away. A flush is such a wake-up.
+                    if let Err(e) = client.flush().await {
+                        tracing::debug!(subject, error = %e, "flush while draining failed");
+                    }
+                    continue;
+                }
+                msg = sub.next() => match msg {
+                    Some(msg) => msg,
+                    None => break,
+                },
+            };
+            while let Some(done) = tasks.try_join_next() {
+                log_join(done);
             }
-            msg = sub.next() => match msg {
-                Some(msg) => msg,
-                None => break,
-            },
-        };
-        while let Some(done) = tasks.try_join_next() {
+            let client = client.clone();
+            let handler = handler.clone();
+            tasks.spawn(async move {
+                let _permit = permit;
+                handle_one(&client, msg, handler.as_ref()).await;
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
             log_join(done);
         }
-        let client = client.clone();
-        let handler = handler.clone();
-        tasks.spawn(async move {
-            let _permit = permit;
-            handle_one(&client, msg, handler.as_ref()).await;
-        });
+        tracing::info!(subject, "stopped serving");
+        Ok(())
     }
-    while let Some(done) = tasks.join_next().await {
-        log_join(done);
-    }
-    tracing::info!(subject, "stopped serving");
-    Ok(())
 }
 
 /// Unsubscribes so the server stops delivering; already buffered messages are still yielded by

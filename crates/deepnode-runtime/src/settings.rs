@@ -71,3 +71,20 @@ pub fn load_policy(path: &std::path::Path) -> Result<PolicyConfig, SettingsError
         reason: e.to_string(),
     })
 }
+
+/// The log's signing key, from the file `DEEPNODE_LOG_KEY` names (CONTRACT §1), if set: the
+/// reputation service signs checkpoints with it, the scheduler receipts.
+pub fn log_key_from_env() -> Result<Option<deepnode_domain::note::NoteSigner>, String> {
+    let Some(path) = std::env::var_os("DEEPNODE_LOG_KEY").filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "reading DEEPNODE_LOG_KEY file {}: {e}",
+            path.to_string_lossy()
+        )
+    })?;
+    deepnode_domain::note::NoteSigner::decode(&text)
+        .map(Some)
+        .map_err(|e| format!("DEEPNODE_LOG_KEY file {}: {e}", path.to_string_lossy()))
+}

@@ -59,6 +59,8 @@ pub struct AppendResult {
     /// True when every event id had been appended before: nothing was written and the original
     /// positions are returned.
     pub duplicate: bool,
+    /// The chain hash of each event, in order (what a receipt for it signs, via its Merkle leaf).
+    pub hashes: Vec<[u8; 32]>,
 }
 
 impl AppendResult {
@@ -201,8 +203,8 @@ struct Head {
 
 /// How one call of `deepnode_append_at` ended.
 enum Placed {
-    /// The rows are in the log; the head after them.
-    Written(Head),
+    /// The rows are in the log; the head after them, and the rows' chain hashes.
+    Written(Head, Vec<[u8; 32]>),
     /// Another appender moved the head first; nothing was written. The actual head.
     Moved(Head),
 }
@@ -298,13 +300,13 @@ impl Writer {
                     None => write_placed(conn, UNKNOWN_HEAD, &[], cols, &[]),
                 };
                 match placed.await {
-                    Ok(Placed::Written(to)) => {
+                    Ok(Placed::Written(to, hashes)) => {
                         *head = Some(to);
                         stats.placed.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!("deepnode_store_group_commits_total", "path" => "placed")
                             .increment(1);
                         let from = to.position - cols.event_id.len() as i64;
-                        return Ok(placed_results(requests, &starts, from, versions));
+                        return Ok(placed_results(requests, &starts, from, versions, &hashes));
                     }
                     Ok(Placed::Moved(actual)) => *head = Some(actual),
                     Err(e) if crate::error::is_transient(&e) => return Err(e.into()),
@@ -360,7 +362,7 @@ async fn write_placed(
                 canonical_bytes_of_parts(position, &cols.identity[i], version, &cols.body[i]);
             prev = chain_hash(&prev, &canonical);
             stream_versions.push(version);
-            hashes.push(prev.to_vec());
+            hashes.push(prev);
             i += 1;
         }
     }
@@ -378,7 +380,7 @@ async fn write_placed(
     .bind(&cols.payload[..events])
     .bind(&cols.metadata[..events])
     .bind(&cols.occurred_at[..events])
-    .bind(&hashes)
+    .bind(hashes.iter().map(|h| h.to_vec()).collect::<Vec<_>>())
     .bind(cols.recorded_at)
     .fetch_one(&mut *conn)
     .await?;
@@ -391,7 +393,7 @@ async fn write_placed(
             .map_err(|_| sqlx::Error::Decode("log_head.hash is not 32 bytes".into()))?,
     };
     Ok(if written {
-        Placed::Written(head)
+        Placed::Written(head, hashes)
     } else {
         Placed::Moved(head)
     })
@@ -403,6 +405,7 @@ fn placed_results(
     starts: &[i64],
     from: i64,
     versions: &mut KnownVersions,
+    hashes: &[[u8; 32]],
 ) -> Vec<Result<AppendResult, Error>> {
     let mut position = from;
     requests
@@ -411,12 +414,18 @@ fn placed_results(
         .map(|(request, start)| {
             let n = request.events.len() as i64;
             let positions = (position + 1..=position + n).collect();
+            let first = usize::try_from(position - from).unwrap_or(usize::MAX);
+            let hashes = hashes
+                .get(first..first + request.events.len())
+                .unwrap_or_default()
+                .to_vec();
             position += n;
             versions.raise(request.stream.as_str(), start + n);
             Ok(AppendResult {
                 positions,
                 stream_version: start + n,
                 duplicate: false,
+                hashes,
             })
         })
         .collect()
@@ -574,6 +583,7 @@ async fn call_append(
                 positions: row.try_get(3)?,
                 stream_version: row.try_get(2)?,
                 duplicate: outcome == "duplicate",
+                hashes: Vec::new(),
             }),
             "conflict" => Err(Error::Conflict {
                 stream: request.stream.to_string(),
@@ -587,10 +597,36 @@ async fn call_append(
         results[index] = Some(result);
     }
     // deepnode_append answers every append; a missing answer would be a bug in it, not a write.
-    Ok(results
+    let mut results: Vec<Result<AppendResult, Error>> = results
         .into_iter()
         .map(|r| r.unwrap_or(Err(Error::Closed)))
-        .collect())
+        .collect();
+    // It chained the rows itself: read their hashes back (this path is the rare one).
+    let positions: Vec<i64> = results
+        .iter()
+        .flatten()
+        .flat_map(|r| r.positions.iter().copied())
+        .collect();
+    let hashes: HashMap<i64, Vec<u8>> =
+        sqlx::query_as("SELECT global_position, hash FROM events WHERE global_position = ANY($1)")
+            .bind(&positions)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect();
+    for result in results.iter_mut().flatten() {
+        result.hashes = result
+            .positions
+            .iter()
+            .map(|p| {
+                hashes
+                    .get(p)
+                    .and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok())
+                    .unwrap_or([0; 32])
+            })
+            .collect();
+    }
+    Ok(results)
 }
 
 /// Event ids given more than once in a batch (concurrent retries of one append sharing a commit),

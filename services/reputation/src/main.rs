@@ -16,7 +16,7 @@ async fn main() -> ExitCode {
         producer: "reputation",
         gated_checkpoints: &[BOOK_PROJECTION],
     };
-    let log_key = match deepnode_reputation::tlog::log_key_from_env() {
+    let log_key = match deepnode_runtime::settings::log_key_from_env() {
         Ok(key) => key,
         Err(e) => {
             eprintln!("deepnode-reputation: {e}");

@@ -16,7 +16,7 @@ use chrono::Utc;
 use deepnode_bus::envelope::{parse_command, ErrorBody, ErrorCode, Reply};
 use deepnode_bus::rpc::Request;
 use deepnode_domain::merkle::{self, Hash};
-use deepnode_domain::note::{NoteSigner, SignedNote};
+use deepnode_domain::note::SignedNote;
 use deepnode_projections::tree::{self, Cadence, StoredCheckpoint, TreeProjection};
 use deepnode_store::ProjectionRunner;
 use serde::Deserialize;
@@ -244,20 +244,4 @@ pub(crate) async fn proof(shared: Arc<Shared>, request: Request) -> Reply {
         )),
         Err(e) => Reply::err(ErrorBody::new(ErrorCode::Unavailable, e.to_string())),
     }
-}
-
-/// Reads the log key file named by `DEEPNODE_LOG_KEY` (CONTRACT §1), if set.
-pub fn log_key_from_env() -> Result<Option<NoteSigner>, String> {
-    let Some(path) = std::env::var_os("DEEPNODE_LOG_KEY").filter(|p| !p.is_empty()) else {
-        return Ok(None);
-    };
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        format!(
-            "reading DEEPNODE_LOG_KEY file {}: {e}",
-            path.to_string_lossy()
-        )
-    })?;
-    NoteSigner::decode(&text)
-        .map(Some)
-        .map_err(|e| format!("DEEPNODE_LOG_KEY file {}: {e}", path.to_string_lossy()))
 }

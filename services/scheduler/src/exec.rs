@@ -378,9 +378,13 @@ impl Scheduler {
                 .append(stream, ExpectedVersion::NoStream, events.clone())
                 .await
             {
-                Ok(_) => {
+                Ok(result) => {
                     self.record_decisions(decisions);
-                    return reply;
+                    let deciding = result.positions.last().zip(result.hashes.last());
+                    return match deciding {
+                        Some((position, hash)) => self.with_receipt(reply, *position, hash),
+                        None => reply,
+                    };
                 }
                 Err(StoreError::Conflict { .. }) => {
                     return self.recorded_answer(stream, request_id).await
@@ -394,6 +398,42 @@ impl Scheduler {
             }
         }
         store_failure(&StoreError::Closed)
+    }
+
+    /// `reply` with its `receipt` (CONTRACT §4a): the position and Merkle leaf hash of the event
+    /// that decided it (the execution's last), the log's origin, and the log key's signature over
+    /// them (`null` without a key) — a promise that the next checkpoint includes that event.
+    fn with_receipt(&self, reply: Reply, position: i64, chain_hash: &[u8; 32]) -> Reply {
+        let leaf = deepnode_domain::merkle::leaf_hash(chain_hash);
+        let key = self.options.log_key.as_ref();
+        let origin = key.map_or_else(
+            || self.ctx.policy.log.origin.clone(),
+            |k| k.name().to_owned(),
+        );
+        let position = u64::try_from(position).unwrap_or(0);
+        let signature = key.map(|k| {
+            let text = deepnode_domain::note::receipt_text(&origin, position, &leaf);
+            let line = k.signature_line(&text);
+            line.trim_end()
+                .rsplit_once(' ')
+                .map_or_else(String::new, |(_, sig)| sig.to_owned())
+        });
+        let receipt = json!({
+            "position": position,
+            "leaf_hash": leaf.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            "origin": origin,
+            "signature": signature,
+        });
+        match reply {
+            Reply::Ok(mut fields) => {
+                fields.insert("receipt".to_owned(), receipt);
+                Reply::Ok(fields)
+            }
+            Reply::Err { error, mut extra } => {
+                extra.insert("receipt".to_owned(), receipt);
+                Reply::Err { error, extra }
+            }
+        }
     }
 
     /// Whether one of `model`'s replicas is on a node that may not serve (offline, jailed,
@@ -465,7 +505,15 @@ impl Scheduler {
             };
             if let Some(reply) = answer_from_log(&events) {
                 tracing::debug!("repeated request id answered from the log");
-                return reply;
+                let deciding = events.last().and_then(|e| {
+                    <[u8; 32]>::try_from(e.hash.as_slice())
+                        .ok()
+                        .map(|h| (e.global_position, h))
+                });
+                return match deciding {
+                    Some((position, hash)) => self.with_receipt(reply, position, &hash),
+                    None => reply,
+                };
             }
             if let Some(Ok(DomainEvent::ExecutionRequested(r))) =
                 events.first().map(DomainEvent::decode)

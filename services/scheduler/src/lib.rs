@@ -69,6 +69,9 @@ pub struct SchedulerOptions {
     /// For this long after our NATS connection is re-established, an attempt that got no answer
     /// is not held against its node (the nodes reconnect on their own schedule).
     pub reconnect_grace: Duration,
+    /// The log's key (`DEEPNODE_LOG_KEY`), signing each recorded exec reply's receipt; none:
+    /// receipts carry no signature.
+    pub log_key: Option<deepnode_domain::note::NoteSigner>,
 }
 
 impl Default for SchedulerOptions {
@@ -84,6 +87,7 @@ impl Default for SchedulerOptions {
             presence_interval: Duration::from_secs(1),
             presence_settle: Duration::from_millis(250),
             reconnect_grace: Duration::from_secs(5),
+            log_key: None,
         }
     }
 }

@@ -15,8 +15,19 @@ async fn main() -> ExitCode {
         producer: "deepnode-scheduler",
         gated_checkpoints: &[],
     };
-    run_service(spec, |ctx, shutdown| {
-        deepnode_scheduler::run(ctx, SchedulerOptions::default(), shutdown)
+    let log_key = match deepnode_runtime::settings::log_key_from_env() {
+        Ok(key) => key,
+        Err(e) => {
+            eprintln!("deepnode-scheduler: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    run_service(spec, move |ctx, shutdown| {
+        let options = SchedulerOptions {
+            log_key: log_key.clone(),
+            ..SchedulerOptions::default()
+        };
+        deepnode_scheduler::run(ctx, options, shutdown)
     })
     .await
 }

@@ -50,6 +50,73 @@ async fn pair(h: &Harness, model: &str, first: &str, second: &str) {
 }
 
 #[tokio::test]
+async fn a_recorded_reply_carries_a_receipt_of_its_deciding_event_signed_by_the_log_key() {
+    use deepnode_domain::merkle;
+    use deepnode_domain::note::{receipt_text, NoteSigner};
+    // given a scheduler holding the log key, and two models: one served, one whose replicas fail
+    let mut h = Harness::new().await;
+    let key = NoteSigner::from_seed("deepnode.test/log", [7; 32]).unwrap();
+    h.options.log_key = Some(key.clone());
+    pair(&h, "m-1", "a", "b").await;
+    pair(&h, "m-bad", "c", "d").await;
+    let failing = Behaviour {
+        error_rate: 1.0,
+        ..healthy()
+    };
+    h.start_sim(vec![
+        sim("a", healthy()),
+        sim("b", healthy()),
+        sim("c", failing.clone()),
+        sim("d", failing),
+    ])
+    .await;
+    h.start_scheduler(test_policy(), "scheduler").await;
+
+    for (id, model, ok) in [("r-1", "m-1", true), ("r-2", "m-bad", false)] {
+        // when it records an execution
+        let body = json!({"request_id": id, "model_id": model, "input": 1});
+        let reply = h.exec(body.clone()).await;
+        assert_eq!(reply["ok"], json!(ok), "{reply}");
+
+        // then the reply's receipt names the execution's last event, its leaf, and is signed
+        let stream = deepnode_store::StreamId::parse(&format!("exec-{id}")).unwrap();
+        let deciding = h
+            .store
+            .read_stream(&stream, 1)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        let receipt = &reply["receipt"];
+        assert_eq!(
+            receipt["position"],
+            json!(deciding.global_position),
+            "{reply}"
+        );
+        let leaf = merkle::leaf_hash(&deciding.hash);
+        let hex: String = leaf.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(receipt["leaf_hash"], json!(hex));
+        assert_eq!(receipt["origin"], json!("deepnode.test/log"));
+        let position = u64::try_from(deciding.global_position).unwrap();
+        let text = receipt_text("deepnode.test/log", position, &leaf);
+        key.verifier()
+            .verify(&text, receipt["signature"].as_str().unwrap())
+            .unwrap();
+        assert!(key
+            .verifier()
+            .verify(
+                &receipt_text("deepnode.test/log", position + 1, &leaf),
+                receipt["signature"].as_str().unwrap()
+            )
+            .is_err());
+        // and a repeat of the request id gets the same receipt with the recorded answer
+        let again = h.exec(body).await;
+        assert_eq!(again["receipt"], reply["receipt"]);
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn happy_path_is_charged_once_with_one_attempt() {
     let mut h = Harness::new().await;
     pair(&h, "m-1", "a", "b").await;

@@ -75,18 +75,34 @@ pub struct VerifyArgs {
     #[arg(
         long = "public-key",
         env = "DEEPNODE_LOG_PUBLIC_KEYS",
-        value_delimiter = ','
+        value_delimiter = ',',
+        global = true
     )]
     pub public_key: Vec<String>,
     /// A checkpoint kept outside the deployment (a signed note in a file); repeatable.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub checkpoint: Vec<std::path::PathBuf>,
     /// The deployment's subject prefix (its checkpoints stream is `<PREFIX>_CHECKPOINTS`).
-    #[arg(long, default_value = "deepnode")]
+    #[arg(long, default_value = "deepnode", global = true)]
     pub prefix: String,
     /// Print the report as JSON.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub json: bool,
+    /// `receipt FILE`: check one exec reply's receipt instead of the whole log.
+    #[command(subcommand)]
+    pub what: Option<VerifyWhat>,
+}
+
+/// What `deepnode verify` checks besides the whole log.
+#[derive(Debug, clap::Subcommand)]
+pub enum VerifyWhat {
+    /// Check one exec receipt (a file holding the exec reply, or its `receipt` alone): the log
+    /// key's signature, the event it names in the log, that event's inclusion under a signed
+    /// checkpoint, and the outcome the reply states.
+    Receipt {
+        /// The file.
+        file: std::path::PathBuf,
+    },
 }
 
 /// `deepnode replay`.

@@ -456,3 +456,81 @@ async fn verify_names_the_position_of_a_rewritten_event() {
     );
     drop_stream(&subjects).await;
 }
+
+#[tokio::test]
+async fn verify_receipt_checks_signature_event_inclusion_and_outcome() {
+    use deepnode_domain::merkle;
+    use deepnode_domain::note::{receipt_text, NoteSigner};
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let key = NoteSigner::from_seed("deepnode.test/log", [6; 32]).unwrap();
+    let public = key.verifier().encode();
+    let (subjects, _) = checkpointed(&store, 20, &key).await;
+    // an execution's deciding event, and the receipt the scheduler would have given for it
+    let position: i64 = sqlx::query_scalar(
+        "SELECT min(global_position) FROM events WHERE event_type = 'ExecutionCompleted'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    let event = store.read_all(position - 1, 1).await.unwrap().remove(0);
+    let leaf = merkle::leaf_hash(&event.hash);
+    let receipt = |position: i64| {
+        let text = receipt_text(key.name(), u64::try_from(position).unwrap(), &leaf);
+        let line = key.signature_line(&text);
+        json!({
+            "position": position,
+            "leaf_hash": leaf.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            "origin": key.name(),
+            "signature": line.trim_end().rsplit_once(' ').unwrap().1,
+        })
+    };
+    let dir = std::env::temp_dir().join(format!(
+        "deepnode-receipt-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir(&dir).unwrap();
+    let check = |name: &str, reply: Value| {
+        let path = dir.join(name);
+        std::fs::write(&path, reply.to_string()).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_deepnode"))
+            .args(["verify", "receipt"])
+            .arg(&path)
+            .args(["--prefix", subjects.prefix(), "--public-key", &public])
+            .env("DATABASE_URL", db.url())
+            .env("NATS_URL", deepnode_testkit::nats_url())
+            .env_remove("DEEPNODE_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let node = event.payload["node_id"].clone();
+    let o = check(
+        "good.json",
+        json!({"ok": true, "node_id": node, "receipt": receipt(position)}),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("verify receipt: ok"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("inclusion: under the checkpoint"),
+        "{}",
+        stdout(&o)
+    );
+
+    // the reply claims a failure the log does not hold
+    let o = check(
+        "claims.json",
+        json!({"ok": false, "receipt": receipt(position)}),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    // the receipt moved to another position: its signature no longer holds
+    let mut moved = receipt(position);
+    moved["position"] = json!(position + 1);
+    let o = check(
+        "moved.json",
+        json!({"ok": true, "node_id": node, "receipt": moved}),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stdout(&o).contains("FAILED"), "{}", stdout(&o));
+    std::fs::remove_dir_all(&dir).unwrap();
+    drop_stream(&subjects).await;
+}

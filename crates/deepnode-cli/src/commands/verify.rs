@@ -15,13 +15,13 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use deepnode_domain::merkle::{Frontier, Hash};
+use deepnode_domain::merkle::{self, Frontier, Hash};
 use deepnode_domain::note::{Checkpoint, NoteVerifier, SignedNote};
 use deepnode_projections::tree;
 use serde::Serialize;
 
 use super::Outcome;
-use crate::cli::{Cli, VerifyArgs};
+use crate::cli::{Cli, VerifyArgs, VerifyWhat};
 use crate::context;
 
 /// One checkpoint as found, and what was made of it.
@@ -57,29 +57,10 @@ struct Report {
 pub async fn run(cli: &Cli, args: &VerifyArgs) -> anyhow::Result<Outcome> {
     let keys = public_keys(&args.public_key)?;
     let store = context::connect(cli).await?;
-    let pool = store.pool();
-    let mut unread = Vec::new();
-    let mut notes: Vec<(String, String)> = tree::checkpoints(pool)
-        .await
-        .context("reading log_checkpoints")?
-        .into_iter()
-        .map(|c| ("database".to_owned(), c.note))
-        .collect();
-    match stream_notes(cli, &args.prefix).await {
-        Ok(found) => notes.extend(found),
-        Err(e) => unread.push(format!("stream: {e:#}")),
+    let (mut found, unread) = gather(cli, args, &store, &keys).await?;
+    if let Some(VerifyWhat::Receipt { file }) = &args.what {
+        return receipt(&store, file, &keys, &found, keys.is_empty()).await;
     }
-    for path in &args.checkpoint {
-        let note = std::fs::read_to_string(path)
-            .with_context(|| format!("reading checkpoint file {}", path.display()))?;
-        notes.push((path.display().to_string(), note));
-    }
-
-    let mut found: Vec<Found> = notes
-        .into_iter()
-        .filter_map(|(source, note)| read(source, &note, &keys))
-        .collect();
-    found.sort_by_key(|f| f.tree_size);
     let head = check_against_log(&store, &mut found).await?;
     let mut first_failure = None;
     // A fork: two checkpoints of one size that disagree.
@@ -111,6 +92,176 @@ pub async fn run(cli: &Cli, args: &VerifyArgs) -> anyhow::Result<Outcome> {
     } else {
         Outcome::Difference
     })
+}
+
+/// Every checkpoint to be had — the database's, the stream's, the files' — read and sorted by
+/// size, and the sources that could not be read.
+async fn gather(
+    cli: &Cli,
+    args: &VerifyArgs,
+    store: &deepnode_store::EventStore,
+    keys: &[NoteVerifier],
+) -> anyhow::Result<(Vec<Found>, Vec<String>)> {
+    let mut unread = Vec::new();
+    let mut notes: Vec<(String, String)> = tree::checkpoints(store.pool())
+        .await
+        .context("reading log_checkpoints")?
+        .into_iter()
+        .map(|c| ("database".to_owned(), c.note))
+        .collect();
+    match stream_notes(cli, &args.prefix).await {
+        Ok(found) => notes.extend(found),
+        Err(e) => unread.push(format!("stream: {e:#}")),
+    }
+    for path in &args.checkpoint {
+        let note = std::fs::read_to_string(path)
+            .with_context(|| format!("reading checkpoint file {}", path.display()))?;
+        notes.push((path.display().to_string(), note));
+    }
+    let mut found: Vec<Found> = notes
+        .into_iter()
+        .filter_map(|(source, note)| read(source, &note, keys))
+        .collect();
+    found.sort_by_key(|f| f.tree_size);
+    Ok((found, unread))
+}
+
+/// `deepnode verify receipt FILE`: the receipt's signature, the event it names, its inclusion under
+/// the first signed checkpoint that covers it, and the outcome the reply states.
+async fn receipt(
+    store: &deepnode_store::EventStore,
+    file: &std::path::Path,
+    keys: &[NoteVerifier],
+    checkpoints: &[Found],
+    no_keys: bool,
+) -> anyhow::Result<Outcome> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the receipt file {}", file.display()))?;
+    let reply: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?;
+    let receipt = reply.get("receipt").unwrap_or(&reply);
+    let position = receipt["position"]
+        .as_u64()
+        .filter(|p| *p > 0)
+        .context("the receipt has no position")?;
+    let leaf: Hash = receipt["leaf_hash"]
+        .as_str()
+        .and_then(|h| {
+            (0..h.len())
+                .step_by(2)
+                .map(|i| h.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+                .collect::<Option<Vec<u8>>>()
+        })
+        .and_then(|b| Hash::try_from(b).ok())
+        .context("the receipt's leaf_hash is not 32 bytes of hex")?;
+    let origin = receipt["origin"]
+        .as_str()
+        .context("the receipt has no origin")?;
+    let mut failures = Vec::new();
+
+    // 1. Signed by the log's key.
+    let statement = deepnode_domain::note::receipt_text(origin, position, &leaf);
+    let signature = match (
+        keys.iter().find(|k| k.name() == origin),
+        receipt["signature"].as_str(),
+    ) {
+        _ if no_keys => "unchecked (no public key given)".to_owned(),
+        (None, _) => {
+            failures.push(format!("no public key named {origin}"));
+            "FAILED".to_owned()
+        }
+        (Some(_), None) => {
+            failures.push("the receipt is not signed".to_owned());
+            "FAILED".to_owned()
+        }
+        (Some(key), Some(sig)) => match key.verify(&statement, sig) {
+            Ok(()) => "verified".to_owned(),
+            Err(e) => {
+                failures.push(e.to_string());
+                "FAILED".to_owned()
+            }
+        },
+    };
+    println!("receipt: position {position}, origin {origin}, signature {signature}");
+
+    // 2. The log's event at that position is the one signed for (its chain hash recomputed from
+    //    its fields).
+    let event = store
+        .read_all(i64::try_from(position - 1).unwrap_or(i64::MAX), 1)
+        .await
+        .context("reading the log")?
+        .pop();
+    match &event {
+        None => failures.push(format!("the log has no event at position {position}")),
+        Some(event) => {
+            let (recomputed, _) = tree::leaf_recomputed(event, &event.prev_hash);
+            if recomputed == leaf {
+                println!("event: {} {} holds", event.event_type, event.stream_id);
+            } else {
+                failures.push(format!(
+                    "the log's event at position {position} is not the one the receipt signed"
+                ));
+            }
+            // 3. The outcome the reply states is the one recorded.
+            if let Some(ok) = reply.get("ok").and_then(serde_json::Value::as_bool) {
+                let expected = if ok {
+                    "ExecutionCompleted"
+                } else {
+                    "ExecutionFailed"
+                };
+                if event.event_type != expected {
+                    failures.push(format!(
+                        "the reply says ok: {ok} but the event is {}",
+                        event.event_type
+                    ));
+                } else if ok && reply.get("node_id") != event.payload.get("node_id") {
+                    failures.push("the reply names another node than the log".to_owned());
+                } else {
+                    println!("outcome: ok {ok} as recorded");
+                }
+            }
+        }
+    }
+
+    // 4. Included under the first checkpoint that covers it and holds (signature-wise).
+    match checkpoints
+        .iter()
+        .find(|c| c.tree_size >= position && !c.signature.starts_with("FAILED"))
+    {
+        None => failures.push(format!("no checkpoint covers position {position} yet")),
+        Some(cp) => {
+            let index = position - 1;
+            let ranges = merkle::inclusion_ranges(index, cp.tree_size).unwrap_or_default();
+            let proof = tree::range_hashes(store.pool(), &ranges)
+                .await
+                .context("reading the stored tree")?;
+            match proof
+                .map(|p| merkle::verify_inclusion(index, cp.tree_size, &leaf, &p, &cp.root_hash))
+            {
+                Some(Ok(())) => println!(
+                    "inclusion: under the checkpoint of size {} ({}): holds",
+                    cp.tree_size, cp.source
+                ),
+                Some(Err(e)) => failures.push(format!(
+                    "not included under the checkpoint of size {} ({}): {e}",
+                    cp.tree_size, cp.source
+                )),
+                None => failures.push("the stored tree cannot prove it".to_owned()),
+            }
+        }
+    }
+    if no_keys {
+        println!("signatures were not checked: give the log's public key (--public-key or DEEPNODE_LOG_PUBLIC_KEYS)");
+    }
+    if failures.is_empty() {
+        println!("verify receipt: ok");
+        Ok(Outcome::Clean)
+    } else {
+        for f in &failures {
+            println!("verify receipt: FAILED: {f}");
+        }
+        Ok(Outcome::Difference)
+    }
 }
 
 /// The public keys given (each a key, or a file of keys one per line).

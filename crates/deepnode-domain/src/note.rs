@@ -182,12 +182,17 @@ impl NoteSigner {
         Ok(signer)
     }
 
-    /// The signature line of `text` by this key (ends with a newline).
-    pub fn signature_line(&self, text: &str) -> String {
+    /// This key's signature of `text` as a signature line carries it: base64(key ID ‖ signature).
+    pub fn signature(&self, text: &str) -> String {
         let signature = self.key.sign(text.as_bytes());
         let mut bytes = self.verifier().id.to_be_bytes().to_vec();
         bytes.extend_from_slice(&signature.to_bytes());
-        format!("{DASH}{} {}\n", self.name, B64.encode(bytes))
+        B64.encode(bytes)
+    }
+
+    /// The signature line of `text` by this key (ends with a newline).
+    pub fn signature_line(&self, text: &str) -> String {
+        format!("{DASH}{} {}\n", self.name, self.signature(text))
     }
 
     /// `text` as a signed note signed by this key.
@@ -467,8 +472,8 @@ mod tests {
     fn a_receipt_signature_binds_origin_position_and_leaf() {
         let log = signer("log", 9);
         let leaf = merkle::leaf_hash(b"ExecutionCompleted");
-        let line = log.signature_line(&receipt_text("log", 41, &leaf));
-        let sig = line.trim_end().rsplit_once(' ').unwrap().1;
+        let signature = log.signature(&receipt_text("log", 41, &leaf));
+        let sig = signature.as_str();
         let v = log.verifier();
         v.verify(&receipt_text("log", 41, &leaf), sig).unwrap();
         assert!(v.verify(&receipt_text("log", 42, &leaf), sig).is_err());

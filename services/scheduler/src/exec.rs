@@ -412,11 +412,9 @@ impl Scheduler {
         );
         let position = u64::try_from(position).unwrap_or(0);
         let signature = key.map(|k| {
-            let text = deepnode_domain::note::receipt_text(&origin, position, &leaf);
-            let line = k.signature_line(&text);
-            line.trim_end()
-                .rsplit_once(' ')
-                .map_or_else(String::new, |(_, sig)| sig.to_owned())
+            k.signature(&deepnode_domain::note::receipt_text(
+                &origin, position, &leaf,
+            ))
         });
         let receipt = json!({
             "position": position,

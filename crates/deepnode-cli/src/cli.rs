@@ -53,6 +53,29 @@ pub enum Command {
     /// Check the log against every checkpoint (database, DEEPNODE_CHECKPOINTS, files); exit 1 on
     /// the first that does not hold.
     Verify(VerifyArgs),
+    /// Witness the log: co-sign each checkpoint consistent with the last one accepted; refuse and
+    /// report one that is not.
+    Witness(WitnessArgs),
+}
+
+/// `deepnode witness`.
+#[derive(Debug, Args)]
+pub struct WitnessArgs {
+    /// The witness's own key file (`deepnode keygen --out FILE --name <witness name>`).
+    #[arg(long)]
+    pub key: std::path::PathBuf,
+    /// The log's public key, as `deepnode keygen` printed it.
+    #[arg(long, env = "DEEPNODE_LOG_PUBLIC_KEYS")]
+    pub log_key: String,
+    /// Where the last accepted checkpoint (size and root) is kept between runs.
+    #[arg(long, default_value = "deepnode-witness.state")]
+    pub state: std::path::PathBuf,
+    /// The deployment's subject prefix.
+    #[arg(long, default_value = "deepnode")]
+    pub prefix: String,
+    /// Look at the latest checkpoint once and exit (0 co-signed or nothing new, 1 refused).
+    #[arg(long)]
+    pub once: bool,
 }
 
 /// `deepnode keygen`.

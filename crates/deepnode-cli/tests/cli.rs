@@ -533,3 +533,171 @@ async fn verify_receipt_checks_signature_event_inclusion_and_outcome() {
     std::fs::remove_dir_all(&dir).unwrap();
     drop_stream(&subjects).await;
 }
+
+/// Answers `cmd.log.proof` consistency requests from the stored tree (what the reputation service
+/// does), until the returned task is aborted.
+async fn serve_consistency_proofs(
+    store: &EventStore,
+    subjects: &deepnode_bus::Subjects,
+) -> tokio::task::JoinHandle<()> {
+    use deepnode_domain::merkle;
+    use deepnode_projections::tree;
+    use futures::StreamExt;
+    let client = deepnode_bus::async_nats::connect(deepnode_testkit::nats_url())
+        .await
+        .unwrap();
+    let mut requests = client.subscribe(subjects.cmd_log_proof()).await.unwrap();
+    client.flush().await.unwrap();
+    let pool = store.pool().clone();
+    tokio::spawn(async move {
+        while let Some(request) = requests.next().await {
+            let ask: Value = serde_json::from_slice(&request.payload).unwrap();
+            let (from, to) = (
+                ask["from_size"].as_u64().unwrap(),
+                ask["to_size"].as_u64().unwrap(),
+            );
+            let ranges = merkle::consistency_ranges(from, to).unwrap();
+            let hashes = tree::range_hashes(&pool, &ranges).await.unwrap().unwrap();
+            let hex: Vec<String> = hashes
+                .iter()
+                .map(|h| h.iter().map(|b| format!("{b:02x}")).collect())
+                .collect();
+            let reply = json!({"ok": true, "tree_size": to, "hashes": hex}).to_string();
+            client
+                .publish(request.reply.unwrap(), reply.into())
+                .await
+                .unwrap();
+        }
+    })
+}
+
+// Two workers: the proof responder answers while the test waits for the witness process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_witness_cosigns_checkpoints_that_extend_the_last_and_refuses_one_that_does_not() {
+    use deepnode_domain::note::{Checkpoint, NoteSigner, SignedNote};
+    use deepnode_projections::tree::{self, Cadence, TreeProjection};
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let log = NoteSigner::from_seed("deepnode.test/log", [8; 32]).unwrap();
+    let witness = NoteSigner::from_seed("witness.test/w1", [9; 32]).unwrap();
+    let (subjects, first) = checkpointed(&store, 10, &log).await;
+    let proofs = serve_consistency_proofs(&store, &subjects).await;
+    let dir = std::env::temp_dir().join(format!(
+        "deepnode-witness-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("w.key"), witness.encode()).unwrap();
+    let client = deepnode_bus::async_nats::connect(deepnode_testkit::nats_url())
+        .await
+        .unwrap();
+    let js = deepnode_bus::async_nats::jetstream::new(client);
+    let witness_once = || {
+        Command::new(env!("CARGO_BIN_EXE_deepnode"))
+            .args(["witness", "--once", "--prefix", subjects.prefix()])
+            .arg("--key")
+            .arg(dir.join("w.key"))
+            .arg("--state")
+            .arg(dir.join("state"))
+            .args(["--log-key", &log.verifier().encode()])
+            .env("NATS_URL", deepnode_testkit::nats_url())
+            .output()
+            .unwrap()
+    };
+    let latest = || async {
+        let stream = js.get_stream(subjects.checkpoints_stream()).await.unwrap();
+        let last = stream
+            .get_last_raw_message_by_subject(&subjects.checkpoints())
+            .await
+            .unwrap();
+        SignedNote::parse(std::str::from_utf8(&last.payload).unwrap()).unwrap()
+    };
+    let publish = |note: String| {
+        let js = js.clone();
+        let subject = subjects.checkpoints();
+        async move {
+            js.publish(subject, note.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+        }
+    };
+    let grow = |n: usize| {
+        let store = store.clone();
+        async move {
+            let stream =
+                StreamId::parse(&format!("more-{}", uuid::Uuid::new_v4().simple())).unwrap();
+            let events = (0..n).map(|i| event("Thing", json!({"n": i}))).collect();
+            store
+                .append(&stream, ExpectedVersion::Any, events)
+                .await
+                .unwrap();
+            ProjectionRunner::new(store.pool().clone(), TreeProjection::new())
+                .run_to_head()
+                .await
+                .unwrap();
+        }
+    };
+
+    // the first checkpoint: co-signed
+    let o = witness_once();
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains(&format!("co-signed the checkpoint of size {first}")),
+        "{}",
+        stdout(&o)
+    );
+    let cosigned = latest().await;
+    cosigned.verify(&log.verifier()).unwrap();
+    cosigned.verify(&witness.verifier()).unwrap();
+
+    // a later one that extends it: co-signed after checking the consistency proof
+    grow(5).await;
+    let cadence = Cadence {
+        every_events: 1,
+        every: chrono::Duration::seconds(10),
+    };
+    let second = tree::take_checkpoint(
+        store.pool(),
+        log.name(),
+        Some(&log),
+        cadence,
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    publish(second.note.clone()).await;
+    let o = witness_once();
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    latest().await.verify(&witness.verifier()).unwrap();
+
+    // a checkpoint the log key signed over another tree (a rewritten history): refused, and the
+    // witness keeps the one it accepted
+    grow(5).await;
+    let size = tree::tree_size(store.pool()).await.unwrap();
+    let forged = Checkpoint {
+        origin: log.name().to_owned(),
+        size,
+        root: deepnode_domain::merkle::leaf_hash(b"another history"),
+        extensions: Vec::new(),
+    };
+    publish(log.sign(&forged.text()).unwrap()).await;
+    let o = witness_once();
+    assert_eq!(o.status.code(), Some(1), "{}{}", stdout(&o), stderr(&o));
+    assert!(stderr(&o).contains("REFUSED"), "{}", stderr(&o));
+    assert!(
+        latest().await.verify(&witness.verifier()).is_err(),
+        "the forged checkpoint was not co-signed"
+    );
+    let state = std::fs::read_to_string(dir.join("state")).unwrap();
+    assert!(
+        state.starts_with(&format!("{} ", second.tree_size)),
+        "{state}"
+    );
+
+    proofs.abort();
+    std::fs::remove_dir_all(&dir).unwrap();
+    drop_stream(&subjects).await;
+}

@@ -12,6 +12,7 @@ mod replay;
 mod sim;
 mod up;
 mod verify;
+mod witness;
 
 use crate::cli::{Cli, Command};
 
@@ -37,5 +38,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Sim(args) => sim::run(&cli, args).await,
         Command::Keygen(args) => keygen::run(args),
         Command::Verify(args) => verify::run(&cli, args).await,
+        Command::Witness(args) => witness::run(&cli, args).await,
     }
 }

@@ -98,6 +98,30 @@ async fn signed_checkpoints_leave_the_database_and_proofs_against_them_verify() 
     .unwrap();
     assert!(served.size >= first.size);
 
+    // a witness's cosignature published to the stream comes back with the checkpoint
+    let witness = NoteSigner::from_seed("witness.test/w1", [10; 32]).unwrap();
+    let mut cosigned = note.clone();
+    cosigned.add(&witness.signature_line(&note.text)).unwrap();
+    let js = async_nats::jetstream::new(c.client.clone());
+    js.publish(c.subjects.checkpoints(), cosigned.render().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let latest = c
+        .request(&c.subjects.cmd_log_checkpoint(), &json!({}))
+        .await
+        .unwrap();
+    let cosignatures = latest["cosignatures"].as_array().unwrap();
+    assert_eq!(cosignatures.len(), 1, "{latest}");
+    assert!(
+        cosignatures[0]
+            .as_str()
+            .unwrap()
+            .starts_with("\u{2014} witness.test/w1 "),
+        "{latest}"
+    );
+
     // and an event's inclusion proof, by position and by id, verifies against the signed root
     let event = c.store.read_all(4, 1).await.unwrap().remove(0);
     for ask in [

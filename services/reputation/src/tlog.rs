@@ -129,8 +129,12 @@ pub(crate) async fn latest(shared: Arc<Shared>, _request: Request) -> Reply {
     let shared = &*shared;
     match tree::latest_checkpoint(shared.ctx.store.pool()).await {
         Ok(Some(cp)) => {
-            // The cosignatures are the note's signature lines past the log's own.
-            let cosignatures: Vec<String> = SignedNote::parse(&cp.note)
+            // The cosignatures: witnesses publish the note with their line added to the stream, so
+            // the stream's latest message for this checkpoint carries them.
+            let cosigned = latest_on_stream(shared)
+                .await
+                .filter(|n| SignedNote::parse(&cp.note).is_ok_and(|own| own.text == n.text));
+            let cosignatures: Vec<String> = cosigned
                 .map(|n| {
                     n.signatures
                         .into_iter()
@@ -152,6 +156,21 @@ pub(crate) async fn latest(shared: Arc<Shared>, _request: Request) -> Reply {
         )),
         Err(e) => Reply::err(ErrorBody::new(ErrorCode::Unavailable, e.to_string())),
     }
+}
+
+/// The latest note on the checkpoints stream, if any.
+async fn latest_on_stream(shared: &Shared) -> Option<SignedNote> {
+    let stream = shared
+        .ctx
+        .js
+        .get_stream(shared.ctx.subjects.checkpoints_stream())
+        .await
+        .ok()?;
+    let last = stream
+        .get_last_raw_message_by_subject(&shared.ctx.subjects.checkpoints())
+        .await
+        .ok()?;
+    SignedNote::parse(std::str::from_utf8(&last.payload).ok()?).ok()
 }
 
 /// `cmd.log.proof`'s body.

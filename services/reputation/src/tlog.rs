@@ -16,7 +16,7 @@ use chrono::Utc;
 use deepnode_bus::envelope::{parse_command, ErrorBody, ErrorCode, Reply};
 use deepnode_bus::rpc::Request;
 use deepnode_domain::merkle::{self, Hash};
-use deepnode_domain::note::SignedNote;
+use deepnode_domain::note::{Checkpoint, SignedNote};
 use deepnode_projections::tree::{self, Cadence, StoredCheckpoint, TreeProjection};
 use deepnode_store::ProjectionRunner;
 use serde::Deserialize;
@@ -55,7 +55,12 @@ pub(crate) async fn checkpoints(shared: Arc<Shared>) -> Result<(), Error> {
     };
     let origin = origin(&shared);
     let pool = shared.ctx.store.pool().clone();
-    let mut published = None::<u64>;
+    // What the stream already holds is not published again (a restart would otherwise repeat
+    // every checkpoint once the stream's duplicate window has passed).
+    let mut published = latest_on_stream(&shared)
+        .await
+        .and_then(|note| Checkpoint::parse(&note.text).ok())
+        .map(|c| c.size);
     loop {
         tokio::select! {
             () = shared.stop.wait() => return Ok(()),

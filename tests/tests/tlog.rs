@@ -33,16 +33,11 @@ async fn published_at_least(c: &Cluster, size: u64) -> (SignedNote, Checkpoint) 
     let js = async_nats::jetstream::new(c.client.clone());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(stream) = js.get_stream(c.subjects.checkpoints_stream()).await {
-            if let Ok(last) = stream
-                .get_last_raw_message_by_subject(&c.subjects.checkpoints())
-                .await
-            {
-                let note = SignedNote::parse(std::str::from_utf8(&last.payload).unwrap()).unwrap();
-                let checkpoint = Checkpoint::parse(&note.text).unwrap();
-                if checkpoint.size >= size {
-                    return (note, checkpoint);
-                }
+        if let Ok(Some(last)) = deepnode_bus::jetstream::latest_checkpoint(&js, &c.subjects).await {
+            let note = SignedNote::parse(std::str::from_utf8(&last).unwrap()).unwrap();
+            let checkpoint = Checkpoint::parse(&note.text).unwrap();
+            if checkpoint.size >= size {
+                return (note, checkpoint);
             }
         }
         assert!(
@@ -58,14 +53,7 @@ fn hashes(reply: &Value) -> Vec<Hash> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|h| {
-            let h = h.as_str().unwrap();
-            let bytes: Vec<u8> = (0..h.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
-                .collect();
-            Hash::try_from(bytes).unwrap()
-        })
+        .map(|h| Hash::try_from(hex::decode(h.as_str().unwrap()).unwrap()).unwrap())
         .collect()
 }
 

@@ -42,6 +42,15 @@ pub enum Error {
         #[source]
         source: async_nats::jetstream::stream::ConsumerError,
     },
+    /// A stream could not be looked up (it does not exist, or the server did not answer).
+    #[error("looking up stream {stream}: {source}")]
+    Lookup {
+        /// The stream's name.
+        stream: String,
+        /// The server's or client's error.
+        #[source]
+        source: async_nats::jetstream::context::GetStreamError,
+    },
     /// A consumer config without a durable name was passed where a durable one is required.
     #[error("consumer config on {stream} has no durable_name")]
     NotDurable {
@@ -103,6 +112,21 @@ pub fn checkpoints_stream_config(subjects: &Subjects) -> Config {
         deny_purge: true,
         ..Default::default()
     }
+}
+
+/// The latest message of the checkpoints stream (`<prefix>.checkpoints`: the log's own checkpoint or
+/// a witness's co-signed copy of it); `Ok(None)` while it holds none.
+pub async fn latest_checkpoint(js: &Context, subjects: &Subjects) -> Result<Option<Bytes>, Error> {
+    let name = subjects.checkpoints_stream();
+    let stream = js.get_stream(&name).await.map_err(|source| Error::Lookup {
+        stream: name.clone(),
+        source,
+    })?;
+    Ok(stream
+        .get_last_raw_message_by_subject(&subjects.checkpoints())
+        .await
+        .ok()
+        .map(|m| m.payload))
 }
 
 /// Creates the events, ingest and checkpoints streams, or updates them to the current config.

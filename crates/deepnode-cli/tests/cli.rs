@@ -479,7 +479,7 @@ async fn verify_receipt_checks_signature_event_inclusion_and_outcome() {
         let text = receipt_text(key.name(), u64::try_from(position).unwrap(), &leaf);
         json!({
             "position": position,
-            "leaf_hash": leaf.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            "leaf_hash": hex::encode(leaf),
             "origin": key.name(),
             "signature": key.signature(&text),
         })
@@ -558,10 +558,7 @@ async fn serve_consistency_proofs(
             );
             let ranges = merkle::consistency_ranges(from, to).unwrap();
             let hashes = tree::range_hashes(&pool, &ranges).await.unwrap().unwrap();
-            let hex: Vec<String> = hashes
-                .iter()
-                .map(|h| h.iter().map(|b| format!("{b:02x}")).collect())
-                .collect();
+            let hex: Vec<String> = hashes.iter().map(hex::encode).collect();
             let reply = json!({"ok": true, "tree_size": to, "hashes": hex}).to_string();
             client
                 .publish(request.reply.unwrap(), reply.into())
@@ -605,12 +602,11 @@ async fn a_witness_cosigns_checkpoints_that_extend_the_last_and_refuses_one_that
             .unwrap()
     };
     let latest = || async {
-        let stream = js.get_stream(subjects.checkpoints_stream()).await.unwrap();
-        let last = stream
-            .get_last_raw_message_by_subject(&subjects.checkpoints())
+        let last = deepnode_bus::jetstream::latest_checkpoint(&js, &subjects)
             .await
+            .unwrap()
             .unwrap();
-        SignedNote::parse(std::str::from_utf8(&last.payload).unwrap()).unwrap()
+        SignedNote::parse(std::str::from_utf8(&last).unwrap()).unwrap()
     };
     let publish = |note: String| {
         let js = js.clone();

@@ -357,16 +357,8 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
-    fn hex(h: &Hash) -> String {
-        h.iter().map(|b| format!("{b:02x}")).collect()
-    }
-
     fn unhex(s: &str) -> Hash {
-        let bytes: Vec<u8> = (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect();
-        bytes.try_into().unwrap()
+        hex::decode(s).unwrap().try_into().unwrap()
     }
 
     /// RFC 6962's test leaves (as in Certificate Transparency's reference tests).
@@ -382,13 +374,7 @@ mod tests {
             "606162636465666768696a6b6c6d6e6f",
         ]
         .iter()
-        .map(|h| {
-            let bytes: Vec<u8> = (0..h.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
-                .collect();
-            leaf_hash(&bytes)
-        })
+        .map(|h| leaf_hash(&hex::decode(h).unwrap()))
         .collect()
     }
 
@@ -444,17 +430,17 @@ mod tests {
         let leaves = ct_leaves();
         let stored = Stored::of(&leaves);
         let mut frontier = Frontier::new();
-        assert_eq!(hex(&frontier.root()), CT_ROOTS[0]);
+        assert_eq!(hex::encode(frontier.root()), CT_ROOTS[0]);
         for (n, leaf) in leaves.iter().enumerate() {
             frontier.push(*leaf);
             let size = n as u64 + 1;
-            assert_eq!(hex(&frontier.root()), CT_ROOTS[n + 1], "size {size}");
+            assert_eq!(hex::encode(frontier.root()), CT_ROOTS[n + 1], "size {size}");
             let range = Range {
                 start: 0,
                 end: size,
             };
             assert_eq!(
-                hex(&range_hash(range, stored.get()).unwrap()),
+                hex::encode(range_hash(range, stored.get()).unwrap()),
                 CT_ROOTS[n + 1]
             );
         }
@@ -500,7 +486,7 @@ mod tests {
         ];
         for (index, size, expected) in inclusion {
             let proof = stored.hashes(&inclusion_ranges(index, size).unwrap());
-            let got: Vec<String> = proof.iter().map(hex).collect();
+            let got: Vec<String> = proof.iter().map(hex::encode).collect();
             assert_eq!(got, expected, "inclusion of {index} in {size}");
             let root = unhex(CT_ROOTS[size as usize]);
             verify_inclusion(index, size, &leaves[index as usize], &proof, &root).unwrap();
@@ -536,7 +522,7 @@ mod tests {
         ];
         for (first, second, expected) in consistency {
             let proof = stored.hashes(&consistency_ranges(first, second).unwrap());
-            let got: Vec<String> = proof.iter().map(hex).collect();
+            let got: Vec<String> = proof.iter().map(hex::encode).collect();
             assert_eq!(got, expected, "consistency {first} → {second}");
             let (a, b) = (
                 unhex(CT_ROOTS[first as usize]),

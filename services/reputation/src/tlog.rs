@@ -15,7 +15,7 @@ use async_nats::HeaderMap;
 use chrono::Utc;
 use deepnode_bus::envelope::{parse_command, ErrorBody, ErrorCode, Reply};
 use deepnode_bus::rpc::Request;
-use deepnode_domain::merkle::{self, Hash};
+use deepnode_domain::merkle;
 use deepnode_domain::note::{Checkpoint, SignedNote};
 use deepnode_projections::tree::{self, Cadence, StoredCheckpoint, TreeProjection};
 use deepnode_store::ProjectionRunner;
@@ -165,17 +165,10 @@ pub(crate) async fn latest(shared: Arc<Shared>, _request: Request) -> Reply {
 
 /// The latest note on the checkpoints stream, if any.
 async fn latest_on_stream(shared: &Shared) -> Option<SignedNote> {
-    let stream = shared
-        .ctx
-        .js
-        .get_stream(shared.ctx.subjects.checkpoints_stream())
+    let payload = deepnode_bus::jetstream::latest_checkpoint(&shared.ctx.js, &shared.ctx.subjects)
         .await
-        .ok()?;
-    let last = stream
-        .get_last_raw_message_by_subject(&shared.ctx.subjects.checkpoints())
-        .await
-        .ok()?;
-    SignedNote::parse(std::str::from_utf8(&last.payload).ok()?).ok()
+        .ok()??;
+    SignedNote::parse(std::str::from_utf8(&payload).ok()?).ok()
 }
 
 /// `cmd.log.proof`'s body.
@@ -193,13 +186,6 @@ enum ProofCommand {
         from_size: u64,
         to_size: u64,
     },
-}
-
-fn hex(hashes: &[Hash]) -> Vec<String> {
-    hashes
-        .iter()
-        .map(|h| h.iter().map(|b| format!("{b:02x}")).collect())
-        .collect()
 }
 
 /// `cmd.log.proof`: an inclusion or consistency proof from the stored tree.
@@ -260,7 +246,7 @@ pub(crate) async fn proof(shared: Arc<Shared>, request: Request) -> Reply {
         Ok(Some(hashes)) => Reply::ok(&json!({
             "tree_size": tree_size,
             "leaf_index": leaf_index,
-            "hashes": hex(&hashes),
+            "hashes": hashes.iter().map(hex::encode).collect::<Vec<_>>(),
         })),
         Ok(None) => Reply::err(ErrorBody::new(
             ErrorCode::Unavailable,

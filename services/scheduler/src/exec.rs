@@ -418,7 +418,7 @@ impl Scheduler {
         });
         let receipt = json!({
             "position": position,
-            "leaf_hash": leaf.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            "leaf_hash": hex::encode(leaf),
             "origin": origin,
             "signature": signature,
         });

@@ -146,12 +146,7 @@ async fn receipt(
         .context("the receipt has no position")?;
     let leaf: Hash = receipt["leaf_hash"]
         .as_str()
-        .and_then(|h| {
-            (0..h.len())
-                .step_by(2)
-                .map(|i| h.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
-                .collect::<Option<Vec<u8>>>()
-        })
+        .and_then(|h| hex::decode(h).ok())
         .and_then(|b| Hash::try_from(b).ok())
         .context("the receipt's leaf_hash is not 32 bytes of hex")?;
     let origin = receipt["origin"]
@@ -341,7 +336,7 @@ fn read(source: String, note: &str, keys: &[NoteVerifier]) -> Option<Found> {
     Some(Found {
         source,
         tree_size: checkpoint.size,
-        root: checkpoint.root.iter().map(|b| format!("{b:02x}")).collect(),
+        root: hex::encode(checkpoint.root),
         signature,
         log: String::new(),
         root_hash: checkpoint.root,

@@ -67,17 +67,13 @@ async fn witness_latest(
     log_key: &NoteVerifier,
     accepted: &mut Option<(u64, Hash)>,
 ) -> anyhow::Result<Option<u64>> {
-    let stream = js
-        .get_stream(subjects.checkpoints_stream())
+    let Some(last) = deepnode_bus::jetstream::latest_checkpoint(js, subjects)
         .await
-        .context("opening the checkpoints stream")?;
-    let Ok(last) = stream
-        .get_last_raw_message_by_subject(&subjects.checkpoints())
-        .await
+        .context("opening the checkpoints stream")?
     else {
         return Ok(None);
     };
-    let text = std::str::from_utf8(&last.payload).context("a checkpoint that is not UTF-8")?;
+    let text = std::str::from_utf8(&last).context("a checkpoint that is not UTF-8")?;
     let mut note = SignedNote::parse(text).context("a malformed checkpoint")?;
     let checkpoint = Checkpoint::parse(&note.text).context("a malformed checkpoint")?;
     if let Some((size, root)) = *accepted {
@@ -140,11 +136,7 @@ fn proof_hashes(reply: &serde_json::Value) -> anyhow::Result<Vec<Hash>> {
         .iter()
         .map(|h| {
             let h = h.as_str().context("a hash that is not text")?;
-            let bytes = (0..h.len())
-                .step_by(2)
-                .map(|i| h.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
-                .collect::<Option<Vec<u8>>>()
-                .context("a hash that is not hex")?;
+            let bytes = hex::decode(h).context("a hash that is not hex")?;
             Hash::try_from(bytes).map_err(|_| anyhow::anyhow!("a hash that is not 32 bytes"))
         })
         .collect()
@@ -161,14 +153,7 @@ fn load_state(path: &Path) -> anyhow::Result<Option<(u64, Hash)>> {
         .trim()
         .split_once(' ')
         .with_context(|| format!("{} is not `<size> <root>`", path.display()))?;
-    let bytes = (0..root.len())
-        .step_by(2)
-        .map(|i| {
-            root.get(i..i + 2)
-                .and_then(|b| u8::from_str_radix(b, 16).ok())
-        })
-        .collect::<Option<Vec<u8>>>()
-        .context("the state's root is not hex")?;
+    let bytes = hex::decode(root).context("the state's root is not hex")?;
     Ok(Some((
         size.parse().context("the state's size")?,
         Hash::try_from(bytes).map_err(|_| anyhow::anyhow!("the state's root is not 32 bytes"))?,
@@ -179,9 +164,8 @@ fn save_state(path: &Path, accepted: Option<(u64, Hash)>) -> anyhow::Result<()> 
     let Some((size, root)) = accepted else {
         return Ok(());
     };
-    let hex: String = root.iter().map(|b| format!("{b:02x}")).collect();
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{size} {hex}\n"))
+    std::fs::write(&tmp, format!("{size} {}\n", hex::encode(root)))
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
 }

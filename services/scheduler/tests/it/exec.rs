@@ -94,8 +94,7 @@ async fn a_recorded_reply_carries_a_receipt_of_its_deciding_event_signed_by_the_
             "{reply}"
         );
         let leaf = merkle::leaf_hash(&deciding.hash);
-        let hex: String = leaf.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(receipt["leaf_hash"], json!(hex));
+        assert_eq!(receipt["leaf_hash"], json!(hex::encode(leaf)));
         assert_eq!(receipt["origin"], json!("deepnode.test/log"));
         let position = u64::try_from(deciding.global_position).unwrap();
         let text = receipt_text("deepnode.test/log", position, &leaf);

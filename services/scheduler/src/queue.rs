@@ -189,48 +189,15 @@ mod tests {
         let queues = Queues::new(Arc::default());
         let m = ModelId::parse("m-1").unwrap();
         let now = Instant::now();
-        let late = queues
-            .join(
-                &m,
-                None,
-                Priority::Standard,
-                now + Duration::from_secs(9),
-                4,
-            )
-            .unwrap();
-        let early = queues
-            .join(
-                &m,
-                None,
-                Priority::Standard,
-                now + Duration::from_secs(1),
-                4,
-            )
-            .unwrap();
+        let join =
+            |priority, secs| queues.join(&m, None, priority, now + Duration::from_secs(secs), 4);
+        let late = join(Priority::Standard, 9).unwrap();
+        let early = join(Priority::Standard, 1).unwrap();
         assert!(early.is_first() && !late.is_first());
-        let urgent = queues
-            .join(
-                &m,
-                None,
-                Priority::Critical,
-                now + Duration::from_secs(30),
-                4,
-            )
-            .unwrap();
+        let urgent = join(Priority::Critical, 30).unwrap();
         assert!(urgent.is_first() && !early.is_first());
-        let _fourth = queues
-            .join(
-                &m,
-                None,
-                Priority::Standard,
-                now + Duration::from_secs(1),
-                4,
-            )
-            .unwrap();
-        assert!(
-            queues.join(&m, None, Priority::Critical, now, 4).is_none(),
-            "the bound holds"
-        );
+        let _fourth = join(Priority::Standard, 1).unwrap();
+        assert!(join(Priority::Critical, 0).is_none(), "the bound holds");
         drop(urgent);
         assert!(early.is_first(), "same deadline: the earlier arrival");
         drop((early, late, _fourth));

@@ -28,7 +28,7 @@ pub use deepnode_domain::log::{ExpectedVersion, NewEvent, RecordedEvent, StreamI
 pub use error::Error;
 pub use follower::{Follower, FollowerHandle};
 pub use migrate::{create_database_if_missing, latest_known_version, migrate};
-pub use projection::{checkpoint, Projection, ProjectionRunner};
+pub use projection::{checkpoint, Paired, Projection, ProjectionRunner};
 pub use read::{read_all, Subscription, Urgency};
 pub use tail::{LogTail, Offered};
 

@@ -288,6 +288,132 @@ impl<P: Projection> ProjectionRunner<P> {
     }
 }
 
+/// Two projections kept by one runner — one read of the log, one transaction per batch for both.
+/// `first` is the runner's own (its name is the runner's checkpoint, its `clear` is what a rebuild
+/// deletes); `second` rides along: its rows are written in the same transaction as `first`'s and its
+/// own checkpoint row is moved with them, so it stays readable on its own (`checkpoint(pool,
+/// second.name())`) and may join wherever its rows stand. Rows behind the batch (a new table on an
+/// old log, a deployment that ran it alone) are caught up inside the transaction — once, holding the
+/// lock meanwhile; rows ahead are only observed. A rebuild of `first` leaves `second`'s rows alone:
+/// they already are the fold of the log.
+pub struct Paired<A, B> {
+    first: A,
+    second: B,
+    /// Position `second`'s in-memory state reflects (behind `first`'s after its rows went back).
+    second_position: i64,
+}
+
+impl<A, B> Paired<A, B> {
+    /// `first` with `second` alongside.
+    pub fn new(first: A, second: B) -> Self {
+        Paired {
+            first,
+            second,
+            second_position: 0,
+        }
+    }
+
+    /// The projection the runner is named after.
+    pub fn first(&self) -> &A {
+        &self.first
+    }
+
+    /// The projection alongside.
+    pub fn second(&self) -> &B {
+        &self.second
+    }
+}
+
+impl<A: Projection, B: Projection> Paired<A, B> {
+    /// Folds `events` (contiguous, any start) into `second`: those at or below `stored` (its rows)
+    /// are observed, the rest applied.
+    async fn second_takes(
+        &mut self,
+        conn: &mut PgConnection,
+        events: &[RecordedEvent],
+        stored: i64,
+    ) -> Result<(), Error> {
+        let events =
+            &events[events.partition_point(|e| e.global_position <= self.second_position)..];
+        let Some(last) = events.last().map(|e| e.global_position) else {
+            return Ok(());
+        };
+        let written = events.partition_point(|e| e.global_position <= stored);
+        self.second.observe(&events[..written])?;
+        if written < events.len() {
+            self.second.apply(conn, &events[written..]).await?;
+        }
+        self.second_position = last;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl<A: Projection, B: Projection> Projection for Paired<A, B> {
+    fn name(&self) -> &str {
+        self.first.name()
+    }
+
+    async fn apply(
+        &mut self,
+        conn: &mut PgConnection,
+        events: &[RecordedEvent],
+    ) -> Result<(), Error> {
+        self.first.apply(conn, events).await?;
+        let (Some(first), Some(last)) = (events.first(), events.last()) else {
+            return Ok(());
+        };
+        let (first, last) = (first.global_position, last.global_position);
+        let stored = lock_checkpoint(conn, self.second.name()).await?;
+        if self.second_position > stored {
+            // Its rows went back (rebuilt elsewhere): its state starts again.
+            self.second.reset();
+            self.second_position = 0;
+        }
+        // Whatever lies between `second`'s state and this batch comes from the log.
+        while self.second_position < first - 1 {
+            let limit = (first - 1 - self.second_position).min(5_000);
+            let behind = read_all(&mut *conn, self.second_position, limit).await?;
+            if behind.is_empty() {
+                break;
+            }
+            self.second_takes(conn, &behind, stored).await?;
+        }
+        self.second_takes(conn, events, stored).await?;
+        if last > stored {
+            set_checkpoint(conn, self.second.name(), last).await?;
+        }
+        Ok(())
+    }
+
+    fn observe(&mut self, events: &[RecordedEvent]) -> Result<(), Error> {
+        self.first.observe(events)?;
+        let fresh =
+            &events[events.partition_point(|e| e.global_position <= self.second_position)..];
+        // After a gap `second` waits for the next `apply`, which reads what it missed.
+        if fresh
+            .first()
+            .is_some_and(|e| e.global_position == self.second_position + 1)
+        {
+            self.second.observe(fresh)?;
+            self.second_position = fresh
+                .last()
+                .map_or(self.second_position, |e| e.global_position);
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.first.reset();
+        self.second.reset();
+        self.second_position = 0;
+    }
+
+    async fn clear(&mut self, conn: &mut PgConnection) -> Result<(), Error> {
+        self.first.clear(conn).await
+    }
+}
+
 /// The stored checkpoint of a projection (0 when it has none yet).
 pub async fn checkpoint(pool: &PgPool, projection: &str) -> Result<i64, Error> {
     let position: Option<i64> = sqlx::query_scalar(
@@ -315,6 +441,15 @@ async fn set_checkpoint(
 
 /// Creates the checkpoint row if needed and locks it for this transaction; returns its position.
 async fn lock_checkpoint(conn: &mut PgConnection, projection: &str) -> Result<i64, Error> {
+    let lock =
+        "SELECT global_position FROM projection_checkpoints WHERE projection = $1 FOR UPDATE";
+    let position: Option<i64> = sqlx::query_scalar(lock)
+        .bind(projection)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if let Some(position) = position {
+        return Ok(position);
+    }
     sqlx::query(
         "INSERT INTO projection_checkpoints (projection, global_position) VALUES ($1, 0)
          ON CONFLICT (projection) DO NOTHING",
@@ -322,11 +457,9 @@ async fn lock_checkpoint(conn: &mut PgConnection, projection: &str) -> Result<i6
     .bind(projection)
     .execute(&mut *conn)
     .await?;
-    let position: i64 = sqlx::query_scalar(
-        "SELECT global_position FROM projection_checkpoints WHERE projection = $1 FOR UPDATE",
-    )
-    .bind(projection)
-    .fetch_one(&mut *conn)
-    .await?;
+    let position: i64 = sqlx::query_scalar(lock)
+        .bind(projection)
+        .fetch_one(&mut *conn)
+        .await?;
     Ok(position)
 }

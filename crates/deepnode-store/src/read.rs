@@ -61,13 +61,17 @@ pub async fn read_stream(
 }
 
 /// At most `limit` events with `global_position > after`, in global order.
-pub async fn read_all(pool: &PgPool, after: i64, limit: i64) -> Result<Vec<RecordedEvent>, Error> {
+pub async fn read_all<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<RecordedEvent>, Error> {
     let sql =
         format!("{SELECT_EVENTS} WHERE global_position > $1 ORDER BY global_position LIMIT $2");
     let rows = sqlx::query(&sql)
         .bind(after)
         .bind(limit)
-        .fetch_all(pool)
+        .fetch_all(db)
         .await?;
     rows.iter()
         .map(|r| from_row(r).map_err(Error::from))

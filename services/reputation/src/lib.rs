@@ -24,9 +24,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deepnode_domain::config::PolicyConfig;
+use deepnode_projections::tree::TreeProjection;
 use deepnode_projections::BookProjection;
 use deepnode_runtime::{ServiceContext, Shutdown};
-use deepnode_store::{FollowerHandle, ProjectionRunner};
+use deepnode_store::{FollowerHandle, Paired, ProjectionRunner};
 use tokio::task::JoinSet;
 
 use crate::view::View;
@@ -220,7 +221,6 @@ pub async fn run(
     tasks.spawn(outcomes::run(shared.clone(), outcomes));
     tasks.spawn(liveness::run(shared.clone(), heartbeats));
     tasks.spawn(host_projection(shared.clone()));
-    tasks.spawn(tlog::host_tree(shared.clone(), PROJECTION_LINGER));
     tasks.spawn(tlog::checkpoints(shared.clone()));
     tracing::info!(
         prefix = shared.ctx.subjects.prefix(),
@@ -258,10 +258,15 @@ where
 }
 
 /// Hosts the SQL projection of `node_reputation`, `deployments` and `executions`
-/// (`deepnode_projections::BookProjection`). Several copies may host it: the runner's checkpoint
-/// lock makes them take turns, each continuing from the last committed batch.
+/// (`deepnode_projections::BookProjection`) and, alongside it in the same read and transaction, the
+/// log's Merkle tree (`deepnode_projections::tree::TreeProjection`, see [`tlog`]). Several copies
+/// may host them: the runner's checkpoint lock makes them take turns, each continuing from the last
+/// committed batch.
 async fn host_projection(shared: Arc<Shared>) -> Result<(), Error> {
-    let projection = BookProjection::new(&shared.ctx.policy);
+    let projection = Paired::new(
+        BookProjection::new(&shared.ctx.policy),
+        TreeProjection::new(),
+    );
     let stop = shared.stop.clone();
     ProjectionRunner::for_store(&shared.ctx.store, projection)
         .with_linger(PROJECTION_LINGER)

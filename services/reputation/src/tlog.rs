@@ -1,6 +1,6 @@
 //! The log made checkable by someone who does not trust its operator (issue 14, CONTRACT §4a): this
-//! service keeps the Merkle tree of the log (`deepnode_projections::tree::TreeProjection`, turns
-//! taken between copies like the SQL projection), takes a signed checkpoint of it when one is due
+//! service keeps the Merkle tree of the log (`deepnode_projections::tree::TreeProjection`, in the
+//! same runner and transactions as the SQL projection), takes a signed checkpoint of it when one is due
 //! (the policy's `log.checkpoint_every_events` / `log.checkpoint_every_secs`), publishes each to the
 //! JetStream stream `DEEPNODE_CHECKPOINTS` — outside the database, where the operator of the
 //! database cannot take it back — and answers `cmd.log.checkpoint` and `cmd.log.proof`.
@@ -17,8 +17,7 @@ use deepnode_bus::envelope::{parse_command, ErrorBody, ErrorCode, Reply};
 use deepnode_bus::rpc::Request;
 use deepnode_domain::merkle;
 use deepnode_domain::note::{Checkpoint, SignedNote};
-use deepnode_projections::tree::{self, Cadence, StoredCheckpoint, TreeProjection};
-use deepnode_store::ProjectionRunner;
+use deepnode_projections::tree::{self, Cadence, StoredCheckpoint};
 use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
@@ -27,16 +26,6 @@ use crate::{Error, Shared};
 
 /// How often a checkpoint's being due is looked at.
 const CHECKPOINT_TICK: Duration = Duration::from_secs(1);
-
-/// Hosts the tree projection until the service stops.
-pub(crate) async fn host_tree(shared: Arc<Shared>, linger: Duration) -> Result<(), Error> {
-    let stop = shared.stop.clone();
-    ProjectionRunner::for_store(&shared.ctx.store, TreeProjection::new())
-        .with_linger(linger)
-        .run(async move { stop.wait().await })
-        .await?;
-    Ok(())
-}
 
 /// The log's name in its checkpoints: the signing key's name, else the policy's `log.origin`.
 pub(crate) fn origin(shared: &Shared) -> String {

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deepnode_store::{
-    Error, EventStore, ExpectedVersion, Projection, ProjectionRunner, RecordedEvent, StreamId,
+    Error, EventStore, ExpectedVersion, Paired, Projection, ProjectionRunner, RecordedEvent,
+    StreamId,
 };
 use deepnode_testkit::{event, TestDb};
 use rand::{Rng, SeedableRng};
@@ -281,4 +282,93 @@ async fn two_copies_of_a_runner_take_turns_without_double_counting() {
     .await
     .unwrap();
     assert_eq!((rows, wrong), (head, 0));
+}
+
+/// `Paired`: a stateful projection rides along with another in its runner. Its rows stand behind
+/// the runner's at first (it joins an old log), then ahead of it (it ran alone for a while); two
+/// paired copies race through crashes. Its rows end equal to its own fold — each position once, in
+/// order, with the right in-memory count — and its checkpoint at the head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_projection_riding_along_joins_behind_or_ahead_and_never_double_counts() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    create_tables(store.pool()).await;
+    let pool = store.pool().clone();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let paired = || Paired::new(StreamStats, RunningCount::default());
+
+    // Behind: the runner's rows reach the head of an old log, the second has none.
+    append_some(&store, &mut rng, 60).await;
+    let mut alone = ProjectionRunner::new(pool.clone(), StreamStats);
+    alone.run_to_head().await.unwrap();
+    append_some(&store, &mut rng, 30).await;
+    let mut both = ProjectionRunner::new(pool.clone(), paired()).with_batch(7);
+    let head = store.head_position().await.unwrap();
+    assert_eq!(both.run_to_head().await.unwrap(), head);
+    assert_eq!(
+        deepnode_store::checkpoint(&pool, "test_running_count")
+            .await
+            .unwrap(),
+        head
+    );
+
+    // Ahead: the second ran alone past the pair's checkpoint.
+    append_some(&store, &mut rng, 30).await;
+    ProjectionRunner::new(pool.clone(), RunningCount::default())
+        .run_to_head()
+        .await
+        .unwrap();
+    append_some(&store, &mut rng, 30).await;
+
+    // Two paired copies, killed at random points, with writers going on.
+    for round in 0..6u64 {
+        let writer = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(2000 + round);
+                append_some(&store, &mut rng, 30).await;
+            })
+        };
+        let copies: Vec<_> = (0..2)
+            .map(|i| {
+                tokio::spawn(
+                    ProjectionRunner::new(pool.clone(), paired())
+                        .with_batch(3 + i)
+                        .run(std::future::pending()),
+                )
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(5..60))).await;
+        if round % 2 == 1 {
+            db.kill_connections().await;
+        }
+        for c in copies {
+            c.abort();
+            let _ = c.await;
+        }
+        writer.await.unwrap();
+    }
+    let mut both = ProjectionRunner::new(db.pool().await, paired());
+    let head = store.head_position().await.unwrap();
+    assert_eq!(both.run_to_head().await.unwrap(), head);
+
+    let pool = db.pool().await;
+    let (rows, wrong): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE seen_before <> position - 1) FROM test_running_count",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (rows, wrong),
+        (head, 0),
+        "every position once, counted right"
+    );
+    assert_eq!(
+        deepnode_store::checkpoint(&pool, "test_running_count")
+            .await
+            .unwrap(),
+        head
+    );
+    assert_eq!(stored_stats(&pool).await, expected_stats(&pool).await);
 }

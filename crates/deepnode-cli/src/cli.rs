@@ -36,7 +36,8 @@ pub enum Command {
     Migrate,
     /// Fold the log up to a point and print node reputation and deployments as they were then.
     Replay(ReplayArgs),
-    /// Verify the hash chain and recompute every projection; exit 1 on any difference.
+    /// Verify the hash chain, recompute every projection and check the log against its
+    /// checkpoints; exit 1 on any difference.
     Audit(AuditArgs),
     /// List nodes with their reputation (the `node_reputation` table).
     Nodes(JsonArg),
@@ -56,6 +57,16 @@ pub enum Command {
     /// Witness the log: co-sign each checkpoint consistent with the last one accepted; refuse and
     /// report one that is not.
     Witness(WitnessArgs),
+    /// Write the log, its checkpoints and its Merkle tree (tiles) to a directory, for `replay`,
+    /// `audit` and `verify --from DIR` without database access.
+    Export(ExportArgs),
+}
+
+/// `deepnode export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// A new (or empty) directory.
+    pub dir: std::path::PathBuf,
 }
 
 /// `deepnode witness`.
@@ -90,9 +101,9 @@ pub struct KeygenArgs {
     pub name: String,
 }
 
-/// `deepnode verify`.
+/// Where `verify` (and `audit`) find checkpoints besides the log's own, and the keys to trust.
 #[derive(Debug, Args)]
-pub struct VerifyArgs {
+pub struct CheckpointArgs {
     /// The log's (and witnesses') public keys, as `deepnode keygen` prints them, or files of them;
     /// without any, signatures are not checked (and the report says so).
     #[arg(
@@ -108,6 +119,16 @@ pub struct VerifyArgs {
     /// The deployment's subject prefix (its checkpoints stream is `<PREFIX>_CHECKPOINTS`).
     #[arg(long, default_value = "deepnode", global = true)]
     pub prefix: String,
+}
+
+/// `deepnode verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub sources: CheckpointArgs,
+    /// Read the log from an export (`deepnode export DIR`) instead of the database.
+    #[arg(long, global = true)]
+    pub from: Option<std::path::PathBuf>,
     /// Print the report as JSON.
     #[arg(long, global = true)]
     pub json: bool,
@@ -140,6 +161,9 @@ pub struct ReplayArgs {
     /// Print JSON instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Read the log from an export (`deepnode export DIR`) instead of the database.
+    #[arg(long)]
+    pub from: Option<std::path::PathBuf>,
 }
 
 /// `deepnode audit`.
@@ -148,6 +172,12 @@ pub struct AuditArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Audit an export (`deepnode export DIR`) instead of the database: its chain, its fold and
+    /// its checkpoints (an export holds no tables to compare).
+    #[arg(long)]
+    pub from: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub sources: CheckpointArgs,
 }
 
 /// A lone `--json` flag.

@@ -5,6 +5,7 @@ use anyhow::Context as _;
 use deepnode_bus::async_nats;
 use deepnode_bus::ConnectPolicy;
 use deepnode_domain::config::PolicyConfig;
+use deepnode_projections::{ExportDir, LogSource};
 use deepnode_store::EventStore;
 
 use crate::cli::Cli;
@@ -19,6 +20,34 @@ pub async fn connect(cli: &Cli) -> anyhow::Result<EventStore> {
                 redact(&cli.database_url)
             )
         })
+}
+
+/// The log a command reads: the database, or an export (`--from DIR`).
+pub enum Log {
+    Store(EventStore),
+    Export(ExportDir),
+}
+
+impl Log {
+    /// Where to read its events.
+    pub fn source(&self) -> LogSource<'_> {
+        match self {
+            Log::Store(store) => LogSource::Store(store),
+            Log::Export(dir) => LogSource::Export(dir),
+        }
+    }
+}
+
+/// Opens the export `from` names, else connects to the database.
+pub async fn open_log(cli: &Cli, from: Option<&std::path::Path>) -> anyhow::Result<Log> {
+    match from {
+        Some(dir) => {
+            Ok(Log::Export(ExportDir::open(dir).with_context(|| {
+                format!("opening the export {}", dir.display())
+            })?))
+        }
+        None => Ok(Log::Store(connect(cli).await?)),
+    }
 }
 
 /// Connects to `NATS_URL`, giving up after a few seconds (a wrong URL must not hang the CLI).

@@ -18,9 +18,20 @@ fn deepnode(url: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_deepnode"))
         .args(args)
         .env("DATABASE_URL", url)
+        .env("NATS_URL", deepnode_testkit::nats_url())
         .env_remove("DEEPNODE_CONFIG")
+        .env_remove("DEEPNODE_LOG_PUBLIC_KEYS")
         .output()
         .unwrap()
+}
+
+/// `deepnode audit` with `extra` arguments, reading checkpoints from a prefix no other test uses
+/// (the default one's stream may hold another log's checkpoints on a shared server).
+fn audit(url: &str, extra: &[&str]) -> Output {
+    let prefix = deepnode_bus::Subjects::random().prefix().to_owned();
+    let mut args = vec!["audit", "--prefix", &prefix];
+    args.extend_from_slice(extra);
+    deepnode(url, &args)
 }
 
 fn stdout(o: &Output) -> String {
@@ -68,7 +79,7 @@ async fn audit_exits_0_on_an_untouched_log_and_1_naming_a_tampered_row() {
     let store = db.store().await;
     history(&store, 200).await;
 
-    let clean = deepnode(db.url(), &["audit"]);
+    let clean = audit(db.url(), &[]);
     assert_eq!(clean.status.code(), Some(0), "{}", stdout(&clean));
     assert!(stdout(&clean).contains("audit: ok"));
 
@@ -76,7 +87,7 @@ async fn audit_exits_0_on_an_untouched_log_and_1_naming_a_tampered_row() {
         .execute(store.pool())
         .await
         .unwrap();
-    let tampered = deepnode(db.url(), &["audit"]);
+    let tampered = audit(db.url(), &[]);
     assert_eq!(tampered.status.code(), Some(1));
     let out = stdout(&tampered);
     assert!(
@@ -84,7 +95,7 @@ async fn audit_exits_0_on_an_untouched_log_and_1_naming_a_tampered_row() {
         "{out}"
     );
 
-    let json_out = deepnode(db.url(), &["audit", "--json"]);
+    let json_out = audit(db.url(), &["--json"]);
     assert_eq!(json_out.status.code(), Some(1));
     let report: Value = serde_json::from_str(&stdout(&json_out)).unwrap();
     assert_eq!(report["ok"], json!(false));
@@ -108,14 +119,14 @@ async fn audit_exits_1_naming_the_position_of_a_tampered_event() {
     }
     drop(conn);
 
-    let o = deepnode(db.url(), &["audit"]);
+    let o = audit(db.url(), &[]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
         stdout(&o).contains("BROKEN at position 25"),
         "{}",
         stdout(&o)
     );
-    let o = deepnode(db.url(), &["audit", "--json"]);
+    let o = audit(db.url(), &["--json"]);
     let report: Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(report["chain"]["first_break"]["position"], json!(25));
 }
@@ -426,6 +437,115 @@ async fn verify_holds_on_an_untouched_log_and_names_a_tail_cut_by_the_database_o
         out.contains(&format!("positions {}..={size} are gone", cut + 1)),
         "{out}"
     );
+    // `audit` runs the same check: the tables would pass once rebuilt, the checkpoint does not.
+    let o = deepnode(
+        db.url(),
+        &[
+            "audit",
+            "--prefix",
+            subjects.prefix(),
+            "--public-key",
+            &public,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains(&format!(
+            "checkpoints: FAILED at the checkpoint of size {size} (stream #1)"
+        )),
+        "{}",
+        stdout(&o)
+    );
+    drop_stream(&subjects).await;
+}
+
+/// `deepnode` with the database out of reach: whatever it does, it does from files.
+fn offline(args: &[&str]) -> Output {
+    deepnode("postgres://postgres@127.0.0.1:1/unreachable", args)
+}
+
+#[tokio::test]
+async fn an_export_is_replayed_audited_and_verified_without_the_database() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let key = deepnode_domain::note::NoteSigner::from_seed("deepnode.test/log", [7; 32]).unwrap();
+    let public = key.verifier().encode();
+    let (subjects, size) = checkpointed(&store, 120, &key).await;
+    assert!(size > 256, "a full tile of leaves: {size}");
+    let dir = std::env::temp_dir().join(format!("deepnode-export-{}", uuid::Uuid::new_v4()));
+    let dir_arg = dir.display().to_string();
+
+    let o = deepnode(db.url(), &["export", &dir_arg]);
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains(&format!("exported {size} events, 1 checkpoints")),
+        "{}",
+        stdout(&o)
+    );
+    // Exporting into it again is refused: an export is never overwritten.
+    assert_one_line_error(&deepnode(db.url(), &["export", &dir_arg]));
+
+    let checks = ["--prefix", subjects.prefix(), "--public-key", &public];
+    let o = offline(&[&["verify", "--from", &dir_arg][..], &checks].concat());
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains(&format!("log: {size} events")), "{out}");
+    assert!(out.contains("tiles: holds"), "{out}");
+    assert_eq!(
+        out.matches("verified").count(),
+        2,
+        "export and stream: {out}"
+    );
+
+    let o = offline(&[&["audit", "--from", &dir_arg][..], &checks].concat());
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("audit: ok"), "{}", stdout(&o));
+
+    // The same past from the files as from the database.
+    for until in [["--until-position", "150"], ["--until-position", "100000"]] {
+        let from_db = deepnode(db.url(), &[&["replay", "--json"][..], &until].concat());
+        let from_files = offline(&[&["replay", "--json", "--from", &dir_arg][..], &until].concat());
+        assert_eq!(from_files.status.code(), Some(0), "{}", stderr(&from_files));
+        assert_eq!(stdout(&from_files), stdout(&from_db));
+    }
+
+    // One event rewritten in the files: the chain breaks there and the checkpoint no longer holds.
+    let events = dir.join("events").join("000000000001.jsonl");
+    let text = std::fs::read_to_string(&events).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let mut line: Value = serde_json::from_str(&lines[16]).unwrap();
+    line["occurred_at"] = json!("2020-01-01T00:00:00Z");
+    lines[16] = line.to_string();
+    std::fs::write(&events, lines.join("\n") + "\n").unwrap();
+    let o = offline(&[&["verify", "--from", &dir_arg][..], &checks].concat());
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains(&format!("verify: FAILED at the checkpoint of size {size}")),
+        "{}",
+        stdout(&o)
+    );
+    let o = offline(&[&["audit", "--from", &dir_arg][..], &checks].concat());
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("BROKEN at position 17"),
+        "{}",
+        stdout(&o)
+    );
+
+    // Put back, but with a tile that is not the tree of the events.
+    std::fs::write(&events, text).unwrap();
+    let tile = dir.join("tile/0/000");
+    let mut bytes = std::fs::read(&tile).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&tile, bytes).unwrap();
+    let o = offline(&[&["verify", "--from", &dir_arg][..], &checks].concat());
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("tiles: tile/0/000 is not the tree of the events"),
+        "{}",
+        stdout(&o)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
     drop_stream(&subjects).await;
 }
 

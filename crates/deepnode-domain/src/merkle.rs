@@ -350,12 +350,184 @@ impl Frontier {
     }
 }
 
+/// Tree levels one tile spans (C2SP tlog-tiles): a tile of level *L* holds nodes of height 8·*L*.
+pub const TILE_HEIGHT: u32 = 8;
+
+/// Hashes in a full tile.
+pub const TILE_WIDTH: usize = 256;
+
+/// One tile of the tree as C2SP tlog-tiles lays it out: the hashes of the nodes at height
+/// `8 · level`, indexes `256 · index ..`, concatenated; fewer than 256 in a partial tile at the
+/// right edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tile {
+    pub level: u32,
+    pub index: u64,
+    pub hashes: Vec<Hash>,
+}
+
+impl Tile {
+    /// Its path: `tile/<L>/<N>`, or `tile/<L>/<N>.p/<W>` when partial; `N` in groups of three
+    /// digits, all but the last prefixed `x` (`x001/x234/067`).
+    pub fn path(&self) -> String {
+        let digits = format!("{:03}", self.index);
+        let padded = format!("{}{digits}", "0".repeat((3 - digits.len() % 3) % 3));
+        let groups: Vec<&str> = padded
+            .as_bytes()
+            .chunks(3)
+            .map(|g| std::str::from_utf8(g).unwrap_or("000"))
+            .collect();
+        let (last, rest) = groups
+            .split_last()
+            .map_or(("000", &[][..]), |(l, r)| (*l, r));
+        let mut path = format!("tile/{}/", self.level);
+        for group in rest {
+            path.push('x');
+            path.push_str(group);
+            path.push('/');
+        }
+        path.push_str(last);
+        if self.hashes.len() < TILE_WIDTH {
+            path.push_str(&format!(".p/{}", self.hashes.len()));
+        }
+        path
+    }
+
+    /// Its contents: the hashes, concatenated.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.hashes.concat()
+    }
+}
+
+/// Cuts a growing tree into tiles: given what each [`Frontier::push`] completes, hands out each
+/// full tile once it is full, and the partial ones at the end.
+#[derive(Debug, Clone, Default)]
+pub struct TileCutter {
+    /// Per tile level, the hashes of its open tile.
+    open: Vec<Vec<Hash>>,
+    /// Per tile level, how many full tiles were handed out.
+    full: Vec<u64>,
+}
+
+impl TileCutter {
+    /// A cutter for the empty tree.
+    pub fn new() -> TileCutter {
+        TileCutter::default()
+    }
+
+    /// Takes the subtrees one leaf completed; returns the tiles they fill.
+    pub fn push(&mut self, completed: &[(Subtree, Hash)]) -> Vec<Tile> {
+        let mut tiles = Vec::new();
+        for (subtree, hash) in completed {
+            if subtree.level % TILE_HEIGHT != 0 {
+                continue;
+            }
+            let level = (subtree.level / TILE_HEIGHT) as usize;
+            if self.open.len() <= level {
+                self.open.resize(level + 1, Vec::new());
+                self.full.resize(level + 1, 0);
+            }
+            self.open[level].push(*hash);
+            if self.open[level].len() == TILE_WIDTH {
+                tiles.push(Tile {
+                    level: level as u32,
+                    index: self.full[level],
+                    hashes: std::mem::take(&mut self.open[level]),
+                });
+                self.full[level] += 1;
+            }
+        }
+        tiles
+    }
+
+    /// The partial tiles of the tree so far (those not full yet).
+    pub fn partial(&self) -> Vec<Tile> {
+        self.open
+            .iter()
+            .zip(&self.full)
+            .enumerate()
+            .filter(|(_, (open, _))| !open.is_empty())
+            .map(|(level, (open, full))| Tile {
+                level: level as u32,
+                index: *full,
+                hashes: open.clone(),
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn tile_paths_follow_tlog_tiles() {
+        let tile = |level, index, width| Tile {
+            level,
+            index,
+            hashes: vec![[0u8; 32]; width],
+        };
+        assert_eq!(tile(0, 0, 256).path(), "tile/0/000");
+        assert_eq!(tile(1, 7, 3).path(), "tile/1/007.p/3");
+        assert_eq!(tile(0, 1234, 256).path(), "tile/0/x001/234");
+        assert_eq!(tile(2, 1_234_067, 256).path(), "tile/2/x001/x234/067");
+    }
+
+    #[test]
+    fn tiles_hold_the_nodes_of_every_eighth_level() {
+        let leaves: Vec<Hash> = (0..70_000u32)
+            .map(|i| leaf_hash(&i.to_be_bytes()))
+            .collect();
+        let (mut frontier, mut cutter) = (Frontier::new(), TileCutter::new());
+        let mut tiles = Vec::new();
+        for leaf in &leaves {
+            tiles.extend(cutter.push(&frontier.push(*leaf)));
+        }
+        tiles.extend(cutter.partial());
+        // 70,000 leaves: 273 full level-0 tiles and one of 112; 273 level-8 nodes → one full
+        // level-1 tile and one of 17; one level-16 node → a level-2 tile of 1.
+        let shape: Vec<(u32, u64, usize)> = tiles
+            .iter()
+            .filter(|t| t.hashes.len() < TILE_WIDTH || t.index == 0)
+            .map(|t| (t.level, t.index, t.hashes.len()))
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                (0, 0, 256),
+                (1, 0, 256),
+                (0, 273, 112),
+                (1, 1, 17),
+                (2, 0, 1)
+            ]
+        );
+        let find = |level: u32, index: u64| {
+            tiles
+                .iter()
+                .find(|t| t.level == level && t.index == index)
+                .unwrap()
+        };
+        // A level-0 tile holds the leaves; a level-1 entry is the hash of 256 of them.
+        assert_eq!(find(0, 3).hashes[5], leaves[3 * 256 + 5]);
+        let level8 = |i: u64| {
+            let mut f = Frontier::new();
+            for l in &leaves[(i * 256) as usize..((i + 1) * 256) as usize] {
+                f.push(*l);
+            }
+            f.root()
+        };
+        assert_eq!(find(1, 1).hashes[16], level8(272));
+        assert_eq!(find(2, 0).hashes[0], {
+            let mut f = Frontier::new();
+            for l in &leaves[..65_536] {
+                f.push(*l);
+            }
+            f.root()
+        });
+    }
 
     fn unhex(s: &str) -> Hash {
         hex::decode(s).unwrap().try_into().unwrap()

@@ -17,6 +17,9 @@ pub enum Error {
         /// Why it could not be decoded.
         source: DecodeError,
     },
+    /// An export's files could not be written or read (path and reason).
+    #[error("export: {0}")]
+    Export(String),
 }
 
 impl From<sqlx::Error> for Error {
@@ -31,7 +34,7 @@ impl Error {
         match self {
             Error::Decode { position, .. } => Some(*position),
             Error::Store(deepnode_store::Error::Decode { position, .. }) => Some(*position),
-            Error::Store(_) => None,
+            Error::Store(_) | Error::Export(_) => None,
         }
     }
 }

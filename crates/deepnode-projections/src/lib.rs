@@ -11,14 +11,18 @@
 
 mod audit;
 mod error;
+pub mod export;
 mod projection;
 mod replay;
 mod rows;
 pub mod synthetic;
 pub mod tree;
 
-pub use audit::{audit, AuditProgress, AuditReport, Difference, DifferenceKind, MAX_LISTED};
+pub use audit::{
+    audit, audit_export, AuditProgress, AuditReport, Difference, DifferenceKind, MAX_LISTED,
+};
 pub use error::Error;
+pub use export::{ExportDir, LogSource};
 pub use projection::{BookProjection, BOOK_PROJECTION};
-pub use replay::{replay, ReplayProgress, Until};
+pub use replay::{replay, replay_from, ReplayProgress, Until};
 pub use rows::{load_deployments, load_executions, load_nodes};

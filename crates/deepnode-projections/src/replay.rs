@@ -10,7 +10,7 @@ use deepnode_domain::book::NodeBook;
 use deepnode_domain::config::PolicyConfig;
 use deepnode_store::EventStore;
 
-use crate::Error;
+use crate::{Error, LogSource};
 
 /// Where a replay stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,13 +40,23 @@ pub async fn replay(
     store: &EventStore,
     until: Until,
     config: &PolicyConfig,
+    progress: impl FnMut(ReplayProgress),
+) -> Result<NodeBook, Error> {
+    replay_from(LogSource::Store(store), until, config, progress).await
+}
+
+/// [`replay`] from either source: the database or an export's files.
+pub async fn replay_from(
+    source: LogSource<'_>,
+    until: Until,
+    config: &PolicyConfig,
     mut progress: impl FnMut(ReplayProgress),
 ) -> Result<NodeBook, Error> {
-    let head = store.head_position().await?;
-    let (target, cutoff) = match until {
-        Until::Position(position) => (position.clamp(0, head), None),
-        Until::Head => (head, None),
-        Until::Time(t) => {
+    let head = source.head().await?;
+    let (target, cutoff) = match (until, source) {
+        (Until::Position(position), _) => (position.clamp(0, head), None),
+        (Until::Head, _) => (head, None),
+        (Until::Time(t), LogSource::Store(store)) => {
             let last: Option<i64> = sqlx::query_scalar(
                 "SELECT max(global_position) FROM events WHERE occurred_at <= $1",
             )
@@ -55,6 +65,8 @@ pub async fn replay(
             .await?;
             (last.unwrap_or(0), Some(t))
         }
+        // Files have no index by time: read them all, fold what occurred by `t` (the same events).
+        (Until::Time(t), LogSource::Export(_)) => (head, Some(t)),
     };
     let mut book = NodeBook::new(config);
     if target == 0 {
@@ -64,7 +76,7 @@ pub async fn replay(
         });
         return Ok(book);
     }
-    let mut pages = store.stream_all(0, Some(target));
+    let mut pages = source.pages(0, Some(target));
     while let Some(page) = pages.recv().await {
         let page = page?;
         for event in &page {

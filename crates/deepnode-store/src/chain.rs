@@ -3,7 +3,7 @@
 //! run 1, 2, 3… without a gap. The first position where any of that fails is reported, so an auditor
 //! learns exactly which row was altered.
 
-use deepnode_domain::log::GENESIS_HASH;
+use deepnode_domain::log::{RecordedEvent, GENESIS_HASH};
 use serde::Serialize;
 use sqlx::PgPool;
 
@@ -53,7 +53,7 @@ pub async fn verify_chain_with(
     mut progress: impl FnMut(u64),
 ) -> Result<ChainReport, Error> {
     let from = from.max(1);
-    let mut expected_prev: Vec<u8> = if from == 1 {
+    let expected_prev: Vec<u8> = if from == 1 {
         GENESIS_HASH.to_vec()
     } else {
         sqlx::query_scalar("SELECT hash FROM events WHERE global_position = $1")
@@ -62,33 +62,85 @@ pub async fn verify_chain_with(
             .await?
             .unwrap_or_else(|| GENESIS_HASH.to_vec())
     };
-    let mut report = ChainReport {
-        verified: 0,
-        last_position: from - 1,
-        first_break: None,
-    };
+    let mut check = ChainCheck::after(from - 1, expected_prev);
     let mut pages = stream_all(pool.clone(), from - 1, to);
     while let Some(page) = pages.recv().await {
         for event in page? {
-            let position = event.global_position;
-            let kind = if position != report.last_position + 1 {
-                Some(BreakKind::Gap)
-            } else if event.prev_hash != expected_prev {
-                Some(BreakKind::PrevHashMismatch)
-            } else if event.expected_hash(&event.prev_hash)[..] != event.hash[..] {
-                Some(BreakKind::HashMismatch)
-            } else {
-                None
-            };
-            if let Some(kind) = kind {
-                report.first_break = Some(ChainBreak { position, kind });
-                return Ok(report);
+            if !check.push(&event) {
+                return Ok(check.report);
             }
-            report.verified += 1;
-            report.last_position = position;
-            expected_prev = event.hash;
         }
-        progress(report.verified);
+        progress(check.report.verified);
     }
-    Ok(report)
+    Ok(check.report)
+}
+
+/// The chain checked one event at a time, in log order, from wherever the events come (the
+/// database, an export's files): positions contiguous, each `prev_hash` the hash before it, each
+/// `hash` recomputed from the event's fields.
+#[derive(Debug, Clone)]
+pub struct ChainCheck {
+    report: ChainReport,
+    expected_prev: Vec<u8>,
+}
+
+impl ChainCheck {
+    /// A check of the log from position 1.
+    pub fn new() -> ChainCheck {
+        ChainCheck::after(0, GENESIS_HASH.to_vec())
+    }
+
+    /// A check continuing after `position`, whose hash is `hash`.
+    pub fn after(position: i64, hash: Vec<u8>) -> ChainCheck {
+        ChainCheck {
+            report: ChainReport {
+                verified: 0,
+                last_position: position,
+                first_break: None,
+            },
+            expected_prev: hash,
+        }
+    }
+
+    /// Checks the next event; `false` once the chain is broken (the break is in the report, and
+    /// every later event is ignored).
+    pub fn push(&mut self, event: &RecordedEvent) -> bool {
+        if self.report.first_break.is_some() {
+            return false;
+        }
+        let position = event.global_position;
+        let kind = if position != self.report.last_position + 1 {
+            Some(BreakKind::Gap)
+        } else if event.prev_hash != self.expected_prev {
+            Some(BreakKind::PrevHashMismatch)
+        } else if event.expected_hash(&event.prev_hash)[..] != event.hash[..] {
+            Some(BreakKind::HashMismatch)
+        } else {
+            None
+        };
+        if let Some(kind) = kind {
+            self.report.first_break = Some(ChainBreak { position, kind });
+            return false;
+        }
+        self.report.verified += 1;
+        self.report.last_position = position;
+        self.expected_prev.clone_from(&event.hash);
+        true
+    }
+
+    /// What was found so far.
+    pub fn report(&self) -> &ChainReport {
+        &self.report
+    }
+
+    /// The report.
+    pub fn into_report(self) -> ChainReport {
+        self.report
+    }
+}
+
+impl Default for ChainCheck {
+    fn default() -> Self {
+        ChainCheck::new()
+    }
 }

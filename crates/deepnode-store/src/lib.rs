@@ -23,7 +23,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
 pub use append::{AppendResult, WriterStats};
-pub use chain::{verify_chain, verify_chain_with, BreakKind, ChainBreak, ChainReport};
+pub use chain::{verify_chain, verify_chain_with, BreakKind, ChainBreak, ChainCheck, ChainReport};
 pub use deepnode_domain::log::{ExpectedVersion, NewEvent, RecordedEvent, StreamId};
 pub use error::Error;
 pub use follower::{Follower, FollowerHandle};

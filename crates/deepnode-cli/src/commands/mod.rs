@@ -5,6 +5,7 @@
 mod audit;
 mod deployments;
 mod events;
+mod export;
 mod keygen;
 mod migrate;
 mod nodes;
@@ -39,5 +40,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Keygen(args) => keygen::run(args),
         Command::Verify(args) => verify::run(&cli, args).await,
         Command::Witness(args) => witness::run(&cli, args).await,
+        Command::Export(args) => export::run(&cli, args).await,
     }
 }

@@ -2,7 +2,7 @@
 //! deployments as they were then. An event this binary cannot fold stops the replay with exit 1 and
 //! its position — never a silently different past.
 
-use deepnode_projections::{replay, Error, Until};
+use deepnode_projections::{replay_from, Error, Until};
 use serde_json::json;
 
 use super::Outcome;
@@ -12,14 +12,14 @@ use crate::{context, progress, render};
 /// Replays and prints.
 pub async fn run(cli: &Cli, args: &ReplayArgs) -> anyhow::Result<Outcome> {
     let config = context::load_config(cli)?;
-    let store = context::connect(cli).await?;
+    let log = context::open_log(cli, args.from.as_deref()).await?;
     let until = match (args.until_position, args.until_time) {
         (Some(position), _) => Until::Position(position),
         (None, Some(t)) => Until::Time(t.with_timezone(&chrono::Utc)),
         (None, None) => Until::Head,
     };
     let bar = progress::bar("replay", 0);
-    let result = replay(&store, until, &config, |p| {
+    let result = replay_from(log.source(), until, &config, |p| {
         bar.set_length(u64::try_from(p.target).unwrap_or(0));
         bar.set_position(u64::try_from(p.position).unwrap_or(0));
     })

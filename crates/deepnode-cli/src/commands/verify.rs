@@ -14,15 +14,15 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use anyhow::Context as _;
-use deepnode_domain::merkle::{self, Frontier, Hash};
+use anyhow::{bail, Context as _};
+use deepnode_domain::merkle::{self, Frontier, Hash, Subtree, Tile, TileCutter};
 use deepnode_domain::note::{Checkpoint, NoteVerifier, SignedNote};
-use deepnode_projections::tree;
+use deepnode_projections::{tree, ExportDir};
 use serde::Serialize;
 
 use super::Outcome;
-use crate::cli::{Cli, VerifyArgs, VerifyWhat};
-use crate::context;
+use crate::cli::{CheckpointArgs, Cli, VerifyArgs, VerifyWhat};
+use crate::context::{self, Log};
 
 /// One checkpoint as found, and what was made of it.
 #[derive(Debug, Serialize)]
@@ -43,26 +43,64 @@ struct Found {
 
 /// The run's report.
 #[derive(Debug, Serialize)]
-struct Report {
-    ok: bool,
+pub(crate) struct Report {
+    pub(crate) ok: bool,
     head: u64,
     checkpoints: Vec<Found>,
     /// Sources that could not be read (the stream when NATS is unreachable…).
     unread: Vec<String>,
     /// The first failing checkpoint and position, when one failed.
-    first_failure: Option<String>,
+    pub(crate) first_failure: Option<String>,
+    /// Whether signatures were checked (public keys were given).
+    signatures_checked: bool,
+    /// For an export: whether its tiles are the tree of its events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tiles: Option<String>,
 }
 
 /// Verifies and prints the report.
 pub async fn run(cli: &Cli, args: &VerifyArgs) -> anyhow::Result<Outcome> {
-    let keys = public_keys(&args.public_key)?;
-    let store = context::connect(cli).await?;
-    let (mut found, unread) = gather(cli, args, &store, &keys).await?;
+    let log = context::open_log(cli, args.from.as_deref()).await?;
     if let Some(VerifyWhat::Receipt { file }) = &args.what {
-        return receipt(&store, file, &keys, &found, keys.is_empty()).await;
+        let Log::Store(store) = &log else {
+            bail!("verify receipt proves inclusion from the database's stored tree; it does not take --from");
+        };
+        let keys = public_keys(&args.sources.public_key)?;
+        let (found, _) = gather(cli, &args.sources, &log, &keys).await?;
+        return receipt(store, file, &keys, &found, keys.is_empty()).await;
     }
-    let head = check_against_log(&store, &mut found).await?;
-    let mut first_failure = None;
+    let report = check(cli, &args.sources, &log).await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).context("serialising the report")?
+        );
+    } else {
+        println!("log: {} events", report.head);
+        print_lines(&report);
+        match &report.first_failure {
+            None => println!("verify: ok"),
+            Some(why) => println!("verify: FAILED at the {why}"),
+        }
+    }
+    Ok(if report.ok {
+        Outcome::Clean
+    } else {
+        Outcome::Difference
+    })
+}
+
+/// The whole check, `verify`'s and `audit`'s: every checkpoint to be had from `sources` and the
+/// log's own (database or export), each signature against the keys given, then the log streamed
+/// once against all of them — and, for an export, its tiles against the tree of its events.
+pub(crate) async fn check(
+    cli: &Cli,
+    sources: &CheckpointArgs,
+    log: &Log,
+) -> anyhow::Result<Report> {
+    let keys = public_keys(&sources.public_key)?;
+    let (mut found, unread) = gather(cli, sources, log, &keys).await?;
+    let (head, tiles) = check_against_log(log, &mut found).await?;
     // A fork: two checkpoints of one size that disagree.
     let mut by_size: BTreeMap<u64, Hash> = BTreeMap::new();
     for f in &mut found {
@@ -73,47 +111,51 @@ pub async fn run(cli: &Cli, args: &VerifyArgs) -> anyhow::Result<Outcome> {
             }
         }
     }
-    if let Some(f) = found.iter().find(|f| f.failed) {
-        first_failure = Some(format!(
+    let mut first_failure = found.iter().find(|f| f.failed).map(|f| {
+        format!(
             "checkpoint of size {} ({}): {}; {}",
             f.tree_size, f.source, f.signature, f.log
-        ));
+        )
+    });
+    if let Some(problem) = tiles.as_ref().filter(|t| *t != "holds") {
+        first_failure.get_or_insert_with(|| format!("export's tiles: {problem}"));
     }
-    let report = Report {
+    Ok(Report {
         ok: first_failure.is_none(),
         head,
         checkpoints: found,
         unread,
         first_failure,
-    };
-    print(&report, args.json, keys.is_empty())?;
-    Ok(if report.ok {
-        Outcome::Clean
-    } else {
-        Outcome::Difference
+        signatures_checked: !keys.is_empty(),
+        tiles,
     })
 }
 
-/// Every checkpoint to be had — the database's, the stream's, the files' — read and sorted by
-/// size, and the sources that could not be read.
+/// Every checkpoint to be had — the log's own (database or export), the stream's, the files' —
+/// read and sorted by size, and the sources that could not be read.
 async fn gather(
     cli: &Cli,
-    args: &VerifyArgs,
-    store: &deepnode_store::EventStore,
+    sources: &CheckpointArgs,
+    log: &Log,
     keys: &[NoteVerifier],
 ) -> anyhow::Result<(Vec<Found>, Vec<String>)> {
     let mut unread = Vec::new();
-    let mut notes: Vec<(String, String)> = tree::checkpoints(store.pool())
-        .await
-        .context("reading log_checkpoints")?
-        .into_iter()
-        .map(|c| ("database".to_owned(), c.note))
-        .collect();
-    match stream_notes(cli, &args.prefix).await {
+    let mut notes: Vec<(String, String)> = match log {
+        Log::Store(store) => tree::checkpoints(store.pool())
+            .await
+            .context("reading log_checkpoints")?
+            .into_iter()
+            .map(|c| ("database".to_owned(), c.note))
+            .collect(),
+        Log::Export(dir) => dir
+            .checkpoints()
+            .context("reading the export's checkpoints")?,
+    };
+    match stream_notes(cli, &sources.prefix).await {
         Ok(found) => notes.extend(found),
         Err(e) => unread.push(format!("stream: {e:#}")),
     }
-    for path in &args.checkpoint {
+    for path in &sources.checkpoint {
         let note = std::fs::read_to_string(path)
             .with_context(|| format!("reading checkpoint file {}", path.display()))?;
         notes.push((path.display().to_string(), note));
@@ -345,19 +387,25 @@ fn read(source: String, note: &str, keys: &[NoteVerifier]) -> Option<Found> {
 }
 
 /// Streams the log once, recomputing the tree, and checks each checkpoint's root at its size
-/// (`found` sorted by size). Returns the log's head.
+/// (`found` sorted by size). Returns the log's head and, for an export, what became of its tiles.
 async fn check_against_log(
-    store: &deepnode_store::EventStore,
+    log: &Log,
     found: &mut [Found],
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, Option<String>)> {
     let mut frontier = Frontier::new();
     let mut next = 0usize;
     let mut last_good = 0u64;
     // The first block of stored leaves whose hash the log no longer gives, as positions.
     let mut changed: Option<(u64, u64)> = None;
-    let mut after = 0i64;
+    // An export's tiles, cut again from the recomputed tree and compared.
+    let mut tiles = match log {
+        Log::Export(dir) => Some(TileCheck::new(dir)),
+        Log::Store(_) => None,
+    };
     // The chain starts from 32 zero bytes (`log_head` of an empty log).
     let mut prev = vec![0u8; 32];
+    let mut after = 0i64;
+    let mut pages = log.source().pages(0, None);
     loop {
         // Checkpoints end exactly at a size: each is checked as the tree reaches it (an empty
         // tree's before the first event).
@@ -367,26 +415,33 @@ async fn check_against_log(
             judge(f, holds, changed, &mut last_good);
             next += 1;
         }
-        let page = store
-            .read_all(after, 2_000)
-            .await
-            .context("reading the log")?;
-        let Some(last) = page.last() else { break };
-        let stored = stored_blocks(store.pool(), after, last.global_position).await?;
+        let Some(page) = pages.recv().await else {
+            break;
+        };
+        let page = page.context("reading the log")?;
+        let Some(last) = page.last() else { continue };
+        let stored = match log {
+            Log::Store(store) => stored_blocks(store.pool(), after, last.global_position).await?,
+            Log::Export(_) => BTreeMap::new(),
+        };
         after = last.global_position;
         for event in &page {
             // The leaf from the event's own fields, never from the hash stored beside them.
             let (leaf, hash) = tree::leaf_recomputed(event, &prev);
             prev = hash.to_vec();
-            for (subtree, hash) in frontier.push(leaf) {
+            let completed = frontier.push(leaf);
+            for (subtree, hash) in &completed {
                 let block = subtree.level == tree::LOWEST_STORED_LEVEL;
                 if block
                     && changed.is_none()
-                    && stored.get(&subtree.index).is_some_and(|s| *s != hash)
+                    && stored.get(&subtree.index).is_some_and(|s| s != hash)
                 {
                     let first = (subtree.index << subtree.level) + 1;
                     changed = Some((first, first + (1 << subtree.level) - 1));
                 }
+            }
+            if let Some(tiles) = &mut tiles {
+                tiles.push(&completed)?;
             }
             while next < found.len() && found[next].tree_size == frontier.size() {
                 let f = &mut found[next];
@@ -406,7 +461,58 @@ async fn check_against_log(
             f.tree_size
         );
     }
-    Ok(head)
+    let tiles = match tiles {
+        Some(t) => Some(t.finish()?),
+        None => None,
+    };
+    Ok((head, tiles))
+}
+
+/// An export's tiles against the tree recomputed from its events: the first missing or differing
+/// tile, else `holds`.
+struct TileCheck<'a> {
+    dir: &'a ExportDir,
+    cutter: TileCutter,
+    problem: Option<String>,
+}
+
+impl<'a> TileCheck<'a> {
+    fn new(dir: &'a ExportDir) -> Self {
+        TileCheck {
+            dir,
+            cutter: TileCutter::new(),
+            problem: None,
+        }
+    }
+
+    fn push(&mut self, completed: &[(Subtree, Hash)]) -> anyhow::Result<()> {
+        for tile in self.cutter.push(completed) {
+            self.compare(&tile)?;
+        }
+        Ok(())
+    }
+
+    fn compare(&mut self, tile: &Tile) -> anyhow::Result<()> {
+        if self.problem.is_some() {
+            return Ok(());
+        }
+        let path = tile.path();
+        self.problem = match self.dir.tile(&path).context("reading a tile")? {
+            None => Some(format!("{path} is missing")),
+            Some(bytes) if bytes != tile.bytes() => {
+                Some(format!("{path} is not the tree of the events"))
+            }
+            Some(_) => None,
+        };
+        Ok(())
+    }
+
+    fn finish(mut self) -> anyhow::Result<String> {
+        for tile in self.cutter.partial() {
+            self.compare(&tile)?;
+        }
+        Ok(self.problem.unwrap_or_else(|| "holds".to_owned()))
+    }
 }
 
 /// Records whether checkpoint `f` holds; if not, where the log changed: the first block of stored
@@ -454,15 +560,8 @@ async fn stored_blocks(
         .collect())
 }
 
-fn print(report: &Report, json: bool, no_keys: bool) -> anyhow::Result<()> {
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string(report).context("serialising the report")?
-        );
-        return Ok(());
-    }
-    println!("log: {} events", report.head);
+/// The report's lines, between the head line and the verdict (also printed by `audit`).
+pub(crate) fn print_lines(report: &Report) {
     for source in &report.unread {
         println!("not read: {source}");
     }
@@ -475,12 +574,10 @@ fn print(report: &Report, json: bool, no_keys: bool) -> anyhow::Result<()> {
             f.tree_size, f.source, f.signature, f.log
         );
     }
-    if no_keys {
+    if let Some(tiles) = &report.tiles {
+        println!("tiles: {tiles}");
+    }
+    if !report.signatures_checked {
         println!("signatures were not checked: give the log's public key (--public-key or DEEPNODE_LOG_PUBLIC_KEYS)");
     }
-    match &report.first_failure {
-        None => println!("verify: ok"),
-        Some(why) => println!("verify: FAILED at the {why}"),
-    }
-    Ok(())
 }

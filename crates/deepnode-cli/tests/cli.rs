@@ -577,6 +577,126 @@ async fn verify_names_the_position_of_a_rewritten_event() {
     drop_stream(&subjects).await;
 }
 
+/// The thorough rewrite: one event changed, every later chain hash recomputed, `log_head` moved
+/// and the stored tree rebuilt — the chain and the database's own tree agree with the new history.
+/// The checkpoint published before does not, and the receipt given for an execution after the
+/// change no longer verifies.
+#[tokio::test]
+async fn a_rewrite_with_every_later_hash_recomputed_fails_verify_and_the_receipts_after_it() {
+    use deepnode_domain::merkle;
+    use deepnode_domain::note::{receipt_text, NoteSigner};
+    use deepnode_projections::tree::TreeProjection;
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let key = NoteSigner::from_seed("deepnode.test/log", [8; 32]).unwrap();
+    let public = key.verifier().encode();
+    let (subjects, size) = checkpointed(&store, 30, &key).await;
+    // the receipt of the last execution, as the scheduler gave it
+    let position: i64 = sqlx::query_scalar(
+        "SELECT max(global_position) FROM events WHERE event_type = 'ExecutionCompleted'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    let event = store.read_all(position - 1, 1).await.unwrap().remove(0);
+    let leaf = merkle::leaf_hash(&event.hash);
+    let text = receipt_text(key.name(), u64::try_from(position).unwrap(), &leaf);
+    let reply = json!({"ok": true, "node_id": event.payload["node_id"], "receipt": {
+        "position": position, "leaf_hash": hex::encode(leaf), "origin": key.name(),
+        "signature": key.signature(&text)}});
+
+    // Rewrite event 20's time, recompute every hash from there, move the head, rebuild the tree.
+    let events = store.read_all(0, 100_000).await.unwrap();
+    let mut conn = store.pool().acquire().await.unwrap();
+    for statement in [
+        "ALTER TABLE events DISABLE TRIGGER USER",
+        "ALTER TABLE log_head DISABLE TRIGGER USER",
+        "ALTER TABLE merkle_subtrees DISABLE TRIGGER USER",
+    ] {
+        sqlx::query(statement).execute(&mut *conn).await.unwrap();
+    }
+    let mut prev = events[18].hash.clone();
+    for mut e in events.into_iter().skip(19) {
+        if e.global_position == 20 {
+            e.occurred_at += chrono::Duration::seconds(1);
+        }
+        let hash = e.expected_hash(&prev).to_vec();
+        sqlx::query(
+            "UPDATE events SET occurred_at = $2, prev_hash = $3, hash = $4 WHERE global_position = $1",
+        )
+        .bind(e.global_position)
+        .bind(e.occurred_at)
+        .bind(&prev)
+        .bind(&hash)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        prev = hash;
+    }
+    sqlx::query("UPDATE log_head SET hash = $1")
+        .bind(&prev)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM merkle_subtrees")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE projection_checkpoints SET global_position = 0 WHERE projection = 'merkle'",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    for statement in [
+        "ALTER TABLE events ENABLE TRIGGER USER",
+        "ALTER TABLE log_head ENABLE TRIGGER USER",
+        "ALTER TABLE merkle_subtrees ENABLE TRIGGER USER",
+    ] {
+        sqlx::query(statement).execute(&mut *conn).await.unwrap();
+    }
+    drop(conn);
+    ProjectionRunner::new(store.pool().clone(), TreeProjection::new())
+        .run_to_head()
+        .await
+        .unwrap();
+    let chain = deepnode_store::verify_chain(store.pool(), 0, None)
+        .await
+        .unwrap();
+    assert!(
+        chain.first_break.is_none(),
+        "the chain holds after the rewrite"
+    );
+
+    let o = verify(db.url(), &subjects, &public);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains(&format!("verify: FAILED at the checkpoint of size {size}")),
+        "{}",
+        stdout(&o)
+    );
+    let path = std::env::temp_dir().join(format!("deepnode-reply-{}.json", uuid::Uuid::new_v4()));
+    std::fs::write(&path, reply.to_string()).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_deepnode"))
+        .args(["verify", "receipt"])
+        .arg(&path)
+        .args(["--prefix", subjects.prefix(), "--public-key", &public])
+        .env("DATABASE_URL", db.url())
+        .env("NATS_URL", deepnode_testkit::nats_url())
+        .output()
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains(&format!(
+            "the log's event at position {position} is not the one the receipt signed"
+        )),
+        "{}",
+        stdout(&o)
+    );
+    drop_stream(&subjects).await;
+}
+
 #[tokio::test]
 async fn verify_receipt_checks_signature_event_inclusion_and_outcome() {
     use deepnode_domain::merkle;
@@ -803,6 +923,17 @@ async fn a_witness_cosigns_checkpoints_that_extend_the_last_and_refuses_one_that
     let o = witness_once();
     assert_eq!(o.status.code(), Some(1), "{}{}", stdout(&o), stderr(&o));
     assert!(stderr(&o).contains("REFUSED"), "{}", stderr(&o));
+    // with both checkpoints as evidence
+    assert!(
+        stderr(&o).contains(&format!(
+            "accepted: size {}, root {}",
+            second.tree_size,
+            hex::encode(second.root)
+        )),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains(&forged.text()), "{}", stderr(&o));
     assert!(
         latest().await.verify(&witness.verifier()).is_err(),
         "the forged checkpoint was not co-signed"

@@ -89,9 +89,15 @@ async fn witness_latest(
         return Ok(None);
     }
     if let Some((size, root)) = *accepted {
+        // The evidence a refusal prints: what was accepted, and the note offered instead.
+        let evidence = format!(
+            "accepted: size {size}, root {}\noffered:\n{}",
+            hex::encode(root),
+            note.render()
+        );
         if checkpoint.size < size {
             bail!(
-                "the checkpoint of size {} is smaller than the accepted {size}",
+                "the checkpoint of size {} is smaller than the accepted {size}\n{evidence}",
                 checkpoint.size
             );
         }
@@ -108,7 +114,7 @@ async fn witness_latest(
         merkle::verify_consistency(size, checkpoint.size, &root, &checkpoint.root, &hashes)
             .with_context(|| {
                 format!(
-                    "the checkpoint of size {} does not extend the accepted one of size {size}",
+                    "the checkpoint of size {} does not extend the accepted one of size {size}\n{evidence}",
                     checkpoint.size
                 )
             })?;

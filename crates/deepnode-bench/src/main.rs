@@ -14,7 +14,9 @@ mod procs;
 mod read;
 mod report;
 mod system;
+mod tlog;
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -51,6 +53,23 @@ enum Command {
     /// processes (one copy each, then two), `deepnode sim` as the nodes, and this process as the
     /// outside client (figures in `docs/BENCHMARKS-system.md`).
     System(system::SystemArgs),
+    /// The log's Merkle tree (issue 14): fill a log, build its tree, then time inclusion and
+    /// consistency proofs, `deepnode verify` over the whole log, and a receipt's signature.
+    Tlog(TlogArgs),
+}
+
+/// Options of `tlog`.
+#[derive(Args, Debug, Clone)]
+pub struct TlogArgs {
+    /// Events in the log.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: u64,
+    /// Inclusion proofs, and as many consistency proofs, to time.
+    #[arg(long, default_value_t = 1_000)]
+    pub proofs: usize,
+    /// Approximate size of each event's JSON payload in bytes.
+    #[arg(long, default_value_t = 300)]
+    pub payload_bytes: usize,
 }
 
 /// Options of `append`.
@@ -126,6 +145,13 @@ async fn run(cli: Cli) -> Result<()> {
     let outcome = match &cli.command {
         Command::Append(args) => append::run(&bench_db, args).await,
         Command::Read(args) => read::run(&bench_db, args).await,
+        Command::Tlog(args) => match std::env::current_exe() {
+            Ok(exe) => {
+                let bin_dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+                tlog::run(&bench_db, args, &bin_dir).await
+            }
+            Err(e) => Err(e.into()),
+        },
         Command::System(_) => unreachable!("handled above"),
     };
     if cli.keep {

@@ -96,7 +96,7 @@ pub async fn run(db: &BenchDb, args: &ReadArgs) -> Result<String> {
 
 /// Appends `args.events` events: `fill_tasks` tasks, each appending `fill_batch` events at a time to
 /// streams of its own.
-async fn fill(store: &EventStore, args: &ReadArgs) -> Result<()> {
+pub(crate) async fn fill(store: &EventStore, args: &ReadArgs) -> Result<()> {
     let appends = args.events.div_ceil(args.fill_batch as u64);
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();

@@ -58,6 +58,10 @@ pub struct SystemArgs {
     /// Measured seconds of each phase.
     #[arg(long, default_value_t = 10.0)]
     pub seconds: f64,
+    /// Give the services a (throwaway) log key, so checkpoints and every exec reply's receipt are
+    /// signed.
+    #[arg(long)]
+    pub log_key: bool,
     /// Open-loop rates (exec/s), each its own phase; the last is also the direct-request rate.
     #[arg(long, value_delimiter = ',', default_value = "100,1000")]
     pub rates: Vec<u32>,
@@ -120,7 +124,7 @@ pub async fn run(database_url: &str, keep: bool, args: &SystemArgs) -> Result<()
     };
     println!("# deepnode-bench system\n");
     println!(
-        "{} · {} s per phase, rates {:?} exec/s, {} closed-loop clients, {} nodes of capacity {} answering in ~{} ms · logs in {}\n",
+        "{} · {} s per phase, rates {:?} exec/s, {} closed-loop clients, {} nodes of capacity {} answering in ~{} ms · {} · logs in {}\n",
         machine_line(),
         args.seconds,
         args.rates,
@@ -128,6 +132,11 @@ pub async fn run(database_url: &str, keep: bool, args: &SystemArgs) -> Result<()
         args.nodes,
         args.node_capacity,
         args.node_latency_ms,
+        if args.log_key {
+            "signed checkpoints and receipts (a log key)"
+        } else {
+            "no log key"
+        },
         log_root.display()
     );
     for &copies in &args.copies {
@@ -153,6 +162,8 @@ struct Deployment {
     subjects: Subjects,
     bin_dir: PathBuf,
     log_dir: PathBuf,
+    /// The deployment's own NATS (`audit` reads its checkpoints stream there).
+    nats_url: String,
     nodes: Vec<String>,
     /// `ok` exec replies over the whole run (every one must be a charged execution in the log).
     ok_replies: u64,
@@ -184,7 +195,7 @@ impl Deployment {
         .with_context(|| format!("starting {}", args.nats_server))?;
         let client = connect_nats(&nats_url).await?;
         let db = BenchDb::create(database_url).await?;
-        let env = [
+        let mut env = vec![
             ("DATABASE_URL", db.url.clone()),
             ("NATS_URL", nats_url.clone()),
             ("DEEPNODE_METRICS_ADDR", "off".to_owned()),
@@ -193,6 +204,17 @@ impl Deployment {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
             ),
         ];
+        if args.log_key {
+            // A throwaway key: checkpoints and receipts are signed, as in a deployment that has one.
+            let key = deepnode_domain::note::NoteSigner::from_seed(
+                "deepnode.bench/log",
+                rand::random::<[u8; 32]>(),
+            )?;
+            let path = log_dir.join("log.key");
+            std::fs::write(&path, key.encode() + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+            env.push(("DEEPNODE_LOG_KEY", path.display().to_string()));
+        }
         let mut services = Vec::new();
         for copy in 1..=copies {
             for name in SERVICES {
@@ -235,6 +257,7 @@ impl Deployment {
             subjects,
             bin_dir: bin_dir.to_path_buf(),
             log_dir: log_dir.to_path_buf(),
+            nats_url,
             nodes: Vec::new(),
             ok_replies: 0,
         };
@@ -887,6 +910,7 @@ async fn audit(d: &Deployment) -> Result<()> {
     let started = Instant::now();
     let out = Command::new(d.bin_dir.join("deepnode"))
         .env("DATABASE_URL", &d.db.url)
+        .env("NATS_URL", &d.nats_url)
         .arg("audit")
         .output()
         .await

@@ -944,6 +944,77 @@ async fn a_witness_cosigns_checkpoints_that_extend_the_last_and_refuses_one_that
         "{state}"
     );
 
+    // A real fork: the database restored from a copy taken at the first checkpoint, other events
+    // appended past everything accepted, the tree rebuilt, and the log key signs a checkpoint of
+    // it. The witness refuses it; `verify` names the checkpoint the witness had accepted.
+    sql(
+        &store,
+        &[
+            "ALTER TABLE events DISABLE TRIGGER USER",
+            "ALTER TABLE log_head DISABLE TRIGGER USER",
+            "ALTER TABLE log_checkpoints DISABLE TRIGGER USER",
+            &format!("DELETE FROM events WHERE global_position > {first}"),
+            &format!(
+                "UPDATE log_head SET position = {first}, hash = (SELECT hash FROM events WHERE global_position = {first})"
+            ),
+            &format!("DELETE FROM log_checkpoints WHERE tree_size > {first}"),
+            "DELETE FROM merkle_subtrees",
+            "UPDATE projection_checkpoints SET global_position = 0 WHERE projection = 'merkle'",
+            "ALTER TABLE events ENABLE TRIGGER USER",
+            "ALTER TABLE log_head ENABLE TRIGGER USER",
+            "ALTER TABLE log_checkpoints ENABLE TRIGGER USER",
+        ],
+    )
+    .await;
+    let restored = db.store().await;
+    let other: Vec<_> = (0..size - first + 3)
+        .map(|i| event("Other", json!({"n": i})))
+        .collect();
+    restored
+        .append(
+            &StreamId::parse("fork").unwrap(),
+            ExpectedVersion::Any,
+            other,
+        )
+        .await
+        .unwrap();
+    ProjectionRunner::new(restored.pool().clone(), TreeProjection::new())
+        .run_to_head()
+        .await
+        .unwrap();
+    let fork = tree::take_checkpoint(
+        restored.pool(),
+        log.name(),
+        Some(&log),
+        cadence,
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(fork.tree_size > size);
+    publish(fork.note.clone()).await;
+    let o = witness_once();
+    assert_eq!(o.status.code(), Some(1), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!(
+            "does not extend the accepted one of size {}",
+            second.tree_size
+        )),
+        "{}",
+        stderr(&o)
+    );
+    let o = verify(db.url(), &subjects, &log.verifier().encode());
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains(&format!(
+            "verify: FAILED at the checkpoint of size {}",
+            second.tree_size
+        )),
+        "{}",
+        stdout(&o)
+    );
+
     proofs.abort();
     std::fs::remove_dir_all(&dir).unwrap();
     drop_stream(&subjects).await;

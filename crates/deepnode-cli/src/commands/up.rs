@@ -18,7 +18,7 @@ mod traffic;
 mod view;
 
 use std::io::IsTerminal as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -26,6 +26,7 @@ use deepnode_bus::async_nats::Client;
 use deepnode_bus::envelope::{ErrorCode, Reply};
 use deepnode_bus::{rpc, Subjects};
 use deepnode_domain::ids::NodeId;
+use deepnode_domain::note::NoteSigner;
 use deepnode_runtime::Shutdown;
 use deepnode_sim::{Behaviour, Latency, Sim, SimConfig, SimNode};
 use deepnode_store::EventStore;
@@ -99,6 +100,7 @@ pub async fn run(cli: &Cli, args: &UpArgs) -> anyhow::Result<Outcome> {
             .with_context(|| format!("DEEPNODE_CONFIG {}", config.display()))?;
         env.push(("DEEPNODE_CONFIG", absolute.display().to_string()));
     }
+    let log_key = demo_log_key(&args.log_dir, &mut env)?;
     // The scheduler's metrics on a port we know, for the live view's queue figures.
     let scheduler_metrics =
         free_local_addr().context("finding a free port for the scheduler's metrics")?;
@@ -118,6 +120,7 @@ pub async fn run(cli: &Cli, args: &UpArgs) -> anyhow::Result<Outcome> {
         run_dir,
         start_position,
         scheduler_metrics,
+        log_key,
         shutdown,
     };
     let result = demo.run(&mut services).await;
@@ -142,6 +145,8 @@ struct Demo<'a> {
     start_position: i64,
     /// Where the scheduler serves `/metrics`.
     scheduler_metrics: std::net::SocketAddr,
+    /// The public key the services sign with (for the summary's `verify`).
+    log_key: String,
     shutdown: Shutdown,
 }
 
@@ -654,8 +659,34 @@ impl Demo<'_> {
         println!("  psql '{url}' -c \"SELECT model_id, node_id, tier, assigned_at FROM deployments WHERE model_id IN ({model_list}) ORDER BY model_id, tier DESC\"");
         println!("  psql '{url}' -c \"SELECT charged, status, attempts, count(*) FROM executions WHERE request_id LIKE 'up-{run}-%' GROUP BY 1, 2, 3 ORDER BY 4 DESC\"");
         println!("  psql '{url}' -c \"SELECT global_position, event_type, payload FROM events WHERE stream_id = (SELECT 'exec-' || request_id FROM executions WHERE request_id LIKE 'up-{run}-%' AND NOT charged LIMIT 1) ORDER BY global_position\"");
-        println!("  deepnode audit     # verify the hash chain and recompute every projection");
+        println!("  deepnode audit     # verify the hash chain, recompute every projection, check the checkpoints");
+        println!(
+            "  deepnode verify --public-key '{}'   # the log against its signed checkpoints (docs/VERIFY.md)",
+            self.log_key
+        );
     }
+}
+
+/// The log key the services sign checkpoints and receipts with: the file `DEEPNODE_LOG_KEY` names
+/// if set (the services inherit it), else the demo's own, made on the first run and kept in
+/// `log_dir` so every run of the demo signs as the same log. Returns its public key.
+fn demo_log_key(log_dir: &Path, env: &mut Vec<(&str, String)>) -> anyhow::Result<String> {
+    let path = match std::env::var_os("DEEPNODE_LOG_KEY").filter(|p| !p.is_empty()) {
+        Some(path) => PathBuf::from(path),
+        None => {
+            let path = log_dir.join("log.key");
+            if !path.exists() {
+                super::keygen::write_new(&path, &super::keygen::new_key("deepnode.local/log")?)?;
+            }
+            env.push(("DEEPNODE_LOG_KEY", path.display().to_string()));
+            path
+        }
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the log key {}", path.display()))?;
+    let key =
+        NoteSigner::decode(&text).with_context(|| format!("the log key {}", path.display()))?;
+    Ok(key.verifier().encode())
 }
 
 /// Which bad behaviour (0 never answers, 1 garbage, 2 error-prone) node `i` (1-based) of `count`

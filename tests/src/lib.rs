@@ -166,11 +166,24 @@ impl Cluster {
 
     /// Starts one more scheduler copy (queue group) and waits until a schedule request is answered.
     pub async fn start_scheduler(&mut self, producer: &str) -> anyhow::Result<()> {
+        self.start_scheduler_signing(producer, None).await
+    }
+
+    /// [`Cluster::start_scheduler`], signing every receipt with `log_key`.
+    pub async fn start_scheduler_signing(
+        &mut self,
+        producer: &str,
+        log_key: Option<deepnode_domain::note::NoteSigner>,
+    ) -> anyhow::Result<()> {
         let ctx = self.context(producer).await?;
         let shutdown = Shutdown::new();
         let stop = shutdown.clone();
+        let options = SchedulerOptions {
+            log_key,
+            ..SchedulerOptions::default()
+        };
         let task = tokio::spawn(async move {
-            deepnode_scheduler::run(ctx, SchedulerOptions::default(), stop)
+            deepnode_scheduler::run(ctx, options, stop)
                 .await
                 .map_err(anyhow::Error::from)
         });

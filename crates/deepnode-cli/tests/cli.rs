@@ -391,6 +391,21 @@ async fn verify_holds_on_an_untouched_log_and_names_a_tail_cut_by_the_database_o
         stdout(&o)
     );
 
+    // A rotated key: the log's older key under the same name, given first, does not stand in the
+    // way of the one that signed.
+    let older =
+        deepnode_domain::note::NoteSigner::from_seed("deepnode.test/log", [30; 32]).unwrap();
+    let both = format!("{},{public}", older.verifier().encode());
+    let o = verify(db.url(), &subjects, &both);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    let o = verify(db.url(), &subjects, &older.verifier().encode());
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "only the older key: {}",
+        stdout(&o)
+    );
+
     // A key of another name is not the log's: its checkpoints are not trusted.
     let stranger =
         deepnode_domain::note::NoteSigner::from_seed("someone.else/log", [4; 32]).unwrap();

@@ -198,23 +198,16 @@ async fn receipt(
 
     // 1. Signed by the log's key.
     let statement = deepnode_domain::note::receipt_text(origin, position, &leaf);
-    let signature = match (
-        keys.iter().find(|k| k.name() == origin),
-        receipt["signature"].as_str(),
-    ) {
+    let signature = match receipt["signature"].as_str() {
         _ if no_keys => "unchecked (no public key given)".to_owned(),
-        (None, _) => {
-            failures.push(format!("no public key named {origin}"));
-            "FAILED".to_owned()
-        }
-        (Some(_), None) => {
+        None => {
             failures.push("the receipt is not signed".to_owned());
             "FAILED".to_owned()
         }
-        (Some(key), Some(sig)) => match key.verify(&statement, sig) {
+        Some(sig) => match signed_by_one_of(keys, origin, |k| k.verify(&statement, sig)) {
             Ok(()) => "verified".to_owned(),
             Err(e) => {
-                failures.push(e.to_string());
+                failures.push(e);
                 "FAILED".to_owned()
             }
         },
@@ -362,15 +355,10 @@ fn read(source: String, note: &str, keys: &[NoteVerifier]) -> Option<Found> {
             return None;
         }
     };
-    let key = keys.iter().find(|k| k.name() == checkpoint.origin);
-    let (signature, failed) = match (key, &signed) {
-        (None, _) if keys.is_empty() => ("unchecked (no public key given)".to_owned(), false),
-        (None, _) => (
-            format!("FAILED: no public key named {}", checkpoint.origin),
-            true,
-        ),
-        (Some(_), None) => ("FAILED: unsigned".to_owned(), true),
-        (Some(k), Some(note)) => match note.verify(k) {
+    let (signature, failed) = match &signed {
+        _ if keys.is_empty() => ("unchecked (no public key given)".to_owned(), false),
+        None => ("FAILED: unsigned".to_owned(), true),
+        Some(note) => match signed_by_one_of(keys, &checkpoint.origin, |k| note.verify(k)) {
             Ok(()) => ("verified".to_owned(), false),
             Err(e) => (format!("FAILED: {e}"), true),
         },
@@ -384,6 +372,23 @@ fn read(source: String, note: &str, keys: &[NoteVerifier]) -> Option<Found> {
         root_hash: checkpoint.root,
         failed,
     })
+}
+
+/// Whether one of the keys named `origin` signed (`check` with each): a log may have rotated its key,
+/// and every key it had is given under the same name, each with its own key id.
+fn signed_by_one_of(
+    keys: &[NoteVerifier],
+    origin: &str,
+    check: impl Fn(&NoteVerifier) -> Result<(), deepnode_domain::note::NoteError>,
+) -> Result<(), String> {
+    let mut last = format!("no public key named {origin}");
+    for key in keys.iter().filter(|k| k.name() == origin) {
+        match check(key) {
+            Ok(()) => return Ok(()),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
 }
 
 /// Streams the log once, recomputing the tree, and checks each checkpoint's root at its size

@@ -286,17 +286,9 @@ impl PolicyConfig {
         let value = serde_json::to_value(self).unwrap_or_default();
         let mut text = String::with_capacity(2048);
         write_canonical(&value, &mut text);
-        let digest = Sha256::digest(text.as_bytes());
-        let mut hex = String::with_capacity(64);
-        for byte in digest {
-            hex.push(char::from(HEX[usize::from(byte >> 4)]));
-            hex.push(char::from(HEX[usize::from(byte & 0xf)]));
-        }
-        hex
+        hex::encode(Sha256::digest(text.as_bytes()))
     }
 }
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// Writes JSON with object keys sorted, independent of serde_json's `preserve_order` feature.
 fn write_canonical(value: &Value, out: &mut String) {
@@ -358,6 +350,27 @@ fn unknown_key(input: &toml::Value, known: &toml::Value, path: String) -> Option
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// The default policy's hash, pinned: every recorded decision carries the `config_hash` of the
+    /// policy it was made under, and an auditor recomputes it. A change here — a setting added,
+    /// renamed or re-defaulted, or the canonical JSON changed — makes old decisions name a hash
+    /// this binary cannot reproduce from a default config: version the change instead of editing.
+    #[test]
+    fn golden_vector_config_hash() {
+        assert_eq!(
+            PolicyConfig::default().config_hash(),
+            GOLDEN_DEFAULT_CONFIG_HASH
+        );
+        let mut text = String::new();
+        write_canonical(
+            &serde_json::json!({"b": [1, 2.5, "x"], "a": {"d": null, "c": true}}),
+            &mut text,
+        );
+        assert_eq!(text, r#"{"a":{"c":true,"d":null},"b":[1,2.5,"x"]}"#);
+    }
+
+    const GOLDEN_DEFAULT_CONFIG_HASH: &str =
+        "02127645ad15ccf86bbe8354b298bef4287c9e641d988d3fb480970d25b102b2";
 
     #[test]
     fn defaults_are_the_policy_numbers() {

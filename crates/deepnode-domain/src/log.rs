@@ -473,4 +473,48 @@ mod tests {
         assert_ne!(parts, canonical_bytes_of_parts(42, &identity, 3, &body));
         assert_ne!(parts, canonical_bytes_of_parts(41, &identity, 4, &body));
     }
+
+    /// The persisted format, pinned: every chain hash in every stored log was computed from these
+    /// bytes. If this test fails, the format changed — old logs would no longer verify. Keep the
+    /// old format readable (a new canonical tag, an upcaster) instead of editing the vector.
+    #[test]
+    fn golden_vector_canonical_bytes_and_chain_hash() {
+        let payload = to_json_bytes(&json!({"node_id": "n-1", "latency_ms": 12.5, "ok": true}));
+        let metadata = to_json_bytes(&json!({"correlation_id": "c-1", "producer": "deepnode"}));
+        let row = CanonicalRow {
+            global_position: 41,
+            event_id: Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef),
+            stream_id: "exec-r-1",
+            stream_version: 3,
+            event_type: "ExecutionCompleted",
+            schema_version: 1,
+            payload_json: &payload,
+            metadata_json: &metadata,
+            occurred_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
+            recorded_at: DateTime::from_timestamp_micros(1_700_000_000_654_321).unwrap(),
+        };
+        let bytes = canonical_bytes(&row);
+        assert_eq!(hex::encode(&bytes), GOLDEN_CANONICAL);
+        assert_eq!(
+            hex::encode(chain_hash(&GENESIS_HASH, &bytes)),
+            GOLDEN_CHAIN_FROM_GENESIS
+        );
+        assert_eq!(
+            hex::encode(chain_hash(&[0xab; 32], &bytes)),
+            GOLDEN_CHAIN_FROM_AB
+        );
+    }
+
+    const GOLDEN_CANONICAL: &str = concat!(
+        "646565706e6f64652d6576656e742d763100000000000000290123456789abcdef0123456789abcdef",
+        "0000000000000008657865632d722d3100000000000000030000000000000012457865637574696f6e",
+        "436f6d706c6574656400000001000000000000002d7b226c6174656e63795f6d73223a31322e352c22",
+        "6e6f64655f6964223a226e2d31222c226f6b223a747275657d000000000000002e7b22636f7272656c",
+        "6174696f6e5f6964223a22632d31222c2270726f6475636572223a22646565706e6f6465227d00060a",
+        "241820224000060a2418283bf1"
+    );
+    const GOLDEN_CHAIN_FROM_GENESIS: &str =
+        "6bccab6d97a814ae2c18cc340d1745b7ec782a02897990de7399b45f58f94fd0";
+    const GOLDEN_CHAIN_FROM_AB: &str =
+        "45a6f188005cdf67fffc5bd6852ea31df9bf355de0e6519f8127f9e7da2173ee";
 }

@@ -125,3 +125,47 @@ pub(crate) fn redact(database_url: &str) -> String {
         _ => database_url.to_owned(),
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use sha2::{Digest, Sha256};
+
+    /// Released migrations never change (a database that applied one would disagree with a new
+    /// binary about its schema): `migrations/RELEASED.sha256` lists every migration with its
+    /// SHA-256, and a changed file, a missing one or an unlisted one fails here.
+    #[test]
+    fn released_migrations_are_frozen() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../migrations");
+        let list = std::fs::read_to_string(dir.join("RELEASED.sha256")).unwrap();
+        let listed: std::collections::BTreeMap<&str, &str> = list
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| {
+                let (hash, name) = l.split_once("  ").expect("`<sha256>  <file>` lines");
+                (name, hash)
+            })
+            .collect();
+        let mut present = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            if name.starts_with('V') && name.ends_with(".sql") {
+                present.push(name);
+            }
+        }
+        present.sort();
+        let names: Vec<&str> = listed.keys().copied().collect();
+        assert_eq!(
+            present, names,
+            "every migration is listed in migrations/RELEASED.sha256 (a new one: add its line)"
+        );
+        for (name, hash) in &listed {
+            let bytes = std::fs::read(dir.join(name)).unwrap();
+            let actual = hex::encode(Sha256::digest(&bytes));
+            assert_eq!(
+                &actual, hash,
+                "{name} changed after its release: write a new migration instead"
+            );
+        }
+    }
+}

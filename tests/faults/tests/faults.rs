@@ -2,11 +2,10 @@
 //! NATS, steady exec traffic and ingest reports while a fault happens, then `common::verify`'s
 //! checks (acknowledged = recorded with the same outcome, nothing recorded or charged twice, every
 //! dispatch classified once, no event missing or duplicated, audit clean, the events stream holding
-//! every event exactly once). Tests run one at a time (see `common::serial`); figures are printed
-//! with `--nocapture` and copied into docs/RELIABILITY.md.
-// Each test holds the `serial()` guard for its whole run on purpose: it serialises whole tests
-// (each with its own runtime), it is never contended inside one runtime.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::await_holding_lock)]
+//! every event exactly once). Tests run one at a time: nextest runs each test in its own process,
+//! and `.config/nextest.toml` puts them in the test group `faults` (max-threads 1); figures are
+//! printed with `--nocapture` and copied into docs/RELIABILITY.md.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -39,7 +38,6 @@ async fn standard(c: &mut Cluster) -> (ServiceProc, ServiceProc, ServiceProc) {
 /// 1. `kill -9` the scheduler mid-traffic and restart it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduler_killed_mid_traffic() {
-    let _serial = serial();
     let mut c = Cluster::new(None, None).await;
     let (_rep, _rot, sched) = standard(&mut c).await;
     let sim = c.start_fleet(4).await;
@@ -142,7 +140,6 @@ async fn scheduler_killed_mid_traffic() {
 /// 2 and 6. Two copies of every service; `kill -9` one reputation, one rotation and the relay holder.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_copies_take_over() {
-    let _serial = serial();
     let mut c = Cluster::new(None, None).await;
     // The first scheduler copy starts alone, so its relay takes the lease.
     let sched_a = c.spawn("scheduler");
@@ -217,7 +214,6 @@ async fn second_copies_take_over() {
 /// 3. `pg_ctl restart -m fast` of a private cluster under load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restart_under_load() {
-    let _serial = serial();
     let pg = PrivatePg::start();
     let mut c = Cluster::new(Some(pg.url("deepnode_fault")), None).await;
     let (mut rep, mut rot, mut sched) = standard(&mut c).await;
@@ -272,7 +268,6 @@ async fn postgres_restart_under_load() {
 /// 4. Restart a private NATS server under load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restart_under_load() {
-    let _serial = serial();
     let mut nats = PrivateNats::start().await;
     let mut c = Cluster::new(None, Some(nats.url())).await;
     let (mut rep, mut rot, mut sched) = standard(&mut c).await;
@@ -324,7 +319,6 @@ async fn nats_restart_under_load() {
 /// that hears back is told `unavailable`, retryable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attempts_caught_in_a_nats_outage_are_not_held_against_nodes() {
-    let _serial = serial();
     let mut nats = PrivateNats::start().await;
     let mut c = Cluster::new(None, Some(nats.url())).await;
     let (mut rep, mut rot, mut sched) = standard(&mut c).await;
@@ -414,7 +408,6 @@ async fn seed(c: &Cluster, event: DomainEvent) {
 /// 6. Nodes that hang forever, answer twice, answer after their timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misbehaving_nodes_classified_once() {
-    let _serial = serial();
     let mut c = Cluster::new(None, None).await;
     let healthy = Behaviour::healthy(Latency::fixed_ms(2));
     let nodes = vec![

@@ -30,13 +30,6 @@ pub const EXEC_TIMEOUT_MS: u64 = 1_000;
 /// How long a caller waits for any reply.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(4);
 
-/// Fault tests run one at a time: each starts several processes and 2 cores are shared.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-pub fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

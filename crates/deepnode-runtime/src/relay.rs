@@ -23,8 +23,8 @@ use sqlx::{Connection, PgConnection};
 use crate::shutdown::Shutdown;
 use crate::wire;
 
-/// Advisory lock key of the relay lease ("relay" in ASCII).
-const RELAY_LOCK_KEY: i64 = 0x72_656c_6179;
+/// Advisory lock key of the relay lease ("relay" in ASCII): whoever holds it publishes.
+pub const RELAY_LOCK_KEY: i64 = 0x72_656c_6179;
 
 /// The checkpoint row the relay keeps its position in.
 pub const RELAY_CHECKPOINT: &str = "relay";

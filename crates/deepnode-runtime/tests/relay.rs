@@ -47,7 +47,10 @@ fn start_relay(
     store: &EventStore,
     js: &jetstream::Context,
     subjects: &Subjects,
-) -> (tokio::task::JoinHandle<()>, Shutdown) {
+) -> (
+    tokio::task::JoinHandle<Result<(), relay::RelayError>>,
+    Shutdown,
+) {
     let shutdown = Shutdown::new();
     let options = RelayOptions {
         lease_retry: Duration::from_millis(100),
@@ -61,10 +64,21 @@ fn start_relay(
         options,
         shutdown.clone(),
     ));
-    (
-        tokio::spawn(async move { task.await.unwrap().unwrap() }),
-        shutdown,
+    (task, shutdown)
+}
+
+/// The backend holding the relay lease in this database, if any.
+async fn lease_holder(pool: &sqlx::PgPool) -> Option<i32> {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_locks
+          WHERE locktype = 'advisory' AND granted AND objsubid = 1
+            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+            AND ((classid::bigint << 32) | objid::bigint) = $1",
     )
+    .bind(relay::RELAY_LOCK_KEY)
+    .fetch_optional(pool)
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -76,26 +90,34 @@ async fn every_event_is_published_once_in_order_across_a_lease_takeover() {
     let store = db.store().await;
     append(&store, 0, 50).await;
 
-    // Two relays (two service copies); only the lease holder publishes.
-    let (a, a_stop) = start_relay(&db.store().await, &js, &subjects);
-    let (b, b_stop) = start_relay(&db.store().await, &js, &subjects);
+    // One relay takes the lease and publishes; a second copy waits as a standby.
+    let (a, _) = start_relay(&db.store().await, &js, &subjects);
     let stream = subjects.events_stream();
     assert_eq!(wait_for_messages(&js, &stream, 50).await, 50);
+    let first = lease_holder(store.pool())
+        .await
+        .expect("the relay holds the lease");
+    let (b, b_stop) = start_relay(&db.store().await, &js, &subjects);
 
-    // Kill one relay abruptly (its lease connection dies with it), keep appending.
+    // Kill the holder abruptly (its lease connection dies with it), keep appending: the standby
+    // takes the lease over and publishes the rest.
     a.abort();
+    assert!(a.await.unwrap_err().is_cancelled());
     append(&store, 50, 80).await;
     assert_eq!(wait_for_messages(&js, &stream, 80).await, 80);
+    let second = lease_holder(store.pool())
+        .await
+        .expect("the lease was taken over");
+    assert_ne!(first, second, "another backend holds the lease");
     b_stop.trigger();
-    let _ = b.await;
-    a_stop.trigger();
+    b.await.unwrap().unwrap();
 
     // Restarting from the stored position republishes nothing new.
     let (c, c_stop) = start_relay(&db.store().await, &js, &subjects);
     append(&store, 80, 85).await;
     assert_eq!(wait_for_messages(&js, &stream, 85).await, 85);
     c_stop.trigger();
-    c.await.unwrap();
+    c.await.unwrap().unwrap();
 
     let s = js.get_stream(&stream).await.unwrap();
     let logged = store.read_all(0, 1_000).await.unwrap();

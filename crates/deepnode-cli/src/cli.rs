@@ -217,8 +217,9 @@ pub struct UpArgs {
     /// Models to deploy.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub models: u32,
-    /// Replicas per deployed model (CONTRACT §3: at least 2).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=16))]
+    /// Replicas per deployed model (CONTRACT §3: at least 2; with 2, the growth-tier replica gets a
+    /// share of the traffic, so every node placed there is observed).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(2..=16))]
     pub replicas: u32,
     /// Exec requests per second to send.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]

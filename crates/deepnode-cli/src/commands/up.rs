@@ -14,6 +14,7 @@
 //! timestamp. It does not start Postgres or NATS itself (that is `scripts/dev-services.sh`).
 
 mod children;
+mod decisions;
 mod traffic;
 mod view;
 
@@ -95,11 +96,19 @@ pub async fn run(cli: &Cli, args: &UpArgs) -> anyhow::Result<Outcome> {
         ("DATABASE_URL", cli.database_url.clone()),
         ("NATS_URL", cli.nats_url.clone()),
     ];
-    if let Some(config) = &cli.config {
-        let absolute = std::fs::canonicalize(config)
-            .with_context(|| format!("DEEPNODE_CONFIG {}", config.display()))?;
-        env.push(("DEEPNODE_CONFIG", absolute.display().to_string()));
-    }
+    let policy = match &cli.config {
+        Some(config) => std::fs::canonicalize(config)
+            .with_context(|| format!("DEEPNODE_CONFIG {}", config.display()))?,
+        None => {
+            // The demo policy: the same rules, time compressed (deploy/demo.toml).
+            let path = std::fs::canonicalize(&run_dir)?.join("demo.toml");
+            std::fs::write(&path, DEMO_POLICY)
+                .with_context(|| format!("writing {}", path.display()))?;
+            path
+        }
+    };
+    say(&format!("deepnode up: policy {}", policy.display()));
+    env.push(("DEEPNODE_CONFIG", policy.display().to_string()));
     let log_key = demo_log_key(&args.log_dir, &mut env)?;
     // The scheduler's metrics on a port we know, for the live view's queue figures.
     let scheduler_metrics =
@@ -120,6 +129,7 @@ pub async fn run(cli: &Cli, args: &UpArgs) -> anyhow::Result<Outcome> {
         run_dir,
         start_position,
         scheduler_metrics,
+        policy,
         log_key,
         shutdown,
     };
@@ -145,6 +155,8 @@ struct Demo<'a> {
     start_position: i64,
     /// Where the scheduler serves `/metrics`.
     scheduler_metrics: std::net::SocketAddr,
+    /// The policy file the services run on (for the summary's `audit`).
+    policy: PathBuf,
     /// The public key the services sign with (for the summary's `verify`).
     log_key: String,
     shutdown: Shutdown,
@@ -160,6 +172,8 @@ struct Ending {
     rotations: i64,
     rounds_asked: u64,
     moves: u64,
+    /// The run's decisions, from the log.
+    tally: decisions::Tally,
     services: Vec<String>,
 }
 
@@ -223,6 +237,12 @@ impl Demo<'_> {
         let rotations = view::rotations(pool, self.start_position)
             .await
             .unwrap_or(0);
+        let tally = decisions::Tally::read(pool, self.start_position)
+            .await
+            .unwrap_or_else(|e| {
+                say(&format!("  {e}"));
+                decisions::Tally::default()
+            });
         say("stopping the simulated nodes");
         sim.stop().await;
         say("stopping the services (SIGTERM, then waiting)");
@@ -239,6 +259,7 @@ impl Demo<'_> {
             rotations,
             rounds_asked,
             moves,
+            tally,
             services,
         };
         self.summary(&ending, &labels, &models);
@@ -434,6 +455,8 @@ impl Demo<'_> {
         let mut last_answered = 0u64;
         let mut last_at = started;
         let mut ticks = 0u64;
+        // Headless, each decision is printed once, as it appears in the log.
+        let mut printed = self.start_position;
         loop {
             let until = async {
                 match self.args.duration {
@@ -467,11 +490,22 @@ impl Demo<'_> {
             if !live && !headless_due {
                 continue;
             }
-            let frame = self.frame(elapsed, per_sec, stats, labels, models).await;
+            let (after, limit) = if live {
+                (self.start_position, view::DECISIONS_SHOWN)
+            } else {
+                (printed, 500)
+            };
+            let frame = self
+                .frame(elapsed, per_sec, stats, labels, models, (after, limit))
+                .await;
             if live {
                 view::draw(&frame, labels);
             } else {
                 say(&view::line(&frame));
+                for d in &frame.decisions {
+                    say(&format!("  decision  {}", d.line()));
+                    printed = d.position;
+                }
             }
         }
     }
@@ -483,9 +517,16 @@ impl Demo<'_> {
         stats: traffic::Stats,
         labels: &Labels,
         models: &[String],
+        (decisions_after, decisions_limit): (i64, i64),
     ) -> Frame {
         let pool = self.store.pool();
         let mut notes = Vec::new();
+        let decisions = decisions::read(pool, decisions_after, Some(decisions_limit))
+            .await
+            .unwrap_or_else(|e| {
+                notes.push(e);
+                Vec::new()
+            });
         let nodes = view::nodes(pool, labels).await.unwrap_or_else(|e| {
             notes.push(e);
             Vec::new()
@@ -512,6 +553,7 @@ impl Demo<'_> {
             rotations,
             deployments,
             queue,
+            decisions,
             note: (!notes.is_empty()).then(|| notes.join("; ")),
         }
     }
@@ -644,6 +686,7 @@ impl Demo<'_> {
                 labels.get(&r.node_id).map(String::as_str).unwrap_or("")
             );
         }
+        self.decisions_summary(e, labels);
         println!("  services: {}", e.services.join("; "));
         println!("  logs: {}/", self.run_dir.display());
         let url = &self.cli.database_url;
@@ -659,13 +702,106 @@ impl Demo<'_> {
         println!("  psql '{url}' -c \"SELECT model_id, node_id, tier, assigned_at FROM deployments WHERE model_id IN ({model_list}) ORDER BY model_id, tier DESC\"");
         println!("  psql '{url}' -c \"SELECT charged, status, attempts, count(*) FROM executions WHERE request_id LIKE 'up-{run}-%' GROUP BY 1, 2, 3 ORDER BY 4 DESC\"");
         println!("  psql '{url}' -c \"SELECT global_position, event_type, payload FROM events WHERE stream_id = (SELECT 'exec-' || request_id FROM executions WHERE request_id LIKE 'up-{run}-%' AND NOT charged LIMIT 1) ORDER BY global_position\"");
-        println!("  deepnode audit     # verify the hash chain, recompute every projection, check the checkpoints");
+        let start = self.start_position;
+        println!("  psql '{url}' -c \"SELECT global_position, occurred_at, event_type, payload->>'node_id' AS node, payload->>'model_id' AS model, payload->>'reason' AS why FROM events WHERE global_position > {start} AND event_type IN ('NodeEjected','NodeStatusChanged','NodeSlashed','DeploymentAssigned','DeploymentRevoked') ORDER BY 1\"   # every decision of this run, with its reason");
+        println!("  psql '{url}' -c \"SELECT s.global_position, s.payload->>'node_id' AS node, s.payload->>'reason' AS why, c.event_type AS caused_by, c.stream_id, c.payload FROM events s JOIN events c ON c.event_id = (s.metadata->>'causation_id')::uuid WHERE s.event_type IN ('NodeSlashed','NodeStatusChanged') AND s.global_position > {start} ORDER BY 1\"   # what caused each slash and status change");
+        if let Some(bad) = labels
+            .iter()
+            .find(|(_, l)| l.starts_with("bad"))
+            .map(|(n, _)| n)
+        {
+            println!("  deepnode events --stream node-{bad}   # one node's whole story");
+        }
+        // The fold depends on the policy: audit with the one the services ran on.
+        println!(
+            "  DEEPNODE_CONFIG={} deepnode audit --public-key '{}'   # the hash chain, every projection recomputed, the checkpoints",
+            self.policy.display(),
+            self.log_key
+        );
         println!(
             "  deepnode verify --public-key '{}'   # the log against its signed checkpoints (docs/VERIFY.md)",
             self.log_key
         );
     }
 }
+
+impl Demo<'_> {
+    /// The summary's decisions: what rotation moved, how each bad node was caught, which new
+    /// nodes were given a backup slot and promoted, and whether a healthy node went unused.
+    fn decisions_summary(&self, e: &Ending, labels: &Labels) {
+        use decisions::Kind;
+        let t = &e.tally;
+        println!("  decisions (from the log, this run):");
+        println!(
+            "    rotation moves        {:>5}   ({} for a better challenger, {} growth-slot redraws, {} replacing a node that broke a hard rule)",
+            t.count(Kind::Improved) + t.count(Kind::Redrawn) + t.count(Kind::Replaced),
+            t.count(Kind::Improved),
+            t.count(Kind::Redrawn),
+            t.count(Kind::Replaced)
+        );
+        for kind in [Kind::Ejected, Kind::Jailed, Kind::Slashed, Kind::PhasedOut] {
+            println!("    {:<21} {:>5}", kind.label(), t.count(kind));
+        }
+        let grown: Vec<&str> = t
+            .backup_slots
+            .keys()
+            .filter(|n| t.promoted(n))
+            .map(String::as_str)
+            .collect();
+        println!(
+            "    promoted to active    {:>5}   ({} of them after a backup slot: {})",
+            t.count(Kind::Promoted),
+            grown.len(),
+            grown.join(", ")
+        );
+        let bad: Vec<(&String, &String)> = labels
+            .iter()
+            .filter(|(_, l)| l.starts_with("bad"))
+            .collect();
+        let caught = bad.iter().filter(|(n, _)| !t.caught(n).is_empty()).count();
+        println!("    bad nodes caught      {caught:>3}/{}", bad.len());
+        for (node, label) in &bad {
+            let how = t.caught(node);
+            println!(
+                "      {node:<10} {label:<24} {}",
+                if how.is_empty() {
+                    "not caught"
+                } else {
+                    how.as_str()
+                }
+            );
+        }
+        let healthy: Vec<&deepnode_domain::book::NodeRow> = e
+            .nodes
+            .iter()
+            .filter(|r| {
+                labels
+                    .get(&r.node_id)
+                    .is_some_and(|l| l.starts_with("healthy"))
+            })
+            .collect();
+        let starved: Vec<&str> = healthy
+            .iter()
+            .filter(|r| r.successes == 0)
+            .map(|r| r.node_id.as_str())
+            .collect();
+        let least = healthy.iter().map(|r| r.successes).min().unwrap_or(0);
+        println!(
+            "    healthy nodes unused  {:>3} of {}{}",
+            starved.len(),
+            healthy.len(),
+            if starved.is_empty() {
+                format!("   (each served at least {least} requests)")
+            } else {
+                format!("   ({})", starved.join(", "))
+            }
+        );
+    }
+}
+
+/// The policy `deepnode up` runs on unless `DEEPNODE_CONFIG` names one: POLICY.md's rules with time
+/// compressed so a two-minute run shows every one of them (`deploy/demo.toml`).
+const DEMO_POLICY: &str = include_str!("../../../../deploy/demo.toml");
 
 /// The log key the services sign checkpoints and receipts with: the file `DEEPNODE_LOG_KEY` names
 /// if set (the services inherit it), else the demo's own, made on the first run and kept in
@@ -690,12 +826,18 @@ fn demo_log_key(log_dir: &Path, env: &mut Vec<(&str, String)>) -> anyhow::Result
 }
 
 /// Which bad behaviour (0 never answers, 1 garbage, 2 error-prone) node `i` (1-based) of `count`
-/// gets, if any. The bad nodes sit at positions 3, 6 and 9 when there are at least nine nodes: ties
-/// in placement are broken towards the first ids, so bad nodes there get replicas (and traffic) from
-/// the start, and the demo shows fallbacks, penalties and rotation moving replicas away.
+/// gets, if any. With at least nine nodes they sit at positions 3, 6 and 4: ties in placement are
+/// broken towards the first ids, so the first models' primaries are nodes 1–4 — the node that
+/// never answers and the error-prone one start as primaries (rotation must replace one for a hard
+/// rule, the other for a better challenger) and the garbage one gets a backup slot early.
 fn bad_slot(count: u32, i: u32) -> Option<u32> {
     if count >= 9 {
-        (i.is_multiple_of(3) && i <= 9).then(|| i / 3 - 1)
+        match i {
+            3 => Some(0),
+            6 => Some(1),
+            4 => Some(2),
+            _ => None,
+        }
     } else {
         (i + 3 > count).then(|| i + 3 - count - 1)
     }
@@ -737,4 +879,43 @@ fn say(line: &str) {
 /// A loopback address with a port free right now (the OS picks it).
 fn free_local_addr() -> std::io::Result<std::net::SocketAddr> {
     std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deepnode_domain::config::PolicyConfig;
+
+    /// deploy/demo.toml changes durations and the counts of observations that stand in for time —
+    /// nothing else: with those put back, it is the default policy.
+    #[test]
+    fn the_demo_policy_compresses_time_and_changes_no_rule() {
+        let mut demo = PolicyConfig::from_toml_str(DEMO_POLICY).unwrap();
+        let d = PolicyConfig::default();
+        assert!(demo.rotation.epoch_secs < d.rotation.epoch_secs);
+        assert!(demo.placement.probation_min_age_secs < d.placement.probation_min_age_secs);
+        let r = &mut demo.rotation;
+        r.epoch_secs = d.rotation.epoch_secs;
+        r.growth_redraw_every_epochs = d.rotation.growth_redraw_every_epochs;
+        r.max_moves_fraction = d.rotation.max_moves_fraction;
+        r.no_move_back_epochs = d.rotation.no_move_back_epochs;
+        r.phase_out_min_observations = d.rotation.phase_out_min_observations;
+        r.immunity_secs = d.rotation.immunity_secs;
+        r.immunity_min_scored_requests = d.rotation.immunity_min_scored_requests;
+        let p = &mut demo.placement;
+        p.top_tier_min_observations = d.placement.top_tier_min_observations;
+        p.probation_min_observations = d.placement.probation_min_observations;
+        p.probation_min_age_secs = d.placement.probation_min_age_secs;
+        demo.ejection.base_ejection_ms = d.ejection.base_ejection_ms;
+        demo.ejection.max_ejection_ms = d.ejection.max_ejection_ms;
+        let n = &mut demo.penalty;
+        n.downtime_min_attempts = d.penalty.downtime_min_attempts;
+        n.jail_base_secs = d.penalty.jail_base_secs;
+        n.jail_max_secs = d.penalty.jail_max_secs;
+        n.invalid_window_secs = d.penalty.invalid_window_secs;
+        n.tombstone_window_secs = d.penalty.tombstone_window_secs;
+        demo.reputation.half_life_secs = d.reputation.half_life_secs;
+        demo.reputation.failure_window_secs = d.reputation.failure_window_secs;
+        assert_eq!(demo, d);
+    }
 }

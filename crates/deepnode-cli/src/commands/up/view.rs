@@ -1,9 +1,11 @@
 //! What `deepnode up` shows while it runs: once a second a [`Frame`] is built from the traffic
 //! [`Stats`], `node_reputation` (top and bottom three of the demo's nodes), the log's
-//! `RotationCompleted` events since the run began and the scheduler's queue figures (read from its
-//! `/metrics`: requests waiting per model, how long the admitted ones waited, `overloaded`
-//! refusals). On a terminal the frame is redrawn in place;
-//! headless (no terminal, or `--duration`) one plain line is printed every five seconds.
+//! `RotationCompleted` events since the run began, the latest decisions of the run (moves,
+//! ejections, jails, slashes, phase-outs, promotions, each with its reason, from the log) and the
+//! scheduler's queue figures (read from its `/metrics`: requests waiting per model, how long the
+//! admitted ones waited, `overloaded` refusals). On a terminal the frame is redrawn in place;
+//! headless (no terminal, or `--duration`) one plain line is printed every five seconds, followed
+//! by each decision made since the last one.
 //!
 //! It only reads; a failed query shows as a note in the frame and never stops the run.
 
@@ -14,7 +16,11 @@ use std::time::Duration;
 use deepnode_domain::book::NodeRow;
 use sqlx::PgPool;
 
+use super::decisions::Decision;
 use super::traffic::Stats;
+
+/// Decisions in the live view's "latest decisions" pane.
+pub const DECISIONS_SHOWN: i64 = 6;
 
 /// The label of each demo node (`healthy`, `always times out`, ...), by id.
 pub type Labels = BTreeMap<String, String>;
@@ -35,6 +41,8 @@ pub struct Frame {
     pub deployments: i64,
     /// The scheduler's queue figures, when its `/metrics` answered.
     pub queue: Option<Queue>,
+    /// The latest decisions (live), or those since the last printed (headless); oldest first.
+    pub decisions: Vec<Decision>,
     /// A query that failed this time, if any.
     pub note: Option<String>,
 }
@@ -237,6 +245,13 @@ pub fn draw(frame: &Frame, labels: &Labels) {
         .skip(bottom.max(3.min(frame.nodes.len())))
     {
         out.push_str(&format!("    {}\n", node_cell(r, labels)));
+    }
+    out.push_str("  latest decisions (from the log)\n");
+    if frame.decisions.is_empty() {
+        out.push_str("    none yet\n");
+    }
+    for d in &frame.decisions {
+        out.push_str(&format!("    {}\n", d.line()));
     }
     if let Some(note) = &frame.note {
         out.push_str(&format!("\n  note: {note}\n"));

@@ -149,3 +149,59 @@ pub fn event(event_type: &str, payload: Value) -> NewEvent {
         occurred_at: at(0),
     }
 }
+
+/// A NATS server of a test's own (`nats-server -js` on a free port with a fresh store directory),
+/// for a test that runs something on the default subject prefix (`deepnode up`), which would
+/// collide with other runs on the shared server. Stopped, and its directory removed, on drop.
+pub struct PrivateNats {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    /// `nats://127.0.0.1:<port>`.
+    pub url: String,
+}
+
+impl PrivateNats {
+    /// Starts it (`NATS_SERVER_BIN`, default `nats-server` on the PATH) and waits until its port
+    /// accepts connections.
+    pub fn start() -> PrivateNats {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = std::env::temp_dir().join(format!("deepnode-nats-{}", unique_token()));
+        std::fs::create_dir_all(&dir).expect("a store directory");
+        let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+        let mut child = std::process::Command::new(bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting nats-server");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                child.try_wait().expect("nats-server's status").is_none(),
+                "nats-server exited at start"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not listen"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        PrivateNats {
+            child,
+            dir,
+            url: format!("nats://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

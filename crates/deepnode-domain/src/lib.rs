@@ -19,3 +19,4 @@ pub mod placement;
 pub mod reputation;
 pub mod rotation;
 pub mod scoring;
+pub mod wire;

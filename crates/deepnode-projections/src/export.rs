@@ -9,7 +9,8 @@
 //!
 //! ```text
 //! DIR/manifest.json                       written last: its presence marks a complete export
-//! DIR/events/<first position>.jsonl        100,000 events per file, one JSON object per line
+//! DIR/events/<first position>.jsonl        100,000 events per file, one per line in the bus's JSON form
+//!                                         (`deepnode_domain::wire`)
 //! DIR/checkpoints/<tree size>.note        each stored checkpoint's signed note
 //! DIR/tile/<L>/<N>[.p/<W>]                the tree, C2SP tlog-tiles
 //! ```
@@ -19,11 +20,10 @@ use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use deepnode_domain::merkle::{Frontier, TileCutter};
+use deepnode_domain::wire;
 use deepnode_store::{EventStore, RecordedEvent};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tokio::sync::mpsc;
-use uuid::Uuid;
 
 use crate::{tree, Error};
 
@@ -49,63 +49,6 @@ pub struct Manifest {
     /// Leaves of the tree in `tile/` (the events).
     pub tree_size: u64,
     pub exported_at: DateTime<Utc>,
-}
-
-/// One line of `events/*.jsonl`: the event's fields as the log stores them, hashes in hex.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Line {
-    global_position: i64,
-    stream_id: String,
-    stream_version: i64,
-    event_id: Uuid,
-    event_type: String,
-    schema_version: i32,
-    payload: Value,
-    metadata: Value,
-    occurred_at: DateTime<Utc>,
-    recorded_at: DateTime<Utc>,
-    prev_hash: String,
-    hash: String,
-}
-
-impl From<&RecordedEvent> for Line {
-    fn from(e: &RecordedEvent) -> Line {
-        Line {
-            global_position: e.global_position,
-            stream_id: e.stream_id.clone(),
-            stream_version: e.stream_version,
-            event_id: e.event_id,
-            event_type: e.event_type.clone(),
-            schema_version: e.schema_version,
-            payload: e.payload.clone(),
-            metadata: e.metadata.clone(),
-            occurred_at: e.occurred_at,
-            recorded_at: e.recorded_at,
-            prev_hash: hex::encode(&e.prev_hash),
-            hash: hex::encode(&e.hash),
-        }
-    }
-}
-
-impl Line {
-    fn into_event(self) -> Result<RecordedEvent, String> {
-        let unhex = |h: &str| hex::decode(h).map_err(|e| format!("a hash that is not hex: {e}"));
-        Ok(RecordedEvent {
-            prev_hash: unhex(&self.prev_hash)?,
-            hash: unhex(&self.hash)?,
-            global_position: self.global_position,
-            event_id: self.event_id,
-            stream_id: self.stream_id,
-            stream_version: self.stream_version,
-            event_type: self.event_type,
-            schema_version: self.schema_version,
-            payload: self.payload,
-            metadata: self.metadata,
-            occurred_at: self.occurred_at,
-            recorded_at: self.recorded_at,
-        })
-    }
 }
 
 fn export_error(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -155,9 +98,9 @@ pub async fn write(
                 out = Some((path, BufWriter::new(file)));
             }
             if let Some((p, w)) = out.as_mut() {
-                serde_json::to_writer(&mut *w, &Line::from(&event))
+                w.write_all(&wire::to_bytes(&event))
+                    .and_then(|()| w.write_all(b"\n"))
                     .map_err(|e| export_error(p, e))?;
-                w.write_all(b"\n").map_err(|e| export_error(p, e))?;
             }
             for tile in cutter.push(&frontier.push(tree::leaf_of(&event))) {
                 write_tile(dir, &tile)?;
@@ -307,12 +250,11 @@ fn read_pages(
         while next <= until {
             let Some((n, line)) = lines.next() else { break };
             let line = line.map_err(|e| export_error(&path, e))?;
-            let at = |e: String| export_error(&path, format!("line {}: {e}", n + 1));
-            let line: Line = serde_json::from_str(&line).map_err(|e| at(e.to_string()))?;
-            if line.global_position < next {
+            let event = wire::from_slice(line.as_bytes())
+                .map_err(|e| export_error(&path, format!("line {}: {e}", n + 1)))?;
+            if event.global_position < next {
                 continue;
             }
-            let event = line.into_event().map_err(at)?;
             next = event.global_position + 1;
             page.push(event);
             if page.len() == PAGE && tx.blocking_send(Ok(std::mem::take(&mut page))).is_err() {

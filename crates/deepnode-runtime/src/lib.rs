@@ -13,7 +13,8 @@ pub mod settings;
 pub mod shutdown;
 pub mod tail;
 pub mod telemetry;
-pub mod wire;
+/// The JSON form of a stored event (defined in `deepnode_domain::wire`).
+pub use deepnode_domain::wire;
 
 pub use context::{ConnectError, ServiceContext};
 pub use observability::{Observability, ObservabilityOptions};

@@ -1,8 +1,9 @@
-//! The JSON form of a stored event on the bus (`deepnode.events.<event_type>`, CONTRACT §3): every
-//! column of the `events` row, hashes in hex. [`to_bytes`] and [`from_slice`] are exact inverses.
+//! The JSON form of a stored event — on the bus (`deepnode.events.<event_type>`, CONTRACT §3) and in
+//! an export's `events/*.jsonl` (docs/VERIFY.md): every column of the `events` row, hashes in hex.
+//! [`to_bytes`] and [`from_slice`] are exact inverses.
 
+use crate::log::RecordedEvent;
 use chrono::{DateTime, Utc};
-use deepnode_domain::log::RecordedEvent;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;

@@ -44,6 +44,8 @@ pub struct Cluster {
     /// Counters of the most recently started reputation service.
     pub reputation_stats: Arc<deepnode_reputation::Stats>,
     running: Vec<Running>,
+    /// Scheduler copies started.
+    schedulers: u64,
 }
 
 impl Cluster {
@@ -72,6 +74,7 @@ impl Cluster {
             policy,
             reputation_stats: Arc::default(),
             running: Vec::new(),
+            schedulers: 0,
         };
         let ctx = cluster.context("relay").await?;
         let shutdown = Shutdown::new();
@@ -176,6 +179,12 @@ impl Cluster {
         log_key: Option<deepnode_domain::note::NoteSigner>,
     ) -> anyhow::Result<()> {
         let ctx = self.context(producer).await?;
+        // Every copy says on the presence subject how many copies it counts, once it has
+        // subscribed to its command subjects: when each says all of them, all serve.
+        let mut presence = self
+            .client
+            .subscribe(self.subjects.scheduler_presence())
+            .await?;
         let shutdown = Shutdown::new();
         let stop = shutdown.clone();
         let options = SchedulerOptions {
@@ -188,9 +197,23 @@ impl Cluster {
                 .map_err(anyhow::Error::from)
         });
         self.push(producer, shutdown, task);
-        self.wait_answering(&self.subjects.cmd_schedule()).await?;
-        // A later copy joins a group that already answers: give its subscription a moment.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.schedulers += 1;
+        let copies = self.schedulers;
+        let mut counted: std::collections::HashMap<String, u64> = Default::default();
+        let all_counted = async {
+            while let Some(message) = futures::StreamExt::next(&mut presence).await {
+                let said: Value = serde_json::from_slice(&message.payload)?;
+                let copy = said["copy"].as_str().unwrap_or_default().to_owned();
+                counted.insert(copy, said["copies"].as_u64().unwrap_or(0));
+                if counted.values().filter(|n| **n == copies).count() as u64 == copies {
+                    return anyhow::Ok(());
+                }
+            }
+            bail!("the presence subscription ended")
+        };
+        tokio::time::timeout(Duration::from_secs(30), all_counted)
+            .await
+            .with_context(|| format!("{copies} scheduler copies never all counted each other"))??;
         Ok(())
     }
 

@@ -283,7 +283,9 @@ impl PolicyConfig {
     /// Hex SHA-256 of the config's canonical JSON (object keys sorted at every level, numbers as
     /// serde_json writes them). Equal configs hash equally whatever the TOML's key order.
     pub fn config_hash(&self) -> String {
-        let value = serde_json::to_value(self).unwrap_or_default();
+        // Every decision records this hash: never the hash of a quiet empty value.
+        let value = serde_json::to_value(self)
+            .expect("the policy serialises: plain structs with string keys");
         let mut text = String::with_capacity(2048);
         write_canonical(&value, &mut text);
         hex::encode(Sha256::digest(text.as_bytes()))

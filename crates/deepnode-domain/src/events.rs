@@ -568,7 +568,8 @@ impl DomainEvent {
             DomainEvent::NodeRestored(e) => serde_json::to_value(e),
             DomainEvent::RotationCompleted(e) => serde_json::to_value(e),
         };
-        value.unwrap_or_default()
+        // A quiet empty payload in the immutable log would be worse than a loud stop.
+        value.expect("an event payload serialises: plain structs with string keys")
     }
 
     /// The event ready to append, in the current schema version.
@@ -583,7 +584,8 @@ impl DomainEvent {
             event_type: self.event_type().to_owned(),
             schema_version: self.schema_version(),
             payload: self.payload(),
-            metadata: serde_json::to_value(metadata).unwrap_or_default(),
+            metadata: serde_json::to_value(metadata)
+                .expect("metadata serialises: a plain struct of strings and ids"),
             occurred_at,
         }
     }

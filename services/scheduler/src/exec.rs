@@ -648,7 +648,8 @@ async fn execute(
         s.ask_for_replacement(&model_id, "no healthy replica left")
             .await;
     }
-    let decision_json = serde_json::to_value(&decision).unwrap_or_default();
+    let decision_json = serde_json::to_value(&decision)
+        .expect("a routing decision serialises: plain structs with string keys");
     let timeout = Duration::from_millis(timeout_ms);
     let meta = Metadata::new(s.ctx.producer.clone(), correlation_id.clone());
     let body = Bytes::from(

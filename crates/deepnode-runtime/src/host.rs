@@ -17,10 +17,9 @@ use crate::{tail, telemetry, ServiceContext, Settings, Shutdown};
 
 /// What distinguishes one service binary from another.
 pub struct ServiceSpec {
-    /// The binary's name, prefixed to its error lines (e.g. `deepnode-scheduler`).
+    /// The binary's name (e.g. `deepnode-scheduler`): prefixed to its error lines, and the
+    /// `metadata.producer` of every event it appends — one convention for every service.
     pub binary: &'static str,
-    /// `metadata.producer` of the events it appends.
-    pub producer: &'static str,
     /// Checkpoints besides the relay's whose lag gates `/readyz`.
     pub gated_checkpoints: &'static [&'static str],
 }
@@ -32,14 +31,14 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: Display,
 {
-    telemetry::init(spec.producer);
+    telemetry::init(spec.binary);
     let started = async {
         let settings = Settings::from_env().map_err(|e| format!("reading the environment: {e}"))?;
         let mut gated = vec![RELAY_CHECKPOINT];
         gated.extend_from_slice(spec.gated_checkpoints);
         let observe = ObservabilityOptions::from_env(&gated)
             .map_err(|e| format!("reading the environment: {e}"))?;
-        let ctx = ServiceContext::connect(&settings, spec.producer, Subjects::new())
+        let ctx = ServiceContext::connect(&settings, spec.binary, Subjects::new())
             .await
             .map_err(|e| format!("starting: {e}"))?;
         Ok::<_, String>((ctx, observe, settings))
@@ -62,7 +61,7 @@ where
     } else {
         let log_tail = deepnode_store::LogTail::new(tail::TAIL_CAPACITY);
         // Its own connection: the log's traffic never queues ahead of requests and replies.
-        let feed_connection = format!("{}-tail", spec.producer);
+        let feed_connection = format!("{}-tail", spec.binary);
         let bus = match deepnode_bus::connect::connect(&settings.nats_url, &feed_connection).await {
             Ok(bus) => bus,
             Err(e) => {

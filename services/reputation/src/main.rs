@@ -13,7 +13,6 @@ use deepnode_runtime::host::{run_service, ServiceSpec};
 async fn main() -> ExitCode {
     let spec = ServiceSpec {
         binary: "deepnode-reputation",
-        producer: "reputation",
         gated_checkpoints: &[BOOK_PROJECTION],
     };
     let log_key = match deepnode_runtime::settings::log_key_from_env() {

@@ -12,7 +12,6 @@ use deepnode_runtime::host::{run_service, ServiceSpec};
 async fn main() -> ExitCode {
     let spec = ServiceSpec {
         binary: "deepnode-rotation",
-        producer: "rotation",
         gated_checkpoints: &[],
     };
     run_service(spec, |ctx, shutdown| {

@@ -12,7 +12,6 @@ use deepnode_scheduler::SchedulerOptions;
 async fn main() -> ExitCode {
     let spec = ServiceSpec {
         binary: "deepnode-scheduler",
-        producer: "deepnode-scheduler",
         gated_checkpoints: &[],
     };
     let log_key = match deepnode_runtime::settings::log_key_from_env() {

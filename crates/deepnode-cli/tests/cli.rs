@@ -592,6 +592,45 @@ async fn verify_names_the_position_of_a_rewritten_event() {
     drop_stream(&subjects).await;
 }
 
+/// The receipt the scheduler gives for the event at `position` whose leaf is `leaf`, signed by `key`.
+fn signed_receipt(
+    key: &deepnode_domain::note::NoteSigner,
+    position: i64,
+    leaf: &deepnode_domain::merkle::Hash,
+) -> Value {
+    let text =
+        deepnode_domain::note::receipt_text(key.name(), u64::try_from(position).unwrap(), leaf);
+    json!({
+        "position": position,
+        "leaf_hash": hex::encode(leaf),
+        "origin": key.name(),
+        "signature": key.signature(&text),
+    })
+}
+
+/// `deepnode verify receipt` on `reply` (written to a file of its own), with the checkpoints of
+/// `subjects`' stream and the log's public key.
+fn verify_receipt(
+    url: &str,
+    subjects: &deepnode_bus::Subjects,
+    public: &str,
+    reply: &Value,
+) -> Output {
+    let path = std::env::temp_dir().join(format!("deepnode-reply-{}.json", uuid::Uuid::new_v4()));
+    std::fs::write(&path, reply.to_string()).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_deepnode"))
+        .args(["verify", "receipt"])
+        .arg(&path)
+        .args(["--prefix", subjects.prefix(), "--public-key", public])
+        .env("DATABASE_URL", url)
+        .env("NATS_URL", deepnode_testkit::nats_url())
+        .env_remove("DEEPNODE_CONFIG")
+        .output()
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    o
+}
+
 /// The thorough rewrite: one event changed, every later chain hash recomputed, `log_head` moved
 /// and the stored tree rebuilt — the chain and the database's own tree agree with the new history.
 /// The checkpoint published before does not, and the receipt given for an execution after the
@@ -599,7 +638,7 @@ async fn verify_names_the_position_of_a_rewritten_event() {
 #[tokio::test]
 async fn a_rewrite_with_every_later_hash_recomputed_fails_verify_and_the_receipts_after_it() {
     use deepnode_domain::merkle;
-    use deepnode_domain::note::{receipt_text, NoteSigner};
+    use deepnode_domain::note::NoteSigner;
     use deepnode_projections::tree::TreeProjection;
     let db = TestDb::new().await;
     let store = db.store().await;
@@ -615,10 +654,8 @@ async fn a_rewrite_with_every_later_hash_recomputed_fails_verify_and_the_receipt
     .unwrap();
     let event = store.read_all(position - 1, 1).await.unwrap().remove(0);
     let leaf = merkle::leaf_hash(&event.hash);
-    let text = receipt_text(key.name(), u64::try_from(position).unwrap(), &leaf);
-    let reply = json!({"ok": true, "node_id": event.payload["node_id"], "receipt": {
-        "position": position, "leaf_hash": hex::encode(leaf), "origin": key.name(),
-        "signature": key.signature(&text)}});
+    let reply = json!({"ok": true, "node_id": event.payload["node_id"],
+        "receipt": signed_receipt(&key, position, &leaf)});
 
     // Rewrite event 20's time, recompute every hash from there, move the head, rebuild the tree.
     let events = store.read_all(0, 100_000).await.unwrap();
@@ -690,17 +727,7 @@ async fn a_rewrite_with_every_later_hash_recomputed_fails_verify_and_the_receipt
         "{}",
         stdout(&o)
     );
-    let path = std::env::temp_dir().join(format!("deepnode-reply-{}.json", uuid::Uuid::new_v4()));
-    std::fs::write(&path, reply.to_string()).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_deepnode"))
-        .args(["verify", "receipt"])
-        .arg(&path)
-        .args(["--prefix", subjects.prefix(), "--public-key", &public])
-        .env("DATABASE_URL", db.url())
-        .env("NATS_URL", deepnode_testkit::nats_url())
-        .output()
-        .unwrap();
-    std::fs::remove_file(&path).unwrap();
+    let o = verify_receipt(db.url(), &subjects, &public, &reply);
     assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
     assert!(
         stdout(&o).contains(&format!(
@@ -715,7 +742,7 @@ async fn a_rewrite_with_every_later_hash_recomputed_fails_verify_and_the_receipt
 #[tokio::test]
 async fn verify_receipt_checks_signature_event_inclusion_and_outcome() {
     use deepnode_domain::merkle;
-    use deepnode_domain::note::{receipt_text, NoteSigner};
+    use deepnode_domain::note::NoteSigner;
     let db = TestDb::new().await;
     let store = db.store().await;
     let key = NoteSigner::from_seed("deepnode.test/log", [6; 32]).unwrap();
@@ -730,38 +757,10 @@ async fn verify_receipt_checks_signature_event_inclusion_and_outcome() {
     .unwrap();
     let event = store.read_all(position - 1, 1).await.unwrap().remove(0);
     let leaf = merkle::leaf_hash(&event.hash);
-    let receipt = |position: i64| {
-        let text = receipt_text(key.name(), u64::try_from(position).unwrap(), &leaf);
-        json!({
-            "position": position,
-            "leaf_hash": hex::encode(leaf),
-            "origin": key.name(),
-            "signature": key.signature(&text),
-        })
-    };
-    let dir = std::env::temp_dir().join(format!(
-        "deepnode-receipt-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    std::fs::create_dir(&dir).unwrap();
-    let check = |name: &str, reply: Value| {
-        let path = dir.join(name);
-        std::fs::write(&path, reply.to_string()).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_deepnode"))
-            .args(["verify", "receipt"])
-            .arg(&path)
-            .args(["--prefix", subjects.prefix(), "--public-key", &public])
-            .env("DATABASE_URL", db.url())
-            .env("NATS_URL", deepnode_testkit::nats_url())
-            .env_remove("DEEPNODE_CONFIG")
-            .output()
-            .unwrap()
-    };
+    let receipt = |position: i64| signed_receipt(&key, position, &leaf);
+    let check = |reply: Value| verify_receipt(db.url(), &subjects, &public, &reply);
     let node = event.payload["node_id"].clone();
-    let o = check(
-        "good.json",
-        json!({"ok": true, "node_id": node, "receipt": receipt(position)}),
-    );
+    let o = check(json!({"ok": true, "node_id": node, "receipt": receipt(position)}));
     assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
     assert!(stdout(&o).contains("verify receipt: ok"), "{}", stdout(&o));
     assert!(
@@ -771,21 +770,14 @@ async fn verify_receipt_checks_signature_event_inclusion_and_outcome() {
     );
 
     // the reply claims a failure the log does not hold
-    let o = check(
-        "claims.json",
-        json!({"ok": false, "receipt": receipt(position)}),
-    );
+    let o = check(json!({"ok": false, "receipt": receipt(position)}));
     assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
     // the receipt moved to another position: its signature no longer holds
     let mut moved = receipt(position);
     moved["position"] = json!(position + 1);
-    let o = check(
-        "moved.json",
-        json!({"ok": true, "node_id": node, "receipt": moved}),
-    );
+    let o = check(json!({"ok": true, "node_id": node, "receipt": moved}));
     assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
     assert!(stdout(&o).contains("FAILED"), "{}", stdout(&o));
-    std::fs::remove_dir_all(&dir).unwrap();
     drop_stream(&subjects).await;
 }
 

@@ -67,7 +67,7 @@ pub async fn run(cli: &Cli, args: &VerifyArgs) -> anyhow::Result<Outcome> {
         };
         let keys = public_keys(&args.sources.public_key)?;
         let (found, _) = gather(cli, &args.sources, &log, &keys).await?;
-        return receipt(store, file, &keys, &found, keys.is_empty()).await;
+        return receipt(store, file, &keys, &found).await;
     }
     let report = check(cli, &args.sources, &log).await?;
     if args.json {
@@ -175,8 +175,8 @@ async fn receipt(
     file: &std::path::Path,
     keys: &[NoteVerifier],
     checkpoints: &[Found],
-    no_keys: bool,
 ) -> anyhow::Result<Outcome> {
+    let no_keys = keys.is_empty();
     let text = std::fs::read_to_string(file)
         .with_context(|| format!("reading the receipt file {}", file.display()))?;
     let reply: serde_json::Value =

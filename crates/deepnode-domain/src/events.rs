@@ -1,6 +1,10 @@
 //! The domain events of CONTRACT §4 as typed payloads, and the one place where stored rows become
 //! typed events again ([`DomainEvent::decode`]) — including schema evolution.
 //!
+//! Each event type is declared once: its payload struct followed by an `event!` line (its [`Event`]
+//! impl: stored name, schema version, stream), and an entry in the `domain_events!` list, which builds
+//! [`DomainEvent`], [`EVENT_TYPES`] and the dispatch between them.
+//!
 //! Every event type has a current `schema_version` ([`current_schema_version`]). Writers always write
 //! the current shape; readers accept every older version and upcast it (for example `NodeRegistered`
 //! v1, which had no `capacity`, reads as v2 with `capacity = 1`). A released shape is never edited: a
@@ -16,6 +20,110 @@ use uuid::Uuid;
 
 use crate::ids::{ModelId, NodeId, RequestId};
 use crate::log::{NewEvent, RecordedEvent, StreamId};
+
+/// One event type, declared once: the name stored in `events.event_type` (the struct's name), the
+/// schema version this binary writes, and the stream it belongs to. Each payload struct below is
+/// followed by its `event!` line; [`DomainEvent`] and [`EVENT_TYPES`] are built from the list given
+/// to `domain_events!`, so adding an event type is one struct, one `event!` and one list entry.
+pub trait Event: Serialize + DeserializeOwned {
+    /// The PascalCase type stored in `events.event_type`.
+    const TYPE: &'static str;
+    /// The schema version written now; readers accept every version from 1 up to it.
+    const VERSION: i32;
+
+    /// The text of the stream this event belongs to (see [`DomainEvent::stream_name`]).
+    fn stream_name(&self) -> String;
+
+    /// Reads a payload of an older schema `version` (1 ≤ version < [`Event::VERSION`]) as the
+    /// current shape. A type whose shape changed overrides this with its upcasters; without one an
+    /// older version is an error, never a silent reinterpretation.
+    fn upcast(version: i32, _payload: &Value) -> Result<Self, serde_json::Error> {
+        Err(no_upcaster(version))
+    }
+}
+
+/// `event!(Name, version N, stream |e| …)` implements [`Event`] for the payload struct `Name`
+/// (extra items, such as an `upcast`, follow the stream).
+macro_rules! event {
+    ($name:ident, version $version:literal, stream |$e:ident| $stream:expr $(, $($extra:tt)*)?) => {
+        impl Event for $name {
+            const TYPE: &'static str = stringify!($name);
+            const VERSION: i32 = $version;
+
+            fn stream_name(&self) -> String {
+                let $e = self;
+                $stream
+            }
+
+            $($($extra)*)?
+        }
+
+        impl From<$name> for DomainEvent {
+            fn from(event: $name) -> DomainEvent {
+                DomainEvent::$name(event)
+            }
+        }
+    };
+}
+
+/// Builds [`DomainEvent`] (one variant per type, named after its payload struct), [`EVENT_TYPES`]
+/// and the per-type dispatch from the list of event types.
+macro_rules! domain_events {
+    ($($name:ident),* $(,)?) => {
+        /// Every event of the domain, one variant per event type.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum DomainEvent {
+            $($name($name),)*
+        }
+
+        /// Every event type with its current schema version, in declaration order.
+        pub const EVENT_TYPES: &[(&str, i32)] = &[$(($name::TYPE, $name::VERSION),)*];
+
+        impl DomainEvent {
+            /// The PascalCase event type stored in `events.event_type`.
+            pub fn event_type(&self) -> &'static str {
+                match self {
+                    $(DomainEvent::$name(_) => $name::TYPE,)*
+                }
+            }
+
+            /// The schema version this binary writes for the event's type.
+            pub fn schema_version(&self) -> i32 {
+                match self {
+                    $(DomainEvent::$name(_) => $name::VERSION,)*
+                }
+            }
+
+            /// The text of the stream this event belongs to: `node-<id>` for a node's lifecycle,
+            /// `model-<id>` for deployments, `exec-<request_id>` for an execution and its attempts,
+            /// `report-<request_id>` for ingested reports (one stream each, so concurrent ingestion
+            /// never contends), `rotation` for rotation epochs.
+            pub fn stream_name(&self) -> String {
+                match self {
+                    $(DomainEvent::$name(e) => e.stream_name(),)*
+                }
+            }
+
+            fn payload_value(&self) -> Result<Value, serde_json::Error> {
+                match self {
+                    $(DomainEvent::$name(e) => serde_json::to_value(e),)*
+                }
+            }
+
+            /// The payload read as `event_type` of `version`; `None` for a type not in the list.
+            fn read(
+                event_type: &str,
+                version: i32,
+                payload: &Value,
+            ) -> Option<Result<DomainEvent, serde_json::Error>> {
+                $(if event_type == $name::TYPE {
+                    return Some(read::<$name>(version, payload).map(DomainEvent::$name));
+                })*
+                None
+            }
+        }
+    };
+}
 
 /// The replica tier of a deployment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -189,6 +297,15 @@ pub struct NodeRegistered {
     pub capacity: u32,
 }
 
+event!(NodeRegistered, version 2, stream |e| format!("node-{}", e.node_id),
+    fn upcast(version: i32, payload: &Value) -> Result<Self, serde_json::Error> {
+        match version {
+            1 => NodeRegisteredV1::deserialize(payload).map(NodeRegistered::from),
+            _ => Err(no_upcaster(version)),
+        }
+    }
+);
+
 /// `NodeRegistered` v1, before `capacity` existed. Read only, upcast to [`NodeRegistered`].
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 struct NodeRegisteredV1 {
@@ -216,6 +333,8 @@ pub struct NodeDeregistered {
     pub reason: String,
 }
 
+event!(NodeDeregistered, version 1, stream |e| format!("node-{}", e.node_id));
+
 /// `ModelDeployed`: a model was declared with its domain and wanted replica count.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelDeployed {
@@ -223,6 +342,8 @@ pub struct ModelDeployed {
     pub domain: String,
     pub replicas: u32,
 }
+
+event!(ModelDeployed, version 1, stream |e| format!("model-{}", e.model_id));
 
 /// `DeploymentAssigned`: a replica of a model was placed on a node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -233,6 +354,8 @@ pub struct DeploymentAssigned {
     pub reason: String,
 }
 
+event!(DeploymentAssigned, version 1, stream |e| format!("model-{}", e.model_id));
+
 /// `DeploymentRevoked`: a replica was removed from a node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeploymentRevoked {
@@ -241,6 +364,8 @@ pub struct DeploymentRevoked {
     pub reason: String,
 }
 
+event!(DeploymentRevoked, version 1, stream |e| format!("model-{}", e.model_id));
+
 /// `ExecutionRequested`: a caller asked for an execution.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExecutionRequested {
@@ -248,6 +373,8 @@ pub struct ExecutionRequested {
     pub model_id: ModelId,
     pub timeout_ms: u64,
 }
+
+event!(ExecutionRequested, version 1, stream |e| format!("exec-{}", e.request_id));
 
 /// `AttemptDispatched`: an attempt was sent to a node, with the routing decision that chose it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -263,6 +390,8 @@ pub struct AttemptDispatched {
     pub decision: Value,
 }
 
+event!(AttemptDispatched, version 1, stream |e| format!("exec-{}", e.request_id));
+
 /// `AttemptSucceeded`: a node answered with a valid output in time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AttemptSucceeded {
@@ -270,6 +399,8 @@ pub struct AttemptSucceeded {
     pub node_id: NodeId,
     pub latency_ms: u64,
 }
+
+event!(AttemptSucceeded, version 1, stream |e| format!("exec-{}", e.request_id));
 
 /// `AttemptFailed`: a node's attempt failed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -280,6 +411,8 @@ pub struct AttemptFailed {
     pub latency_ms: u64,
     pub detail: String,
 }
+
+event!(AttemptFailed, version 1, stream |e| format!("exec-{}", e.request_id));
 
 /// `ExecutionCompleted`: an execution succeeded and was charged (exactly once).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -292,6 +425,8 @@ pub struct ExecutionCompleted {
     pub charged: bool,
 }
 
+event!(ExecutionCompleted, version 1, stream |e| format!("exec-{}", e.request_id));
+
 /// `ExecutionFailed`: every attempt failed; nothing is charged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExecutionFailed {
@@ -303,6 +438,8 @@ pub struct ExecutionFailed {
     /// The reply's error code, e.g. `all_replicas_failed`.
     pub error_code: String,
 }
+
+event!(ExecutionFailed, version 1, stream |e| format!("exec-{}", e.request_id));
 
 /// `ExecutionReported`: an outcome ingested from outside (`deepnode.ingest.execution`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -319,6 +456,8 @@ pub struct ExecutionReported {
     pub reported_occurred_at: DateTime<Utc>,
 }
 
+event!(ExecutionReported, version 1, stream |e| format!("report-{}", e.request_id));
+
 /// `NodeStatusChanged`: a node moved from one status to another.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeStatusChanged {
@@ -330,6 +469,8 @@ pub struct NodeStatusChanged {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<DateTime<Utc>>,
 }
+
+event!(NodeStatusChanged, version 1, stream |e| format!("node-{}", e.node_id));
 
 /// `NodeSlashed`: part of a node's stake was taken for a fault. Idempotent by `fault_id`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -345,6 +486,8 @@ pub struct NodeSlashed {
     pub reason: String,
 }
 
+event!(NodeSlashed, version 1, stream |e| format!("node-{}", e.node_id));
+
 /// `NodeEjected`: a scheduler copy stopped routing to a node after consecutive failed attempts
 /// (POLICY.md "Ejection"); its `causation_id` is the `AttemptFailed` that tipped it. Ejection is kept
 /// per scheduler copy (as an outlier detector per proxy), so `producer` in the metadata names the copy.
@@ -358,12 +501,16 @@ pub struct NodeEjected {
     pub reason: String,
 }
 
+event!(NodeEjected, version 1, stream |e| format!("node-{}", e.node_id));
+
 /// `NodeRestored`: a probe request to an ejected node succeeded and that scheduler copy routes to it
 /// again; `causation_id` is the probe's `AttemptSucceeded`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeRestored {
     pub node_id: NodeId,
 }
+
+event!(NodeRestored, version 1, stream |e| format!("node-{}", e.node_id));
 
 /// `RotationCompleted`: a rotation epoch finished (the moves themselves are deployment events).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -378,6 +525,8 @@ pub struct RotationCompleted {
     #[serde(default)]
     pub config_hash: String,
 }
+
+event!(RotationCompleted, version 1, stream |_e| "rotation".to_owned());
 
 /// Why a stored event could not be read as a [`DomainEvent`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -403,48 +552,25 @@ pub enum DecodeError {
     },
 }
 
-/// Every event of the domain, one variant per event type.
-#[derive(Debug, Clone, PartialEq)]
-pub enum DomainEvent {
-    NodeRegistered(NodeRegistered),
-    NodeDeregistered(NodeDeregistered),
-    ModelDeployed(ModelDeployed),
-    DeploymentAssigned(DeploymentAssigned),
-    DeploymentRevoked(DeploymentRevoked),
-    ExecutionRequested(ExecutionRequested),
-    AttemptDispatched(AttemptDispatched),
-    AttemptSucceeded(AttemptSucceeded),
-    AttemptFailed(AttemptFailed),
-    ExecutionCompleted(ExecutionCompleted),
-    ExecutionFailed(ExecutionFailed),
-    ExecutionReported(ExecutionReported),
-    NodeStatusChanged(NodeStatusChanged),
-    NodeSlashed(NodeSlashed),
-    NodeEjected(NodeEjected),
-    NodeRestored(NodeRestored),
-    RotationCompleted(RotationCompleted),
-}
-
-/// Every event type with its current schema version, in declaration order.
-pub const EVENT_TYPES: &[(&str, i32)] = &[
-    ("NodeRegistered", 2),
-    ("NodeDeregistered", 1),
-    ("ModelDeployed", 1),
-    ("DeploymentAssigned", 1),
-    ("DeploymentRevoked", 1),
-    ("ExecutionRequested", 1),
-    ("AttemptDispatched", 1),
-    ("AttemptSucceeded", 1),
-    ("AttemptFailed", 1),
-    ("ExecutionCompleted", 1),
-    ("ExecutionFailed", 1),
-    ("ExecutionReported", 1),
-    ("NodeStatusChanged", 1),
-    ("NodeSlashed", 1),
-    ("NodeEjected", 1),
-    ("NodeRestored", 1),
-    ("RotationCompleted", 1),
-];
+domain_events!(
+    NodeRegistered,
+    NodeDeregistered,
+    ModelDeployed,
+    DeploymentAssigned,
+    DeploymentRevoked,
+    ExecutionRequested,
+    AttemptDispatched,
+    AttemptSucceeded,
+    AttemptFailed,
+    ExecutionCompleted,
+    ExecutionFailed,
+    ExecutionReported,
+    NodeStatusChanged,
+    NodeSlashed,
+    NodeEjected,
+    NodeRestored,
+    RotationCompleted,
+);
 
 /// The current schema version of an event type, or `None` for a type this binary does not know.
 pub fn current_schema_version(event_type: &str) -> Option<i32> {
@@ -454,77 +580,21 @@ pub fn current_schema_version(event_type: &str) -> Option<i32> {
         .map(|(_, v)| *v)
 }
 
-fn parse<T: DeserializeOwned>(
-    event_type: &str,
-    schema_version: i32,
-    payload: &Value,
-) -> Result<T, DecodeError> {
-    // Deserialising from `&Value` borrows the payload: no clone of the JSON tree per event.
-    T::deserialize(payload).map_err(|e| DecodeError::Payload {
-        event_type: event_type.to_owned(),
-        schema_version,
-        message: e.to_string(),
-    })
+/// Reads a payload of `version` (already checked to be between 1 and the current one) as `E`.
+fn read<E: Event>(version: i32, payload: &Value) -> Result<E, serde_json::Error> {
+    if version == E::VERSION {
+        // Deserialising from `&Value` borrows the payload: no clone of the JSON tree per event.
+        E::deserialize(payload)
+    } else {
+        E::upcast(version, payload)
+    }
+}
+
+fn no_upcaster(version: i32) -> serde_json::Error {
+    serde::de::Error::custom(format_args!("no upcaster from schema_version {version}"))
 }
 
 impl DomainEvent {
-    /// The PascalCase event type stored in `events.event_type`.
-    pub fn event_type(&self) -> &'static str {
-        match self {
-            DomainEvent::NodeRegistered(_) => "NodeRegistered",
-            DomainEvent::NodeDeregistered(_) => "NodeDeregistered",
-            DomainEvent::ModelDeployed(_) => "ModelDeployed",
-            DomainEvent::DeploymentAssigned(_) => "DeploymentAssigned",
-            DomainEvent::DeploymentRevoked(_) => "DeploymentRevoked",
-            DomainEvent::ExecutionRequested(_) => "ExecutionRequested",
-            DomainEvent::AttemptDispatched(_) => "AttemptDispatched",
-            DomainEvent::AttemptSucceeded(_) => "AttemptSucceeded",
-            DomainEvent::AttemptFailed(_) => "AttemptFailed",
-            DomainEvent::ExecutionCompleted(_) => "ExecutionCompleted",
-            DomainEvent::ExecutionFailed(_) => "ExecutionFailed",
-            DomainEvent::ExecutionReported(_) => "ExecutionReported",
-            DomainEvent::NodeStatusChanged(_) => "NodeStatusChanged",
-            DomainEvent::NodeSlashed(_) => "NodeSlashed",
-            DomainEvent::NodeEjected(_) => "NodeEjected",
-            DomainEvent::NodeRestored(_) => "NodeRestored",
-            DomainEvent::RotationCompleted(_) => "RotationCompleted",
-        }
-    }
-
-    /// The schema version this binary writes for the event's type.
-    pub fn schema_version(&self) -> i32 {
-        match self {
-            DomainEvent::NodeRegistered(_) => 2,
-            _ => 1,
-        }
-    }
-
-    /// The text of the stream this event belongs to: `node-<id>` for a node's lifecycle, `model-<id>`
-    /// for deployments, `exec-<request_id>` for an execution and its attempts, `report-<request_id>`
-    /// for ingested reports (one stream each, so concurrent ingestion never contends), `rotation` for
-    /// rotation epochs.
-    pub fn stream_name(&self) -> String {
-        match self {
-            DomainEvent::NodeRegistered(e) => format!("node-{}", e.node_id),
-            DomainEvent::NodeDeregistered(e) => format!("node-{}", e.node_id),
-            DomainEvent::NodeStatusChanged(e) => format!("node-{}", e.node_id),
-            DomainEvent::NodeSlashed(e) => format!("node-{}", e.node_id),
-            DomainEvent::NodeEjected(e) => format!("node-{}", e.node_id),
-            DomainEvent::NodeRestored(e) => format!("node-{}", e.node_id),
-            DomainEvent::ModelDeployed(e) => format!("model-{}", e.model_id),
-            DomainEvent::DeploymentAssigned(e) => format!("model-{}", e.model_id),
-            DomainEvent::DeploymentRevoked(e) => format!("model-{}", e.model_id),
-            DomainEvent::ExecutionRequested(e) => format!("exec-{}", e.request_id),
-            DomainEvent::AttemptDispatched(e) => format!("exec-{}", e.request_id),
-            DomainEvent::AttemptSucceeded(e) => format!("exec-{}", e.request_id),
-            DomainEvent::AttemptFailed(e) => format!("exec-{}", e.request_id),
-            DomainEvent::ExecutionCompleted(e) => format!("exec-{}", e.request_id),
-            DomainEvent::ExecutionFailed(e) => format!("exec-{}", e.request_id),
-            DomainEvent::ExecutionReported(e) => format!("report-{}", e.request_id),
-            DomainEvent::RotationCompleted(_) => "rotation".to_owned(),
-        }
-    }
-
     /// The stream this event belongs to, see [`DomainEvent::stream_name`].
     pub fn stream_id(&self) -> StreamId {
         let name = self.stream_name();
@@ -547,29 +617,10 @@ impl DomainEvent {
 
     /// The event's payload as the JSON object stored in `events.payload`.
     pub fn payload(&self) -> Value {
-        // Serialising these derive-only structs cannot fail (string keys, no custom impls); a `Null`
-        // would be refused by `NewEvent::validate` anyway.
-        let value = match self {
-            DomainEvent::NodeRegistered(e) => serde_json::to_value(e),
-            DomainEvent::NodeDeregistered(e) => serde_json::to_value(e),
-            DomainEvent::ModelDeployed(e) => serde_json::to_value(e),
-            DomainEvent::DeploymentAssigned(e) => serde_json::to_value(e),
-            DomainEvent::DeploymentRevoked(e) => serde_json::to_value(e),
-            DomainEvent::ExecutionRequested(e) => serde_json::to_value(e),
-            DomainEvent::AttemptDispatched(e) => serde_json::to_value(e),
-            DomainEvent::AttemptSucceeded(e) => serde_json::to_value(e),
-            DomainEvent::AttemptFailed(e) => serde_json::to_value(e),
-            DomainEvent::ExecutionCompleted(e) => serde_json::to_value(e),
-            DomainEvent::ExecutionFailed(e) => serde_json::to_value(e),
-            DomainEvent::ExecutionReported(e) => serde_json::to_value(e),
-            DomainEvent::NodeStatusChanged(e) => serde_json::to_value(e),
-            DomainEvent::NodeSlashed(e) => serde_json::to_value(e),
-            DomainEvent::NodeEjected(e) => serde_json::to_value(e),
-            DomainEvent::NodeRestored(e) => serde_json::to_value(e),
-            DomainEvent::RotationCompleted(e) => serde_json::to_value(e),
-        };
-        // A quiet empty payload in the immutable log would be worse than a loud stop.
-        value.expect("an event payload serialises: plain structs with string keys")
+        // Serialising these derive-only structs cannot fail (string keys, no custom impls), and a
+        // quiet empty payload in the immutable log would be worse than a loud stop.
+        self.payload_value()
+            .expect("an event payload serialises: plain structs with string keys")
     }
 
     /// The event ready to append, in the current schema version.
@@ -620,35 +671,17 @@ impl DomainEvent {
                 found: schema_version,
             });
         }
-        let (t, v) = (event_type, schema_version);
-        Ok(match t {
-            "NodeRegistered" if v == 1 => {
-                DomainEvent::NodeRegistered(parse::<NodeRegisteredV1>(t, v, payload)?.into())
-            }
-            "NodeRegistered" => DomainEvent::NodeRegistered(parse(t, v, payload)?),
-            "NodeDeregistered" => DomainEvent::NodeDeregistered(parse(t, v, payload)?),
-            "ModelDeployed" => DomainEvent::ModelDeployed(parse(t, v, payload)?),
-            "DeploymentAssigned" => DomainEvent::DeploymentAssigned(parse(t, v, payload)?),
-            "DeploymentRevoked" => DomainEvent::DeploymentRevoked(parse(t, v, payload)?),
-            "ExecutionRequested" => DomainEvent::ExecutionRequested(parse(t, v, payload)?),
-            "AttemptDispatched" => DomainEvent::AttemptDispatched(parse(t, v, payload)?),
-            "AttemptSucceeded" => DomainEvent::AttemptSucceeded(parse(t, v, payload)?),
-            "AttemptFailed" => DomainEvent::AttemptFailed(parse(t, v, payload)?),
-            "ExecutionCompleted" => DomainEvent::ExecutionCompleted(parse(t, v, payload)?),
-            "ExecutionFailed" => DomainEvent::ExecutionFailed(parse(t, v, payload)?),
-            "ExecutionReported" => DomainEvent::ExecutionReported(parse(t, v, payload)?),
-            "NodeStatusChanged" => DomainEvent::NodeStatusChanged(parse(t, v, payload)?),
-            "NodeSlashed" => DomainEvent::NodeSlashed(parse(t, v, payload)?),
-            "NodeEjected" => DomainEvent::NodeEjected(parse(t, v, payload)?),
-            "NodeRestored" => DomainEvent::NodeRestored(parse(t, v, payload)?),
-            "RotationCompleted" => DomainEvent::RotationCompleted(parse(t, v, payload)?),
-            _ => {
-                return Err(DecodeError::UnknownEventType {
-                    event_type: event_type.to_owned(),
-                    schema_version,
-                })
-            }
-        })
+        match DomainEvent::read(event_type, schema_version, payload) {
+            Some(read) => read.map_err(|e| DecodeError::Payload {
+                event_type: event_type.to_owned(),
+                schema_version,
+                message: e.to_string(),
+            }),
+            None => Err(DecodeError::UnknownEventType {
+                event_type: event_type.to_owned(),
+                schema_version,
+            }),
+        }
     }
 }
 
@@ -778,6 +811,50 @@ mod tests {
     }
 
     #[test]
+    fn stored_type_names_versions_and_streams_are_pinned() {
+        // The type name is the struct's name and the version its `event!` line: renaming a struct or
+        // bumping a version changes what the log stores, so it must fail here first.
+        let pinned = [
+            ("NodeRegistered", 2, "node-n1"),
+            ("NodeDeregistered", 1, "node-n1"),
+            ("ModelDeployed", 1, "model-m1"),
+            ("DeploymentAssigned", 1, "model-m1"),
+            ("DeploymentRevoked", 1, "model-m1"),
+            ("ExecutionRequested", 1, "exec-r1"),
+            ("AttemptDispatched", 1, "exec-r1"),
+            ("AttemptSucceeded", 1, "exec-r1"),
+            ("AttemptFailed", 1, "exec-r1"),
+            ("ExecutionCompleted", 1, "exec-r1"),
+            ("ExecutionFailed", 1, "exec-r1"),
+            ("ExecutionReported", 1, "report-r1"),
+            ("NodeStatusChanged", 1, "node-n1"),
+            ("NodeSlashed", 1, "node-n1"),
+            ("NodeEjected", 1, "node-n1"),
+            ("NodeRestored", 1, "node-n1"),
+            ("RotationCompleted", 1, "rotation"),
+        ];
+        let found: Vec<_> = samples()
+            .iter()
+            .map(|e| (e.event_type(), e.schema_version(), e.stream_name()))
+            .collect();
+        let pinned: Vec<_> = pinned
+            .iter()
+            .map(|&(t, v, s)| (t, v, s.to_owned()))
+            .collect();
+        assert_eq!(found, pinned);
+        let listed: Vec<_> = pinned.iter().map(|(t, v, _)| (*t, *v)).collect();
+        assert_eq!(EVENT_TYPES, listed.as_slice());
+    }
+
+    #[test]
+    fn an_older_version_without_an_upcaster_is_an_error() {
+        // given a type at version 1 asked to read version 0 through the upcast path directly
+        let err = NodeRestored::upcast(0, &json!({"node_id": "n1"})).unwrap_err();
+        // then it says so instead of reading the payload as the current shape
+        assert!(err.to_string().contains("no upcaster"), "{err}");
+    }
+
+    #[test]
     fn every_event_round_trips_through_the_log_shape() {
         let all = samples();
         assert_eq!(all.len(), EVENT_TYPES.len());
@@ -810,15 +887,8 @@ mod tests {
     }
 
     #[test]
-    fn stream_ids_follow_the_contract() {
-        let all = samples();
-        assert_eq!(all[0].stream_id().as_str(), "node-n1");
-        assert_eq!(all[2].stream_id().as_str(), "model-m1");
-        assert_eq!(all[7].stream_id().as_str(), "exec-r1");
-        assert_eq!(all[11].stream_id().as_str(), "report-r1");
-        assert_eq!(all[14].stream_id().as_str(), "node-n1");
-        assert_eq!(all[15].stream_id().as_str(), "node-n1");
-        assert_eq!(all[16].stream_id().as_str(), "rotation");
+    fn the_longest_ids_still_make_valid_stream_ids() {
+        // (every type's stream is pinned in `stored_type_names_versions_and_streams_are_pinned`)
         let longest = "x".repeat(crate::ids::MAX_ID_LEN);
         let reported = DomainEvent::NodeDeregistered(NodeDeregistered {
             node_id: node(&longest),

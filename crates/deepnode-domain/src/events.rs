@@ -423,6 +423,10 @@ pub struct ExecutionCompleted {
     pub attempts: u8,
     /// Always true.
     pub charged: bool,
+    /// The node's output as the caller received it, so a repeated request is answered from the log
+    /// (`null` in logs written before outputs were recorded).
+    #[serde(default)]
+    pub output: Value,
 }
 
 event!(ExecutionCompleted, version 1, stream |e| format!("exec-{}", e.request_id));
@@ -437,6 +441,14 @@ pub struct ExecutionFailed {
     pub charged: bool,
     /// The reply's error code, e.g. `all_replicas_failed`.
     pub error_code: String,
+    /// The reply's message, so a repeated request is answered from the log (absent in logs written
+    /// before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Set when the sweeper closed an execution whose scheduler stopped before recording it (which
+    /// only builds before the single-append record could leave behind).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub abandoned: bool,
 }
 
 event!(ExecutionFailed, version 1, stream |e| format!("exec-{}", e.request_id));
@@ -760,6 +772,7 @@ mod tests {
                 node_id: node("n1"),
                 attempts: 1,
                 charged: true,
+                output: json!({"text": "hello"}),
             }),
             DomainEvent::ExecutionFailed(ExecutionFailed {
                 request_id: r.clone(),
@@ -767,6 +780,8 @@ mod tests {
                 attempts: 2,
                 charged: false,
                 error_code: "all_replicas_failed".into(),
+                message: Some("every replica failed".into()),
+                abandoned: false,
             }),
             DomainEvent::ExecutionReported(ExecutionReported {
                 event_id: Some(Uuid::nil()),
@@ -844,6 +859,28 @@ mod tests {
         assert_eq!(found, pinned);
         let listed: Vec<_> = pinned.iter().map(|(t, v, _)| (*t, *v)).collect();
         assert_eq!(EVENT_TYPES, listed.as_slice());
+    }
+
+    #[test]
+    fn executions_recorded_without_output_or_message_still_read() {
+        // given the end of an execution as logs before the output and message were recorded hold it
+        let completed = json!({"request_id": "r1", "model_id": "m1", "node_id": "n1",
+                               "attempts": 1, "charged": true});
+        let failed = json!({"request_id": "r1", "model_id": "m1", "attempts": 2,
+                            "charged": false, "error_code": "all_replicas_failed"});
+        // then they read with a null output and no message, and write back the same payload
+        let Ok(DomainEvent::ExecutionCompleted(c)) =
+            DomainEvent::decode_parts("ExecutionCompleted", 1, &completed)
+        else {
+            panic!("ExecutionCompleted did not read");
+        };
+        assert_eq!(c.output, Value::Null);
+        let Ok(e @ DomainEvent::ExecutionFailed(_)) =
+            DomainEvent::decode_parts("ExecutionFailed", 1, &failed)
+        else {
+            panic!("ExecutionFailed did not read");
+        };
+        assert_eq!(e.payload(), failed);
     }
 
     #[test]

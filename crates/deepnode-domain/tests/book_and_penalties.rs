@@ -153,6 +153,7 @@ fn an_ended_execution_is_handed_out_once_and_not_retained() {
                 node_id: n("n1"),
                 attempts: 1,
                 charged: true,
+                output: serde_json::Value::Null,
             })
         } else {
             DomainEvent::ExecutionFailed(ExecutionFailed {
@@ -161,6 +162,8 @@ fn an_ended_execution_is_handed_out_once_and_not_retained() {
                 attempts: 2,
                 charged: false,
                 error_code: "all_replicas_failed".into(),
+                message: None,
+                abandoned: false,
             })
         };
         log.push(end, t(2));
@@ -234,6 +237,7 @@ fn an_execution_and_its_deployments_project_to_rows() {
             node_id: n("n2"),
             attempts: 2,
             charged: true,
+            output: serde_json::Value::Null,
         }),
         t(4),
     );
@@ -563,6 +567,7 @@ fn history(steps: &[(Step, i64)], cfg: &PolicyConfig) -> Log {
                         node_id: n(nodes[0]),
                         attempts: *attempts,
                         charged: true,
+                        output: serde_json::Value::Null,
                     })
                 } else {
                     DomainEvent::ExecutionFailed(ExecutionFailed {
@@ -571,6 +576,8 @@ fn history(steps: &[(Step, i64)], cfg: &PolicyConfig) -> Log {
                         attempts: *attempts,
                         charged: false,
                         error_code: "all_replicas_failed".into(),
+                        message: None,
+                        abandoned: false,
                     })
                 }
             }

@@ -215,6 +215,7 @@ impl History {
                 node_id,
                 attempts,
                 charged: true,
+                output: serde_json::Value::Null,
             }),
             None => DomainEvent::ExecutionFailed(ExecutionFailed {
                 request_id,
@@ -222,6 +223,8 @@ impl History {
                 attempts,
                 charged: false,
                 error_code: "all_replicas_failed".into(),
+                message: None,
+                abandoned: false,
             }),
         });
         // A few executions stay in flight: drop the outcome (and the completion).

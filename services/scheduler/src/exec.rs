@@ -173,13 +173,6 @@ pub(crate) fn new_event(event: DomainEvent, meta: Metadata) -> NewEvent {
     event.to_new_event(Uuid::new_v4(), meta, Utc::now())
 }
 
-pub(crate) fn with_field(mut event: NewEvent, key: &str, value: Value) -> NewEvent {
-    if let Value::Object(map) = &mut event.payload {
-        map.insert(key.to_owned(), value);
-    }
-    event
-}
-
 /// Maps a store error to the reply: conflicts as `conflict`, the store being away as `unavailable`.
 fn store_failure(e: &StoreError) -> Reply {
     tracing::warn!(error = %e, "event store refused an execution record");
@@ -553,12 +546,12 @@ fn answer_from_log(events: &[RecordedEvent]) -> Option<Reply> {
                 settle(&mut attempts, &a.node_id, a.outcome.into(), a.latency_ms)
             }
             Ok(e @ (DomainEvent::ExecutionCompleted(_) | DomainEvent::ExecutionFailed(_))) => {
-                end = Some((e, &event.payload));
+                end = Some(e);
             }
             _ => {}
         }
     }
-    let (end, payload) = end?;
+    let end = end?;
     let views: Vec<AttemptView> = attempts
         .into_iter()
         .filter_map(|(node_id, role, done)| {
@@ -571,17 +564,11 @@ fn answer_from_log(events: &[RecordedEvent]) -> Option<Reply> {
         })
         .collect();
     Some(match end {
-        DomainEvent::ExecutionCompleted(c) => success_reply(
-            &c.request_id,
-            &c.node_id,
-            payload.get("output").cloned().unwrap_or(Value::Null),
-            &views,
-        ),
+        DomainEvent::ExecutionCompleted(c) => {
+            success_reply(&c.request_id, &c.node_id, c.output, &views)
+        }
         DomainEvent::ExecutionFailed(f) => {
-            let message = payload
-                .get("message")
-                .and_then(Value::as_str)
-                .map_or_else(|| failure_message(&views, None), str::to_owned);
+            let message = f.message.unwrap_or_else(|| failure_message(&views, None));
             // The recorded code: `all_replicas_failed`, or `unavailable` for an execution the
             // sweeper closed after its scheduler stopped (see `sweep`).
             let code = serde_json::from_value(Value::String(f.error_code.clone()))
@@ -806,19 +793,17 @@ fn execution_failed(
     meta: &Metadata,
     cause: Uuid,
 ) -> NewEvent {
-    with_field(
-        new_event(
-            DomainEvent::ExecutionFailed(ExecutionFailed {
-                request_id: request_id.clone(),
-                model_id: model_id.clone(),
-                attempts,
-                charged: false,
-                error_code: code.as_str().to_owned(),
-            }),
-            meta.clone().caused_by(cause),
-        ),
-        "message",
-        Value::String(message.to_owned()),
+    new_event(
+        DomainEvent::ExecutionFailed(ExecutionFailed {
+            request_id: request_id.clone(),
+            model_id: model_id.clone(),
+            attempts,
+            charged: false,
+            error_code: code.as_str().to_owned(),
+            message: Some(message.to_owned()),
+            abandoned: false,
+        }),
+        meta.clone().caused_by(cause),
     )
 }
 
@@ -951,19 +936,16 @@ async fn complete(
         }),
         meta.clone().caused_by(attempt.dispatched),
     );
-    let completed = with_field(
-        new_event(
-            DomainEvent::ExecutionCompleted(ExecutionCompleted {
-                request_id: request_id.clone(),
-                model_id: model_id.clone(),
-                node_id: attempt.node.clone(),
-                attempts: u8::try_from(trail.attempts.len()).unwrap_or(u8::MAX),
-                charged: true,
-            }),
-            meta.clone().caused_by(succeeded.event_id),
-        ),
-        "output",
-        output.clone(),
+    let completed = new_event(
+        DomainEvent::ExecutionCompleted(ExecutionCompleted {
+            request_id: request_id.clone(),
+            model_id: model_id.clone(),
+            node_id: attempt.node.clone(),
+            attempts: u8::try_from(trail.attempts.len()).unwrap_or(u8::MAX),
+            charged: true,
+            output: output.clone(),
+        }),
+        meta.clone().caused_by(succeeded.event_id),
     );
     trail.decisions.extend(tracker_decision(
         attempt.node,

@@ -23,7 +23,6 @@ use deepnode_runtime::Shutdown;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::exec::with_field;
 use crate::Scheduler;
 
 /// Namespace of the deterministic ids of sweeper events.
@@ -116,18 +115,17 @@ async fn close_if_abandoned(
         attempts,
         charged: false,
         error_code: ErrorCode::Unavailable.as_str().to_owned(),
+        message: Some(
+            "the scheduler executing this request stopped before it finished; it was not \
+             charged; retry with a new request_id"
+                .to_owned(),
+        ),
+        abandoned: true,
     })
     .to_new_event(
         Uuid::new_v5(&SWEEP_NAMESPACE, stream.as_str().as_bytes()),
         meta,
         now,
-    );
-    let message = "the scheduler executing this request stopped before it finished; it was not \
-                   charged; retry with a new request_id";
-    let end = with_field(
-        with_field(end, "message", Value::String(message.to_owned())),
-        "abandoned",
-        Value::Bool(true),
     );
     match s
         .ctx

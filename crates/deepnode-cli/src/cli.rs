@@ -17,7 +17,8 @@ pub struct Cli {
     /// Optional TOML file overriding the policy defaults.
     #[arg(long, env = "DEEPNODE_CONFIG", global = true)]
     pub config: Option<std::path::PathBuf>,
-    /// NATS server with JetStream (used by `up` and `sim`).
+    /// NATS server with JetStream (used by `up`, `sim`, `witness`, and by `verify` and `audit` for
+    /// the published checkpoints).
     #[arg(
         long,
         env = "NATS_URL",

@@ -58,7 +58,8 @@ pub struct SchedulerOptions {
     /// A repeated `request_id` still in flight is awaited for `2 × its attempt timeout` plus this.
     pub duplicate_grace: Duration,
     /// An execution still open `2 × its attempt timeout` plus this after it was requested was
-    /// abandoned by a stopped scheduler, and is closed (not charged) by the sweeper.
+    /// abandoned by a stopped scheduler of an older build (current builds leave nothing open), and
+    /// is closed (not charged) by the sweeper.
     pub abandon_grace: Duration,
     /// How often this copy looks for abandoned executions.
     pub sweep_interval: Duration,

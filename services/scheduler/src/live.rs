@@ -7,7 +7,8 @@
 //! node's capacity ([`crate::copies`]), so together they keep the node within it. Reputation and failure rate, which must
 //! agree across copies and on replay, come from the log instead. Each ejection and restoration is still
 //! a decision on the record: `exec` appends `NodeEjected` / `NodeRestored` to the node's stream, caused
-//! by the attempt that triggered it, with this copy as `producer`.
+//! by the attempt that triggered it (every copy's `producer` is `deepnode-scheduler`, so the log does
+//! not say which copy ejected).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -1,9 +1,11 @@
-//! Closing abandoned executions. A scheduler that dies between recording a request and recording its
-//! end leaves the execution `in_flight` for ever, and a caller retrying the same `request_id` would be
-//! told "still running" for ever. Every scheduler copy therefore sweeps: an execution still open well
-//! past the longest it could legitimately take (two attempts of its timeout, plus a grace for slow
-//! appends) is closed with `ExecutionFailed { error_code: "unavailable", charged: false }`, marked
-//! `abandoned`.
+//! Closing executions that older builds left open. Since an execution is recorded by one append at
+//! its end (docs/adr/0002-single-append-execution-record.md), a scheduler that dies records nothing
+//! and leaves nothing open; but a log written by a build before that (which recorded the request
+//! first and its end later) can hold executions that stay `in_flight` for ever, and a caller retrying
+//! such a `request_id` would be told "still running" for ever. Every scheduler copy therefore
+//! sweeps: an execution still open well past the longest it could legitimately take (two attempts
+//! of its timeout, plus a grace for slow appends) is closed with
+//! `ExecutionFailed { error_code: "unavailable", charged: false }`, marked `abandoned`.
 //!
 //! The dangling attempt is deliberately *not* classified: whether the node answered is unknown (its
 //! scheduler was gone), so it neither rewards nor penalises the node. The append expects the stream's

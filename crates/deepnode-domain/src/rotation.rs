@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::events::NodeStatus;
 use crate::fixed::Bps;
 use crate::ids::{ModelId, NodeId};
 use crate::placement::{score_nodes, PlacementNode, PlacementPolicy, PlacementScore, Tier};
@@ -130,7 +131,7 @@ pub enum MoveReason {
     /// unknown node). Overrides hysteresis and residency.
     HardRule {
         /// What rule.
-        rule: String,
+        rule: HardRule,
     },
     /// The challenger's score beats the incumbent's by at least the hysteresis.
     Improvement {
@@ -141,6 +142,73 @@ pub enum MoveReason {
     },
     /// Growth-slot redraw: a waiting node gets its turn.
     GrowthRedraw,
+}
+
+/// The hard rule an incumbent breaks. The wire name (in every recorded plan and in the
+/// `DeploymentAssigned` reason) is stable; builds before it was an enum wrote `status_phasedout`,
+/// still read as [`HardRule::StatusPhasedOut`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HardRule {
+    /// The log never registered the node.
+    UnknownNode,
+    /// The node serves another domain than the model's.
+    WrongDomain,
+    /// The node is this epoch's phase-out candidate.
+    PhaseOut,
+    /// The node is jailed.
+    StatusJailed,
+    /// The node is offline.
+    StatusOffline,
+    /// The node was phased out.
+    #[serde(alias = "status_phasedout")]
+    StatusPhasedOut,
+    /// The node was tombstoned.
+    StatusTombstoned,
+    /// The node deregistered.
+    StatusDeregistered,
+}
+
+impl HardRule {
+    /// The rule an incumbent of `status` breaks, `None` for an eligible status.
+    pub fn of_status(status: NodeStatus) -> Option<HardRule> {
+        match status {
+            NodeStatus::Active | NodeStatus::Probation => None,
+            NodeStatus::Jailed => Some(HardRule::StatusJailed),
+            NodeStatus::Offline => Some(HardRule::StatusOffline),
+            NodeStatus::PhasedOut => Some(HardRule::StatusPhasedOut),
+            NodeStatus::Tombstoned => Some(HardRule::StatusTombstoned),
+            NodeStatus::Deregistered => Some(HardRule::StatusDeregistered),
+        }
+    }
+
+    /// The wire name, e.g. `status_jailed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HardRule::UnknownNode => "unknown_node",
+            HardRule::WrongDomain => "wrong_domain",
+            HardRule::PhaseOut => "phase_out",
+            HardRule::StatusJailed => "status_jailed",
+            HardRule::StatusOffline => "status_offline",
+            HardRule::StatusPhasedOut => "status_phased_out",
+            HardRule::StatusTombstoned => "status_tombstoned",
+            HardRule::StatusDeregistered => "status_deregistered",
+        }
+    }
+}
+
+/// Why a replica that would have moved stayed (wire names stable, as for [`HardRule`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeldBy {
+    /// The epoch's move cap was reached.
+    Cap,
+    /// The incumbent may not release another replica this epoch.
+    MaxOut,
+    /// No node could take the replica.
+    NoCandidate,
+    /// The incumbent has not served its minimum residency.
+    Residency,
 }
 
 /// One make-before-break move: assign `assign`, then revoke `revoke`.
@@ -185,7 +253,7 @@ pub struct RotationPlan {
     /// Phase-out victims, ordered (R, registered_at, node_id); immune nodes never appear.
     pub phase_out: Vec<PhaseOut>,
     /// Replicas that would have moved but were held back, with the rule that held them.
-    pub held: Vec<(ModelId, NodeId, String)>,
+    pub held: Vec<(ModelId, NodeId, HeldBy)>,
 }
 
 /// Whether a node is immune from phase-out: younger than `immunity_secs` or fewer scored requests
@@ -477,21 +545,19 @@ pub fn plan(
             continue;
         };
         let rule = match input.nodes.iter().find(|n| n.node_id == d.node_id) {
-            None => Some("unknown_node".to_owned()),
-            Some(n) if !n.status.is_eligible() => {
-                Some(format!("status_{:?}", n.status).to_lowercase())
-            }
-            Some(n) if &n.domain != domain => Some("wrong_domain".to_owned()),
-            Some(_) if victims.contains(&d.node_id) => Some("phase_out".to_owned()),
+            None => Some(HardRule::UnknownNode),
+            Some(n) if !n.status.is_eligible() => HardRule::of_status(n.status),
+            Some(n) if &n.domain != domain => Some(HardRule::WrongDomain),
+            Some(_) if victims.contains(&d.node_id) => Some(HardRule::PhaseOut),
             Some(_) => None,
         };
         let Some(rule) = rule else { continue };
         if ledger.remaining == 0 {
-            held.push((d.model_id.clone(), d.node_id.clone(), "cap".to_owned()));
+            held.push((d.model_id.clone(), d.node_id.clone(), HeldBy::Cap));
             continue;
         }
         if !ledger.can_release(&d.node_id, true) {
-            held.push((d.model_id.clone(), d.node_id.clone(), "max_out".to_owned()));
+            held.push((d.model_id.clone(), d.node_id.clone(), HeldBy::MaxOut));
             continue;
         }
         let assign = match d.tier {
@@ -514,11 +580,7 @@ pub fn plan(
                 ledger.apply(&m);
                 moves.push(m);
             }
-            None => held.push((
-                d.model_id.clone(),
-                d.node_id.clone(),
-                "no_candidate".to_owned(),
-            )),
+            None => held.push((d.model_id.clone(), d.node_id.clone(), HeldBy::NoCandidate)),
         }
     }
 
@@ -547,11 +609,7 @@ pub fn plan(
         };
         let ch = &view.scored[ch];
         if !resident(d) {
-            held.push((
-                d.model_id.clone(),
-                d.node_id.clone(),
-                "residency".to_owned(),
-            ));
+            held.push((d.model_id.clone(), d.node_id.clone(), HeldBy::Residency));
             continue;
         }
         proposals.push((ch.score.raw() - inc.score.raw(), *d, inc.score));
@@ -565,11 +623,11 @@ pub fn plan(
             continue;
         };
         if ledger.remaining == 0 {
-            held.push((d.model_id.clone(), d.node_id.clone(), "cap".to_owned()));
+            held.push((d.model_id.clone(), d.node_id.clone(), HeldBy::Cap));
             continue;
         }
         if !ledger.can_release(&d.node_id, false) {
-            held.push((d.model_id.clone(), d.node_id.clone(), "max_out".to_owned()));
+            held.push((d.model_id.clone(), d.node_id.clone(), HeldBy::MaxOut));
             continue;
         }
         // Re-pick: earlier moves may have used up a challenger's in-limit.
@@ -609,19 +667,15 @@ pub fn plan(
                 continue;
             };
             if !resident(d) {
-                held.push((
-                    d.model_id.clone(),
-                    d.node_id.clone(),
-                    "residency".to_owned(),
-                ));
+                held.push((d.model_id.clone(), d.node_id.clone(), HeldBy::Residency));
                 continue;
             }
             if ledger.remaining == 0 {
-                held.push((d.model_id.clone(), d.node_id.clone(), "cap".to_owned()));
+                held.push((d.model_id.clone(), d.node_id.clone(), HeldBy::Cap));
                 continue;
             }
             if !ledger.can_release(&d.node_id, false) {
-                held.push((d.model_id.clone(), d.node_id.clone(), "max_out".to_owned()));
+                held.push((d.model_id.clone(), d.node_id.clone(), HeldBy::MaxOut));
                 continue;
             }
             let m = Move {
@@ -876,6 +930,38 @@ mod tests {
 
     // Property 3 (rotation half): every probation node gets a growth slot within
     // ⌈growth tier size / slots per redraw⌉ redraws.
+    #[test]
+    fn hard_rules_have_stable_wire_names_and_read_the_old_phased_out_spelling() {
+        // every ineligible status breaks the rule named after the status's contract spelling
+        let statuses = [
+            NodeStatus::Active,
+            NodeStatus::Probation,
+            NodeStatus::Jailed,
+            NodeStatus::Offline,
+            NodeStatus::PhasedOut,
+            NodeStatus::Tombstoned,
+            NodeStatus::Deregistered,
+        ];
+        for status in statuses {
+            let rule = HardRule::of_status(status);
+            assert_eq!(rule.is_none(), status.is_eligible(), "{status:?}");
+            if let Some(rule) = rule {
+                assert_eq!(rule.as_str(), format!("status_{}", status.as_str()));
+                assert_eq!(serde_json::to_value(rule).unwrap(), rule.as_str());
+            }
+        }
+        for rule in [
+            HardRule::UnknownNode,
+            HardRule::WrongDomain,
+            HardRule::PhaseOut,
+        ] {
+            assert_eq!(serde_json::to_value(rule).unwrap(), rule.as_str());
+        }
+        // and plans recorded before the rule was an enum still read
+        let old: HardRule = serde_json::from_value(serde_json::json!("status_phasedout")).unwrap();
+        assert_eq!(old, HardRule::StatusPhasedOut);
+    }
+
     #[test]
     fn every_probation_node_gets_a_turn() {
         let (rp, pp) = (RotationPolicy::default(), PlacementPolicy::default());

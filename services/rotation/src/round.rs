@@ -234,7 +234,9 @@ fn id(epoch: u64, what: &str) -> Uuid {
 
 fn move_reason(m: &Move) -> String {
     match &m.reason {
-        MoveReason::HardRule { rule } => format!("rotation: incumbent breaks a hard rule ({rule})"),
+        MoveReason::HardRule { rule } => {
+            format!("rotation: incumbent breaks a hard rule ({})", rule.as_str())
+        }
         MoveReason::Improvement {
             incumbent,
             challenger,

@@ -11,6 +11,7 @@ pub mod observability;
 pub mod relay;
 pub mod settings;
 pub mod shutdown;
+pub mod store_reply;
 pub mod tail;
 pub mod telemetry;
 /// The JSON form of a stored event (defined in `deepnode_domain::wire`).
@@ -20,3 +21,4 @@ pub use context::{ConnectError, ServiceContext};
 pub use observability::{Observability, ObservabilityOptions};
 pub use settings::{Settings, SettingsError};
 pub use shutdown::Shutdown;
+pub use store_reply::store_error;

@@ -235,7 +235,7 @@ impl Writer {
                 tracing::warn!(error = %e, size, "group commit refused; retrying its appends one by one");
                 for request in batch {
                     let result = match self.write_batch(&[&request]).await {
-                        Ok(mut results) => results.pop().unwrap_or(Err(Error::Closed)),
+                        Ok(mut results) => results.pop().unwrap_or(Err(UNANSWERED)),
                         Err(e) => Err(e),
                     };
                     let _ = request.reply.send(result);
@@ -538,8 +538,11 @@ pub(crate) async fn append_in(
 ) -> Result<AppendResult, Error> {
     let cols = Columns::of(&[request], to_micros(Utc::now()));
     let mut results = call_append(conn, &[request], &cols).await?;
-    results.pop().unwrap_or(Err(Error::Closed))
+    results.pop().unwrap_or(Err(UNANSWERED))
 }
+
+/// `deepnode_append` answers every append it is given; a missing answer is a bug in it.
+const UNANSWERED: Error = Error::Internal("deepnode_append left an append unanswered");
 
 /// Decides and writes `requests` on `conn` with one call of `deepnode_append` (migration V5), which
 /// locks the head until the surrounding transaction ends, looks up stream versions and prior event
@@ -575,8 +578,12 @@ async fn call_append(
     let mut results: Vec<Option<Result<AppendResult, Error>>> =
         (0..requests.len()).map(|_| None).collect();
     for row in rows {
-        let index = usize::try_from(row.try_get::<i32, _>(0)? - 1).map_err(|_| Error::Closed)?;
-        let request = requests.get(index).ok_or(Error::Closed)?;
+        let index = usize::try_from(row.try_get::<i32, _>(0)? - 1).ok();
+        let Some((index, request)) = index.and_then(|i| Some((i, requests.get(i)?))) else {
+            return Err(Error::Internal(
+                "deepnode_append answered an append it was not given",
+            ));
+        };
         let outcome: &str = row.try_get(1)?;
         let result = match outcome {
             "appended" | "duplicate" => Ok(AppendResult {
@@ -599,7 +606,7 @@ async fn call_append(
     // deepnode_append answers every append; a missing answer would be a bug in it, not a write.
     let mut results: Vec<Result<AppendResult, Error>> = results
         .into_iter()
-        .map(|r| r.unwrap_or(Err(Error::Closed)))
+        .map(|r| r.unwrap_or(Err(UNANSWERED)))
         .collect();
     // It chained the rows itself: read their hashes back (this path is the rare one).
     let positions: Vec<i64> = results

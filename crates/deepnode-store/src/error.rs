@@ -49,6 +49,10 @@ pub enum Error {
     /// The store's background writer is gone (the store is shutting down).
     #[error("the event store is shutting down")]
     Closed,
+    /// The store broke one of its own invariants (e.g. the append function left an append
+    /// unanswered): a bug, not an outage.
+    #[error("event store bug: {0}")]
+    Internal(&'static str),
 }
 
 impl Error {

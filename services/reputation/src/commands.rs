@@ -104,7 +104,8 @@ fn command_event_id(command: &str, key: Option<&String>) -> Uuid {
     key.map_or_else(Uuid::new_v4, |k| derived_id(&format!("{command}:{k}")))
 }
 
-/// The §2 answer to a store failure.
+/// The §2 answer to a store failure: the codes of the one mapping ([`deepnode_runtime::store_error`]),
+/// with what a conflict means for a node command.
 fn store_error(e: deepnode_store::Error) -> ErrorBody {
     use deepnode_store::Error as E;
     match e {
@@ -116,15 +117,7 @@ fn store_error(e: deepnode_store::Error) -> ErrorBody {
             ErrorCode::Conflict,
             "this idempotency_key was already used for a different command",
         ),
-        E::Invalid(reason) => ErrorBody::bad_request(reason.to_string()),
-        e if e.is_transient() || matches!(e, E::Closed) => {
-            tracing::warn!(error = %e, "store unavailable");
-            ErrorBody::unavailable("the event store is unavailable; retry")
-        }
-        e => {
-            tracing::error!(error = %e, "store failure");
-            ErrorBody::internal(format!("store failure: {e}"))
-        }
+        e => deepnode_runtime::store_error(&e),
     }
 }
 

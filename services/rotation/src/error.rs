@@ -9,9 +9,6 @@ pub enum Error {
     /// The event store failed (or the local view could not catch up with it).
     #[error("event store: {0}")]
     Store(#[from] deepnode_store::Error),
-    /// A direct database call (the round lock) failed.
-    #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
     /// Serving a subject failed.
     #[error("serving requests: {0}")]
     Serve(#[from] deepnode_bus::rpc::Error),
@@ -23,17 +20,20 @@ pub enum Error {
     },
 }
 
+/// A direct database call (the round lock) fails as the store's calls do, so it maps the same way.
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Error::Store(e.into())
+    }
+}
+
 impl Error {
     /// The reply error for this failure.
     pub fn to_body(&self) -> ErrorBody {
         match self {
-            Error::Store(e) if e.is_transient() => ErrorBody::unavailable(e.to_string()),
-            Error::Store(deepnode_store::Error::Closed) => ErrorBody::unavailable(self.to_string()),
-            Error::Store(deepnode_store::Error::Conflict { .. }) | Error::EpochTaken { .. } => {
-                ErrorBody::new(ErrorCode::Conflict, self.to_string())
-            }
-            Error::Database(_) => ErrorBody::unavailable(self.to_string()),
-            _ => ErrorBody::internal(self.to_string()),
+            Error::Store(e) => deepnode_runtime::store_error(e),
+            Error::EpochTaken { .. } => ErrorBody::new(ErrorCode::Conflict, self.to_string()),
+            Error::Serve(_) => ErrorBody::internal(self.to_string()),
         }
     }
 }

@@ -173,19 +173,10 @@ pub(crate) fn new_event(event: DomainEvent, meta: Metadata) -> NewEvent {
     event.to_new_event(Uuid::new_v4(), meta, Utc::now())
 }
 
-/// Maps a store error to the reply: conflicts as `conflict`, the store being away as `unavailable`.
+/// The reply to a store failure: the one mapping every service uses
+/// ([`deepnode_runtime::store_error`]).
 fn store_failure(e: &StoreError) -> Reply {
-    tracing::warn!(error = %e, "event store refused an execution record");
-    Reply::err(match e {
-        StoreError::Conflict { .. } => ErrorBody::new(ErrorCode::Conflict, e.to_string()),
-        StoreError::Unavailable(_)
-        | StoreError::Closed
-        | StoreError::Database(_)
-        | StoreError::Lagging { .. } => {
-            ErrorBody::unavailable(format!("the event store is unavailable; retry: {e}"))
-        }
-        _ => ErrorBody::internal(e.to_string()),
-    })
+    Reply::err(deepnode_runtime::store_error(e))
 }
 
 fn success_reply(

@@ -297,7 +297,7 @@ impl Cluster {
     pub async fn stop(&mut self) -> anyhow::Result<()> {
         let mut failures = Vec::new();
         while let Some(running) = self.running.pop() {
-            running.shutdown.trigger();
+            running.shutdown.cancel();
             let ended = tokio::time::timeout(Duration::from_secs(30), running.task).await;
             match ended {
                 Ok(Ok(Ok(()))) => {}

@@ -50,7 +50,7 @@ where
             return ExitCode::from(2);
         }
     };
-    let shutdown = Shutdown::on_signals();
+    let shutdown = crate::shutdown::on_signals();
     // `DEEPNODE_LOG_TAIL=on`: the process's tail of the log, fed from the bus before anything
     // follows the log, so its followers and projection read no database per commit. Off by default:
     // measured, it cuts the database's transactions per execution by a third more but came with
@@ -93,7 +93,7 @@ where
     ));
     let (nats, pool) = (ctx.nats.clone(), ctx.store.pool().clone());
     let result = service(ctx, shutdown.clone()).await;
-    shutdown.trigger();
+    shutdown.cancel();
     if let Some(feeder) = feeder {
         feeder.abort();
     }

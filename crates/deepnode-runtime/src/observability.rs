@@ -420,7 +420,7 @@ struct State {
 async fn accept(listener: TcpListener, state: Arc<State>, shutdown: Shutdown) {
     loop {
         let stream = tokio::select! {
-            () = shutdown.wait() => break,
+            () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
@@ -516,7 +516,7 @@ async fn refresh_lag(pool: PgPool, handle: PrometheusHandle, every: Duration, sh
         }
         handle.run_upkeep();
         tokio::select! {
-            () = shutdown.wait() => return,
+            () = shutdown.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
     }

@@ -73,7 +73,7 @@ pub async fn run(
 ) -> Result<(), RelayError> {
     ensure_streams(&js, &subjects).await?;
     let mut backoff = options.lease_retry;
-    while !shutdown.is_triggered() {
+    while !shutdown.is_cancelled() {
         match take_lease(&store).await {
             Ok(Some(lease)) => {
                 tracing::info!("relay lease taken; publishing the log");
@@ -87,7 +87,7 @@ pub async fn run(
             Err(e) => tracing::debug!(error = %e, "relay lease unavailable"),
         }
         tokio::select! {
-            _ = shutdown.wait() => break,
+            _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = options.lease_retry;
@@ -141,7 +141,7 @@ async fn publish_while_leased(
             }
         };
         let batch = tokio::select! {
-            _ = shutdown.wait() => {
+            _ = shutdown.cancelled() => {
                 if published > saved {
                     let _ = save_position(store, published).await;
                 }

@@ -33,7 +33,7 @@ pub async fn feed(
     Ok(tokio::spawn(async move {
         loop {
             let message = tokio::select! {
-                () = shutdown.wait() => return,
+                () = shutdown.cancelled() => return,
                 message = messages.next() => message,
             };
             let Some(first) = message else {

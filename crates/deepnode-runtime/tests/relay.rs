@@ -109,14 +109,14 @@ async fn every_event_is_published_once_in_order_across_a_lease_takeover() {
         .await
         .expect("the lease was taken over");
     assert_ne!(first, second, "another backend holds the lease");
-    b_stop.trigger();
+    b_stop.cancel();
     b.await.unwrap().unwrap();
 
     // Restarting from the stored position republishes nothing new.
     let (c, c_stop) = start_relay(&db.store().await, &js, &subjects);
     append(&store, 80, 85).await;
     assert_eq!(wait_for_messages(&js, &stream, 85).await, 85);
-    c_stop.trigger();
+    c_stop.cancel();
     c.await.unwrap().unwrap();
 
     let s = js.get_stream(&stream).await.unwrap();

@@ -64,7 +64,7 @@ pub(crate) async fn run(shared: Arc<Shared>, consumer: PullConsumer) -> Result<(
     while let Some(messages) = pull::messages(&shared, &consumer, &name, "ingest reports").await {
         let stop = shared.stop.clone();
         messages
-            .take_until(async move { stop.wait().await })
+            .take_until(async move { stop.cancelled().await })
             .for_each_concurrent(shared.options.ingest_concurrency.max(1), |message| {
                 let shared = shared.clone();
                 async move {

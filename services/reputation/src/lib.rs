@@ -177,16 +177,7 @@ pub async fn run(
 ) -> Result<(), Error> {
     let view = ctx.follow(View::new(&ctx.policy), |view, event| view.evolve(event));
     // An internal stop signal, so a failing part can stop its siblings without firing the caller's.
-    let stop = Shutdown::new();
-    {
-        let (outer, inner) = (shutdown.clone(), stop.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                () = outer.wait() => inner.trigger(),
-                () = inner.wait() => {}
-            }
-        });
-    }
+    let stop = shutdown.child_token();
     let shared = Arc::new(Shared {
         ctx,
         options,
@@ -232,7 +223,7 @@ pub async fn run(
         let result = done.unwrap_or_else(|e| Err(Error::Task(e.to_string())));
         if let Err(e) = result {
             tracing::error!(error = %e, "reputation service part failed; stopping the others");
-            stop.trigger();
+            stop.cancel();
             failure.get_or_insert(e);
         }
     }
@@ -251,7 +242,7 @@ where
     let (client, stop) = (shared.ctx.nats.clone(), shared.stop.clone());
     let handler = move |request| answer(shared.clone(), request);
     deepnode_bus::serve(&client, &subject, QUEUE_GROUP, handler, async move {
-        stop.wait().await
+        stop.cancelled().await
     })
     .await?;
     Ok(())
@@ -270,7 +261,7 @@ async fn host_projection(shared: Arc<Shared>) -> Result<(), Error> {
     let stop = shared.stop.clone();
     ProjectionRunner::for_store(&shared.ctx.store, projection)
         .with_linger(PROJECTION_LINGER)
-        .run(async move { stop.wait().await })
+        .run(async move { stop.cancelled().await })
         .await?;
     Ok(())
 }

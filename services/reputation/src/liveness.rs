@@ -78,7 +78,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut beats: Beats) -> Result<(), Err
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            () = shared.stop.wait() => break,
+            () = shared.stop.cancelled() => break,
             beat = beats.subscriptions.next() => match beat {
                 Some(beat) => on_beat(&shared, &mut last_heard, &beat.subject).await,
                 None => {

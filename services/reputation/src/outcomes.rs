@@ -39,7 +39,7 @@ pub(crate) async fn run(shared: Arc<Shared>, consumer: PullConsumer) -> Result<(
     let name = shared.options.outcome_consumer.clone();
     while let Some(messages) = pull::messages(&shared, &consumer, &name, "outcome events").await {
         let stop = shared.stop.clone();
-        let messages = messages.take_until(async move { stop.wait().await });
+        let messages = messages.take_until(async move { stop.cancelled().await });
         tokio::pin!(messages);
         while let Some(message) = messages.next().await {
             match message {

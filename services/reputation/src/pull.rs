@@ -13,13 +13,13 @@ pub(crate) async fn messages(
     name: &str,
     what: &str,
 ) -> Option<Stream> {
-    while !shared.stop.is_triggered() {
+    while !shared.stop.is_cancelled() {
         match consumer.messages().await {
             Ok(messages) => return Some(messages),
             Err(e) => {
                 tracing::warn!(consumer = %name, error = %e, "cannot pull {what}; retrying");
                 tokio::select! {
-                    () = shared.stop.wait() => return None,
+                    () = shared.stop.cancelled() => return None,
                     () = tokio::time::sleep(shared.options.nak_delay) => {}
                 }
             }

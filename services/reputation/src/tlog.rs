@@ -52,7 +52,7 @@ pub(crate) async fn checkpoints(shared: Arc<Shared>) -> Result<(), Error> {
         .map(|c| c.size);
     loop {
         tokio::select! {
-            () = shared.stop.wait() => return Ok(()),
+            () = shared.stop.cancelled() => return Ok(()),
             () = tokio::time::sleep(CHECKPOINT_TICK) => {}
         }
         match tree::take_checkpoint(

@@ -101,7 +101,7 @@ pub async fn run(
                 deploy::handle(ctx, view, options, &request).await
             }
         },
-        shutdown.wait(),
+        shutdown.cancelled(),
     );
 
     let round_state = shared.clone();
@@ -128,7 +128,7 @@ pub async fn run(
                 }
             }
         },
-        shutdown.wait(),
+        shutdown.cancelled(),
     );
 
     let periodic = periodic_rounds(&ctx, &view, &options, &shutdown);
@@ -147,7 +147,7 @@ async fn periodic_rounds(
     shutdown: &Shutdown,
 ) {
     if !options.periodic {
-        shutdown.wait().await;
+        shutdown.cancelled().await;
         return;
     }
     let period_ms = u64::try_from(options.epoch(&ctx.policy).as_millis())
@@ -157,7 +157,7 @@ async fn periodic_rounds(
         let now_ms = u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0);
         let wait = Duration::from_millis(period_ms - now_ms % period_ms);
         tokio::select! {
-            () = shutdown.wait() => return,
+            () = shutdown.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
         }
         match run_round(ctx, view, options, Trigger::Periodic).await {

@@ -79,7 +79,7 @@ impl Harness {
     }
 
     async fn stop(self) {
-        self.shutdown.trigger();
+        self.shutdown.cancel();
         for t in self.tasks {
             tokio::time::timeout(TIMEOUT, t)
                 .await

@@ -214,7 +214,7 @@ pub async fn run(
             &nats,
             limit,
             move |request| exec::handle(on_exec.clone(), request),
-            async move { stop_exec.wait().await },
+            async move { stop_exec.cancelled().await },
         ),
         schedule.serve(
             &nats,
@@ -223,7 +223,7 @@ pub async fn run(
                 let scheduler = on_schedule.clone();
                 async move { scheduler.schedule(request).await }
             },
-            async move { stop_schedule.wait().await },
+            async move { stop_schedule.cancelled().await },
         ),
     );
     // Every request has ended: the other copies may take this one's share.

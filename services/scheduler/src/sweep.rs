@@ -34,7 +34,7 @@ const SWEEP_NAMESPACE: Uuid = Uuid::from_u128(0x6465_6570_6e6f_6465_7377_6565_70
 pub(crate) async fn run(s: Arc<Scheduler>, interval: Duration, shutdown: Shutdown) {
     loop {
         tokio::select! {
-            _ = shutdown.wait() => return,
+            _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
         let closed = sweep_once(&s, Utc::now()).await;

@@ -12,7 +12,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use deepnode_bus::Subjects;
 use deepnode_domain::ids::NodeId;
-use deepnode_runtime::Shutdown;
 use deepnode_sim::{Behaviour, Counters, Latency, Sim, SimConfig, SimNode};
 
 use super::Outcome;
@@ -65,7 +64,7 @@ fn fleet(args: &SimArgs) -> anyhow::Result<SimConfig> {
 pub async fn run(cli: &Cli, args: &SimArgs) -> anyhow::Result<Outcome> {
     let config = fleet(args)?;
     let client = context::connect_nats(cli, "deepnode-sim").await?;
-    let shutdown = Shutdown::on_signals();
+    let shutdown = deepnode_runtime::shutdown::on_signals();
     println!(
         "sim: starting {} nodes {}-0..{}-{} in domain {:?} (latency ~{} ms, error {}, timeout {}, invalid {})",
         args.nodes,
@@ -97,7 +96,7 @@ pub async fn run(cli: &Cli, args: &SimArgs) -> anyhow::Result<Outcome> {
             }
         };
         tokio::select! {
-            () = shutdown.wait() => break,
+            () = shutdown.cancelled() => break,
             () = deadline => break,
             _ = ticker.tick() => {
                 let now = sim.totals();

@@ -84,7 +84,7 @@ pub async fn run(cli: &Cli, args: &UpArgs) -> anyhow::Result<Outcome> {
             .fetch_one(store.pool())
             .await
             .context("reading the log's head")?;
-    let shutdown = Shutdown::on_signals();
+    let shutdown = deepnode_runtime::shutdown::on_signals();
 
     say(&format!(
         "deepnode up: database {}, NATS {}, service logs in {}/",
@@ -225,7 +225,7 @@ impl Demo<'_> {
         let ran_for = started.elapsed();
 
         say(&format!("stopping ({reason}): traffic first"));
-        stop_traffic.trigger();
+        stop_traffic.cancel();
         if let Err(e) = generator.await {
             say(&format!("  the traffic generator failed: {e}"));
         }
@@ -280,7 +280,7 @@ impl Demo<'_> {
                 if let Some(exited) = services.exited() {
                     bail!("{exited}");
                 }
-                if self.shutdown.is_triggered() {
+                if self.shutdown.is_cancelled() {
                     bail!("interrupted while waiting for {name}");
                 }
                 let probe =
@@ -465,7 +465,7 @@ impl Demo<'_> {
                 }
             };
             tokio::select! {
-                () = self.shutdown.wait() => return ("Ctrl-C", rounds, moves),
+                () = self.shutdown.cancelled() => return ("Ctrl-C", rounds, moves),
                 () = until => return ("duration reached", rounds, moves),
                 _ = tick.tick() => {}
             }

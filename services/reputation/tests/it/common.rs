@@ -26,7 +26,7 @@ pub struct Running {
 impl Running {
     /// Stops the copy and asserts it stopped cleanly.
     pub async fn stop(self) {
-        self.shutdown.trigger();
+        self.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(20), self.task)
             .await
             .expect("service stops in time")

@@ -123,6 +123,6 @@ async fn a_failing_node_is_jailed_and_slashed_once_across_two_copies() {
 
     a.stop().await;
     b.stop().await;
-    relay_stop.trigger();
+    relay_stop.cancel();
     relay.await.unwrap();
 }

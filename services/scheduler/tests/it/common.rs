@@ -253,7 +253,7 @@ impl Harness {
 
     pub async fn stop(mut self) {
         for (shutdown, task) in self.schedulers.drain(..) {
-            shutdown.trigger();
+            shutdown.cancel();
             task.await.unwrap().expect("scheduler stops cleanly");
         }
         for sim in self.sims.drain(..) {

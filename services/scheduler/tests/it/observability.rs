@@ -448,7 +448,7 @@ async fn metrics_match_the_executions_table_and_views_answer() {
     .unwrap();
     assert_eq!(candidates, 2, "one row per ranked candidate");
 
-    shutdown.trigger();
+    shutdown.cancel();
     h.stop().await;
 }
 
@@ -549,5 +549,5 @@ async fn readyz_follows_postgres_migrations_and_lag() {
     let lagging = wait_status(strict, 503).await;
     assert_eq!(lagging["checks"]["lag"]["ok"], false, "{lagging}");
 
-    shutdown.trigger();
+    shutdown.cancel();
 }

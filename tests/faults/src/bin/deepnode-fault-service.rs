@@ -12,7 +12,7 @@ use deepnode_bus::Subjects;
 use deepnode_reputation::ReputationOptions;
 use deepnode_rotation::RotationOptions;
 use deepnode_runtime::relay::{self, RelayOptions};
-use deepnode_runtime::{ServiceContext, Settings, Shutdown};
+use deepnode_runtime::{ServiceContext, Settings};
 use deepnode_scheduler::SchedulerOptions;
 
 const USAGE: &str = "usage: deepnode-fault-service <scheduler|reputation|rotation> --prefix P";
@@ -44,7 +44,7 @@ async fn serve() -> anyhow::Result<()> {
     let ctx = ServiceContext::connect(&settings, &producer, subjects)
         .await
         .with_context(|| format!("connecting to Postgres and NATS at {}", settings.nats_url))?;
-    let shutdown = Shutdown::on_signals();
+    let shutdown = deepnode_runtime::shutdown::on_signals();
     let relay_options = RelayOptions {
         lease_retry: Duration::from_millis(250),
         poll: Duration::from_millis(200),
@@ -72,7 +72,7 @@ async fn serve() -> anyhow::Result<()> {
             .await
             .context("running the rotation service"),
     };
-    shutdown.trigger();
+    shutdown.cancel();
     match relay.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "relay stopped with an error"),

@@ -180,7 +180,7 @@ async fn the_services_and_nodes_run_under_the_shipped_nats_conf() {
     for sim in sims {
         sim.stop().await;
     }
-    shutdown.trigger();
+    shutdown.cancel();
     for task in tasks {
         tokio::time::timeout(Duration::from_secs(10), task)
             .await

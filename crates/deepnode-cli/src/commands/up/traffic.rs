@@ -124,7 +124,7 @@ pub struct Plan {
 /// Sends requests until `stop` fires, then waits (bounded) for those in flight.
 pub async fn drive(client: Client, plan: Plan, stats: SharedStats, stop: Shutdown) {
     if plan.models.is_empty() {
-        stop.wait().await;
+        stop.cancelled().await;
         return;
     }
     let permits = Arc::new(Semaphore::new(plan.concurrency as usize));
@@ -136,7 +136,7 @@ pub async fn drive(client: Client, plan: Plan, stats: SharedStats, stop: Shutdow
     let answer_within = Duration::from_millis(plan.timeout_ms.saturating_mul(2) + 10_000);
     loop {
         tokio::select! {
-            () = stop.wait() => break,
+            () = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
         let due = (started.elapsed().as_secs_f64() * f64::from(plan.rate)) as u64;

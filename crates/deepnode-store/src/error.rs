@@ -81,6 +81,7 @@ pub(crate) fn is_transient(e: &sqlx::Error) -> bool {
             code.starts_with("08") // connection exception
                 || code.starts_with("57P") // admin/crash shutdown, cannot connect now
                 || code == "53300" // too many connections
+                || code == "55000" // e.g. the database does not accept connections now
                 || code == "40001" // serialization failure
                 || code == "40P01" // deadlock detected
         }),

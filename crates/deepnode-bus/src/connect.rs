@@ -9,6 +9,7 @@
 //! `NATS_CREDS` (a `.creds` file), else `NATS_USER` + `NATS_PASSWORD`, else `NATS_TOKEN`; none set
 //! means an anonymous connection, as before.
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use std::time::Duration;
 
 use async_nats::{Client, ConnectOptions, Event};
@@ -141,7 +142,11 @@ pub async fn connect_with_auth(
     auth: &Auth,
 ) -> Result<Client, Error> {
     let started = tokio::time::Instant::now();
-    let mut backoff = policy.initial_backoff;
+    let mut delays = ExponentialBuilder::new()
+        .with_min_delay(policy.initial_backoff)
+        .with_max_delay(policy.max_backoff)
+        .without_max_times()
+        .build();
     let mut attempts = 0u32;
     loop {
         attempts += 1;
@@ -161,6 +166,7 @@ pub async fn connect_with_auth(
                 return Ok(client);
             }
             Err(source) => {
+                let backoff = delays.next().unwrap_or(policy.max_backoff);
                 if started.elapsed() + backoff >= policy.deadline {
                     return Err(Error::Connect {
                         url: url.to_owned(),
@@ -170,7 +176,6 @@ pub async fn connect_with_auth(
                 }
                 tracing::warn!(url, name, attempts, error = %source, ?backoff, "NATS not reachable yet; retrying");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(policy.max_backoff);
             }
         }
     }

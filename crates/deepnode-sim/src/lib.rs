@@ -20,6 +20,7 @@
 mod behaviour;
 mod node;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -281,7 +282,11 @@ pub async fn register_node(
     });
     let subject = subjects.cmd_node_register();
     let started = tokio::time::Instant::now();
-    let mut backoff = Duration::from_millis(50);
+    let mut delays = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(1))
+        .without_max_times()
+        .build();
     loop {
         let per_try = Duration::from_secs(5).min(deadline.max(Duration::from_millis(100)));
         let reason = match rpc::request_json(client, &subject, &body, per_try).await {
@@ -302,6 +307,7 @@ pub async fn register_node(
             },
             Err(e) => e.to_string(),
         };
+        let backoff = delays.next().unwrap_or(Duration::from_secs(1));
         if started.elapsed() + backoff > deadline {
             return Err(Error::Register {
                 node: node.node_id.clone(),
@@ -310,7 +316,6 @@ pub async fn register_node(
         }
         tracing::debug!(node = %node.node_id, %reason, "registration not answered yet; retrying");
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(1));
     }
 }
 

@@ -7,6 +7,7 @@
 //! committed. A projection may keep in-memory state (for example a whole `NodeBook`); the runner
 //! feeds it the events other copies applied (`observe`) and resets it after a failed transaction.
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -125,7 +126,11 @@ impl<P: Projection> ProjectionRunner<P> {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), Error> {
         tokio::pin!(shutdown);
-        let mut backoff = Duration::from_millis(100);
+        let retries = ExponentialBuilder::new()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .without_max_times();
+        let mut delays = retries.build();
         loop {
             let followed = tokio::select! {
                 _ = &mut shutdown => return Ok(()),
@@ -133,16 +138,15 @@ impl<P: Projection> ProjectionRunner<P> {
             };
             match followed {
                 // Another copy moved the checkpoint in a way this one cannot follow: start over.
-                Ok(()) => backoff = Duration::from_millis(100),
+                Ok(()) => delays = retries.build(),
                 Err(e) if e.is_transient() => {
                     self.projection.reset();
                     self.memory_position = 0;
                     tracing::warn!(projection = self.projection.name(), error = %e, "projection paused; retrying");
                     tokio::select! {
                         _ = &mut shutdown => return Ok(()),
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
                 Err(e) => return Err(e),
             }

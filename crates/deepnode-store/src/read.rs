@@ -4,6 +4,7 @@
 //! Readers follow `global_position` only. Because positions are assigned under the head lock and
 //! committed in order (see `append`), "everything after the last position I saw" is always complete.
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
@@ -372,7 +373,11 @@ impl Subscription {
 
     /// The next event in global order, waiting for it if the log has none yet. Cancel-safe.
     pub async fn next(&mut self) -> Result<Arc<RecordedEvent>, Error> {
-        let mut backoff = Duration::from_millis(50);
+        let retries = ExponentialBuilder::new()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(5))
+            .without_max_times();
+        let mut delays = retries.build();
         loop {
             if let Some(event) = self.buffer.pop_front() {
                 self.position = event.global_position;
@@ -388,15 +393,14 @@ impl Subscription {
                         read = events.len(),
                         "subscription read the log"
                     );
-                    backoff = Duration::from_millis(50);
+                    delays = retries.build();
                     self.caught_up = (events.len() as i64) < self.page;
                     self.buffer.extend(events.into_iter().map(Arc::new));
                 }
                 Err(e) if e.is_transient() => {
                     self.caught_up = false;
                     tracing::warn!(error = %e, position = self.position, "subscription read failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))).await;
                 }
                 Err(e) => return Err(e),
             }

@@ -20,6 +20,7 @@
 //! `message` as additional fields (the typed domain structs ignore them), so a repeated request id is
 //! answered with the original answer byte for byte, by any scheduler copy.
 
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use std::cell::Cell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -354,34 +355,34 @@ impl Scheduler {
         decisions: Vec<(StreamId, NewEvent)>,
         reply: Reply,
     ) -> Reply {
-        let mut backoff = Duration::from_millis(50);
-        for attempt in 1..=3 {
-            match self
-                .ctx
+        // A transient failure (the connection dropped, the pool timed out) is retried twice, 50 ms
+        // then 200 ms later; the same event ids make a retry of an append that did land a duplicate.
+        let appended = (|| {
+            self.ctx
                 .store
                 .append(stream, ExpectedVersion::NoStream, events.clone())
-                .await
-            {
-                Ok(result) => {
-                    self.record_decisions(decisions);
-                    let deciding = result.positions.last().zip(result.hashes.last());
-                    return match deciding {
-                        Some((position, hash)) => self.with_receipt(reply, *position, hash),
-                        None => reply,
-                    };
+        })
+        .retry(
+            ExponentialBuilder::new()
+                .with_min_delay(Duration::from_millis(50))
+                .with_factor(4.0)
+                .with_max_times(2),
+        )
+        .when(StoreError::is_transient)
+        .notify(|e, after| tracing::warn!(error = %e, ?after, "append failed; retrying"))
+        .await;
+        match appended {
+            Ok(result) => {
+                self.record_decisions(decisions);
+                let deciding = result.positions.last().zip(result.hashes.last());
+                match deciding {
+                    Some((position, hash)) => self.with_receipt(reply, *position, hash),
+                    None => reply,
                 }
-                Err(StoreError::Conflict { .. }) => {
-                    return self.recorded_answer(stream, request_id).await
-                }
-                Err(e) if e.is_transient() && attempt < 3 => {
-                    tracing::warn!(error = %e, "append failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 4;
-                }
-                Err(e) => return store_failure(&e),
             }
+            Err(StoreError::Conflict { .. }) => self.recorded_answer(stream, request_id).await,
+            Err(e) => store_failure(&e),
         }
-        store_failure(&StoreError::Closed)
     }
 
     /// `reply` with its `receipt` (CONTRACT §4a): the position and Merkle leaf hash of the event
@@ -479,7 +480,11 @@ impl Scheduler {
         let _ = REPLAYED.try_with(|r| r.set(true));
         let started = Instant::now();
         let mut limit = self.options.duplicate_grace;
-        let mut pause = Duration::from_millis(5);
+        let mut pauses = ExponentialBuilder::new()
+            .with_min_delay(Duration::from_millis(5))
+            .with_max_delay(Duration::from_millis(100))
+            .without_max_times()
+            .build();
         loop {
             let events = match self.ctx.store.read_stream(stream, 1).await {
                 Ok(events) => events,
@@ -509,8 +514,7 @@ impl Scheduler {
                     format!("request {request_id} is still being executed; retry later"),
                 ));
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(100));
+            tokio::time::sleep(pauses.next().unwrap_or(Duration::from_millis(100))).await;
         }
     }
 }

@@ -18,6 +18,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use deepnode_store::EventStore;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -26,7 +27,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::{json, Value};
-use sqlx::PgPool;
 use tokio::net::TcpListener;
 
 use crate::relay::RELAY_CHECKPOINT;
@@ -218,7 +218,7 @@ fn describe() {
 /// The dependency checks behind `/readyz`.
 #[derive(Clone)]
 pub struct Readiness {
-    pool: PgPool,
+    store: EventStore,
     nats: async_nats::Client,
     max_lag: i64,
     gate_on: Vec<String>,
@@ -239,7 +239,7 @@ impl Readiness {
     /// Checks over `ctx`'s pool and NATS client.
     pub fn new(ctx: &ServiceContext, max_lag: i64, gate_on: Vec<String>) -> Readiness {
         Readiness {
-            pool: ctx.store.pool().clone(),
+            store: ctx.store.clone(),
             nats: ctx.nats.clone(),
             max_lag,
             gate_on,
@@ -251,8 +251,7 @@ impl Readiness {
         let mut failures: Vec<String> = Vec::new();
         let mut checks = serde_json::Map::new();
 
-        let postgres =
-            bounded(sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&self.pool)).await;
+        let postgres = bounded(self.store.ping()).await;
         checks.insert(
             "postgres".into(),
             verdict(&postgres, &mut failures, "postgres"),
@@ -267,22 +266,18 @@ impl Readiness {
         checks.insert("nats".into(), verdict(&nats, &mut failures, "nats"));
 
         let latest = deepnode_store::latest_known_version();
-        let migrations = match postgres {
-            Err(_) => Err("not checked: Postgres is unreachable".to_owned()),
-            Ok(_) => bounded(
-                sqlx::query_scalar::<_, Option<i32>>(
-                    "SELECT max(version) FROM refinery_schema_history",
-                )
-                .fetch_one(&self.pool),
-            )
-            .await
-            .and_then(|applied| match applied.unwrap_or(0) {
-                v if v == latest => Ok(()),
-                v => Err(format!(
-                    "database at migration V{v}, this binary expects V{latest}"
-                )),
-            }),
-        };
+        let migrations =
+            match postgres {
+                Err(_) => Err("not checked: Postgres is unreachable".to_owned()),
+                Ok(()) => bounded(self.store.applied_migration())
+                    .await
+                    .and_then(|applied| match applied {
+                        v if v == latest => Ok(()),
+                        v => Err(format!(
+                            "database at migration V{v}, this binary expects V{latest}"
+                        )),
+                    }),
+            };
         checks.insert(
             "migrations".into(),
             verdict(&migrations, &mut failures, "migrations"),
@@ -291,7 +286,7 @@ impl Readiness {
         let lag = match (&postgres, self.gate_on.is_empty()) {
             (_, true) => Ok(BTreeMap::new()),
             (Err(_), false) => Err("not checked: Postgres is unreachable".to_owned()),
-            (Ok(_), false) => bounded(lags(&self.pool)).await.and_then(|(head, all)| {
+            (Ok(_), false) => bounded(self.store.lags()).await.and_then(|(head, all)| {
                 let gated: BTreeMap<String, i64> = self
                     .gate_on
                     .iter()
@@ -353,22 +348,6 @@ async fn bounded<T, E: std::fmt::Display>(
     }
 }
 
-/// The log's head and every checkpoint's lag behind it, in one statement.
-async fn lags(pool: &PgPool) -> Result<(i64, BTreeMap<String, i64>), sqlx::Error> {
-    let rows: Vec<(i64, Option<String>, Option<i64>)> = sqlx::query_as(
-        "SELECT h.position, c.projection, c.global_position
-           FROM log_head h LEFT JOIN projection_checkpoints c ON true",
-    )
-    .fetch_all(pool)
-    .await?;
-    let head = rows.first().map_or(0, |r| r.0);
-    let lags = rows
-        .into_iter()
-        .filter_map(|(head, name, at)| Some((name?, (head - at.unwrap_or(0)).max(0))))
-        .collect();
-    Ok((head, lags))
-}
-
 /// A running listener.
 #[derive(Debug, Clone, Copy)]
 pub struct Observability {
@@ -397,7 +376,7 @@ pub async fn start(
     tracing::info!(addr = %local, "serving /metrics, /healthz and /readyz");
 
     tokio::spawn(refresh_lag(
-        ctx.store.pool().clone(),
+        ctx.store.clone(),
         handle.clone(),
         options.refresh,
         shutdown.clone(),
@@ -498,9 +477,14 @@ fn respond(
 }
 
 /// Refreshes the lag gauges (and drains histogram buffers) every `every`, until shutdown.
-async fn refresh_lag(pool: PgPool, handle: PrometheusHandle, every: Duration, shutdown: Shutdown) {
+async fn refresh_lag(
+    store: EventStore,
+    handle: PrometheusHandle,
+    every: Duration,
+    shutdown: Shutdown,
+) {
     loop {
-        match bounded(lags(&pool)).await {
+        match bounded(store.lags()).await {
             Ok((head, all)) => {
                 metrics::gauge!("deepnode_log_head_position").set(head as f64);
                 for (name, lag) in all {

@@ -17,8 +17,7 @@ use async_nats::jetstream::context::Publish;
 use async_nats::jetstream::Context;
 use deepnode_bus::jetstream::ensure_streams;
 use deepnode_bus::subjects::Subjects;
-use deepnode_store::{EventStore, RecordedEvent, Urgency};
-use sqlx::{Connection, PgConnection};
+use deepnode_store::{EventStore, Lease, RecordedEvent, Urgency};
 
 use crate::shutdown::Shutdown;
 use crate::wire;
@@ -74,7 +73,7 @@ pub async fn run(
     ensure_streams(&js, &subjects).await?;
     let mut backoff = options.lease_retry;
     while !shutdown.is_cancelled() {
-        match take_lease(&store).await {
+        match store.try_lease(RELAY_LOCK_KEY).await {
             Ok(Some(lease)) => {
                 tracing::info!("relay lease taken; publishing the log");
                 match publish_while_leased(&store, &js, &subjects, lease, &options, &shutdown).await
@@ -95,30 +94,16 @@ pub async fn run(
     Ok(())
 }
 
-/// A dedicated connection holding the relay lock, or `None` if another relay holds it.
-async fn take_lease(store: &EventStore) -> Result<Option<PgConnection>, sqlx::Error> {
-    let mut conn = store.pool().acquire().await?.detach();
-    let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(RELAY_LOCK_KEY)
-        .fetch_one(&mut conn)
-        .await?;
-    if taken {
-        Ok(Some(conn))
-    } else {
-        let _ = conn.close().await;
-        Ok(None)
-    }
-}
-
 async fn publish_while_leased(
     store: &EventStore,
     js: &Context,
     subjects: &Subjects,
-    mut lease: PgConnection,
+    mut lease: Lease,
     options: &RelayOptions,
     shutdown: &Shutdown,
 ) -> Result<(), String> {
-    let from = deepnode_store::checkpoint(store.pool(), RELAY_CHECKPOINT)
+    let from = store
+        .checkpoint(RELAY_CHECKPOINT)
         .await
         .map_err(|e| e.to_string())?;
     // The relay is the one reader that must read the log itself: it feeds the bus (and so every
@@ -143,9 +128,9 @@ async fn publish_while_leased(
         let batch = tokio::select! {
             _ = shutdown.cancelled() => {
                 if published > saved {
-                    let _ = save_position(store, published).await;
+                    let _ = store.advance_checkpoint(RELAY_CHECKPOINT, published).await;
                 }
-                let _ = lease.close().await;
+                lease.release().await;
                 return Ok(());
             }
             batch = next => batch,
@@ -157,10 +142,11 @@ async fn publish_while_leased(
         if published > saved && last_save.elapsed() >= options.save_every {
             // Still holding the lease? (If this connection died, so did the lock.)
             lease
-                .ping()
+                .check()
                 .await
                 .map_err(|e| format!("lease connection lost: {e}"))?;
-            save_position(store, published)
+            store
+                .advance_checkpoint(RELAY_CHECKPOINT, published)
                 .await
                 .map_err(|e| e.to_string())?;
             saved = published;
@@ -193,17 +179,4 @@ async fn publish_batch(
         last = position;
     }
     Ok(last)
-}
-
-async fn save_position(store: &EventStore, position: i64) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO projection_checkpoints (projection, global_position) VALUES ($1, $2)
-         ON CONFLICT (projection) DO UPDATE
-           SET global_position = GREATEST(projection_checkpoints.global_position, EXCLUDED.global_position)",
-    )
-    .bind(RELAY_CHECKPOINT)
-    .bind(position)
-    .execute(store.pool())
-    .await?;
-    Ok(())
 }

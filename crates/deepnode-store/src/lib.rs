@@ -7,6 +7,7 @@
 
 mod append;
 mod chain;
+mod coordination;
 mod error;
 mod follower;
 mod migrate;
@@ -24,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use append::{AppendResult, WriterStats};
 pub use chain::{verify_chain, verify_chain_with, BreakKind, ChainBreak, ChainCheck, ChainReport};
+pub use coordination::{HeldLock, Lease};
 pub use deepnode_domain::log::{ExpectedVersion, NewEvent, RecordedEvent, StreamId};
 pub use error::Error;
 pub use follower::{Follower, FollowerHandle};

@@ -20,13 +20,6 @@ pub enum Error {
     },
 }
 
-/// A direct database call (the round lock) fails as the store's calls do, so it maps the same way.
-impl From<sqlx::Error> for Error {
-    fn from(e: sqlx::Error) -> Self {
-        Error::Store(e.into())
-    }
-}
-
 impl Error {
     /// The reply error for this failure.
     pub fn to_body(&self) -> ErrorBody {

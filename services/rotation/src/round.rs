@@ -129,22 +129,17 @@ pub async fn run_round(
     options: &RotationOptions,
     trigger: Trigger,
 ) -> Result<RoundReport, Error> {
-    let mut lock = ctx.store.pool().begin().await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-        .bind(ROUND_LOCK_KEY)
-        .fetch_one(&mut *lock)
-        .await?;
-    if !locked {
+    let Some(lock) = ctx.store.try_lock(ROUND_LOCK_KEY).await? else {
         let epoch = view.read().current_epoch();
         tracing::debug!(
             epoch,
             "rotation round skipped: another round holds the lock"
         );
         return Ok(RoundReport::idle(RoundOutcome::Busy, epoch));
-    }
+    };
     let result = locked_round(ctx, view, options, trigger).await;
     // Ending the transaction releases the lock; if the connection is gone, so is the lock.
-    if let Err(e) = lock.rollback().await {
+    if let Err(e) = lock.release().await {
         tracing::warn!(error = %e, "releasing the rotation lock failed; the connection took it along");
     }
     result

@@ -79,11 +79,10 @@ pub async fn run(cli: &Cli, args: &UpArgs) -> anyhow::Result<Outcome> {
     let run_dir = args.log_dir.join(&run_id);
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("creating the run directory {}", run_dir.display()))?;
-    let start_position: i64 =
-        sqlx::query_scalar("SELECT coalesce(max(global_position), 0) FROM events")
-            .fetch_one(store.pool())
-            .await
-            .context("reading the log's head")?;
+    let start_position = store
+        .head_position()
+        .await
+        .context("reading the log's head")?;
     let shutdown = deepnode_runtime::shutdown::on_signals();
 
     say(&format!(

@@ -2,6 +2,7 @@
 //! and one ~50 MB binary instead of one per file).
 
 mod append;
+mod coordination;
 mod linger;
 mod log;
 mod projection;

@@ -9,8 +9,11 @@
 //!   the `tombstone_faults`-th such fault within `tombstone_window_secs` → tombstoned;
 //! - downtime (success ratio below 0.5 over the window, ≥ 20 attempts since the last jail) → slash
 //!   0.1 % and jail 600 s × 2^(k−1), capped at 24 h; the node re-enters in probation;
-//! - phase-out: R < 0.3 with ≥ 100 observations, outside immunity (max(24 h, 50 scored requests));
 //! - probation → active after ≥ 50 observations and ≥ 24 h in probation.
+//!
+//! Phase-out (R < 0.3 with ≥ 100 observations, outside immunity) is not decided here: it has one
+//! rule and one owner, [`crate::rotation::phase_out_candidates`] in the rotation round, which orders
+//! the victims and moves their replicas away in the same plan.
 //!
 //! Fault ids are deterministic (`downtime:<node>:<k>`, `invalid_output:<node>:<µs of the confirming
 //! output>`) and the book never applies one twice, so a slash is never taken twice for one fault even if
@@ -22,35 +25,6 @@ use crate::book::NodeState;
 use crate::config::PolicyConfig;
 use crate::events::{DomainEvent, FaultKind, NodeSlashed, NodeStatus, NodeStatusChanged};
 use crate::fixed::Bps;
-use crate::ids::NodeId;
-
-/// Whether the node is still protected from phase-out: younger than the immunity period or with
-/// fewer scored requests than the immunity count (immunity lasts until both are passed).
-pub fn is_immune(node: &NodeState, now: DateTime<Utc>, cfg: &PolicyConfig) -> bool {
-    let age = now.signed_duration_since(node.registered_at).num_seconds();
-    age < cfg.rotation.immunity_secs
-        || node.reputation.observations() < cfg.rotation.immunity_min_scored_requests
-}
-
-/// R as of `now` in basis points, the unit phase-out compares in.
-pub fn reputation_bps(node: &NodeState, now: DateTime<Utc>, cfg: &PolicyConfig) -> Bps {
-    Bps::from_f64(node.reputation.score_at(now, &cfg.reputation))
-}
-
-/// The phase-out victim order key (immune, R, registered_at, node_id): sort ascending and take from
-/// the front — non-immune, worst reputation, oldest, then by id.
-pub fn victim_key(
-    node: &NodeState,
-    now: DateTime<Utc>,
-    cfg: &PolicyConfig,
-) -> (bool, Bps, DateTime<Utc>, NodeId) {
-    (
-        is_immune(node, now, cfg),
-        reputation_bps(node, now, cfg),
-        node.registered_at,
-        node.node_id.clone(),
-    )
-}
 
 /// The length of the k-th jail (k ≥ 1): `base × 2^(k−1)`, capped.
 pub fn jail_duration_secs(k: u32, cfg: &PolicyConfig) -> i64 {
@@ -202,19 +176,6 @@ pub fn assess(node: &NodeState, now: DateTime<Utc>, cfg: &PolicyConfig) -> Vec<D
     }
 
     let observations = node.reputation.observations();
-    if observations >= cfg.rotation.phase_out_min_observations
-        && reputation_bps(node, now, cfg) < cfg.rotation.phase_out_reputation
-        && !is_immune(node, now, cfg)
-    {
-        out.push(status_change(
-            node,
-            NodeStatus::PhasedOut,
-            "reputation below the phase-out threshold",
-            None,
-        ));
-        return out;
-    }
-
     if node.status == NodeStatus::Probation {
         let seen = observations.saturating_sub(node.observations_at_probation);
         let age = now

@@ -9,6 +9,8 @@ use std::collections::BTreeSet;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::book::NodeState;
+use crate::config::PolicyConfig;
 use crate::fixed::Bps;
 use crate::ids::{ModelId, NodeId};
 use crate::scoring::{
@@ -87,6 +89,37 @@ pub struct PlacementNode {
     pub registered_at: DateTime<Utc>,
     /// Stake in micro-units.
     pub stake_micros: u64,
+}
+
+impl PlacementNode {
+    /// `node` as placement and rotation see it at `now`: reputation and failure rate in basis
+    /// points (the one conversion from the book's floating point), its registered `capacity` as the
+    /// most models it may host.
+    pub fn of(node: &NodeState, now: DateTime<Utc>, cfg: &PolicyConfig) -> PlacementNode {
+        PlacementNode {
+            node_id: node.node_id.clone(),
+            operator: None,
+            domain: node.domain.clone(),
+            status: node.status,
+            max_deployments: node.capacity,
+            deployments: node.deployments,
+            reputation: Bps::from_f64(node.reputation.score_at(now, &cfg.reputation)),
+            failure_rate: Bps::from_f64(node.reputation.failure_rate_at(now, &cfg.reputation)),
+            observations: node.reputation.observations(),
+            registered_at: node.registered_at,
+            stake_micros: stake_micros(node.stake),
+        }
+    }
+}
+
+/// Stake in micro-units (negative or NaN stake counts as 0; absurd stakes saturate).
+pub fn stake_micros(stake: f64) -> u64 {
+    if stake.is_nan() || stake <= 0.0 {
+        0
+    } else {
+        // Saturating float-to-int conversion is the intent.
+        (stake * 1_000_000.0).round() as u64
+    }
 }
 
 /// The explicit snapshot a placement is a pure function of.

@@ -1,19 +1,14 @@
 //! Builds the explicit input snapshots the pure deciders take ([`PlacementInput`] for a deploy,
 //! [`RotationInput`] for a round) from the folded [`RotationView`] and a `now` chosen by the caller.
-//! Conversions from the book's floating-point state to basis points happen here, once, so the
-//! decision itself is integer arithmetic. Nothing here decides or does IO.
-//!
-//! A node's `max_deployments` is its registered `capacity` (concurrent requests): a node never hosts
-//! more models than it can serve requests at once.
+//! Each node goes through [`PlacementNode::of`], the one conversion from the book's floating-point
+//! state to basis points, so the decision itself is integer arithmetic (and a node's
+//! `max_deployments` is its registered `capacity`). Nothing here decides or does IO.
 
 use chrono::{DateTime, Utc};
-use deepnode_domain::book::NodeState;
 use deepnode_domain::config::PolicyConfig;
 use deepnode_domain::events::Tier as EventTier;
-use deepnode_domain::fixed::Bps;
 use deepnode_domain::ids::ModelId;
-use deepnode_domain::penalties::reputation_bps;
-use deepnode_domain::placement::{PlacementInput, PlacementNode, Tier};
+use deepnode_domain::placement::{stake_micros, PlacementInput, PlacementNode, Tier};
 use deepnode_domain::rotation::{Departure, Deployment, ModelSpec, RotationInput};
 
 use crate::view::RotationView;
@@ -31,33 +26,6 @@ pub fn placement_tier(tier: EventTier) -> Tier {
     match tier {
         EventTier::Top => Tier::Top,
         EventTier::Lower => Tier::Lower,
-    }
-}
-
-/// Stake in micro-units (negative or NaN stake counts as 0).
-fn stake_micros(stake: f64) -> u64 {
-    if stake.is_nan() || stake <= 0.0 {
-        0
-    } else {
-        // Saturating float-to-int conversion is the intent.
-        (stake * 1_000_000.0).round() as u64
-    }
-}
-
-/// One node as placement and rotation see it at `now`.
-pub fn placement_node(node: &NodeState, now: DateTime<Utc>, cfg: &PolicyConfig) -> PlacementNode {
-    PlacementNode {
-        node_id: node.node_id.clone(),
-        operator: None,
-        domain: node.domain.clone(),
-        status: node.status,
-        max_deployments: node.capacity,
-        deployments: node.deployments,
-        reputation: reputation_bps(node, now, cfg),
-        failure_rate: Bps::from_f64(node.reputation.failure_rate_at(now, &cfg.reputation)),
-        observations: node.reputation.observations(),
-        registered_at: node.registered_at,
-        stake_micros: stake_micros(node.stake),
     }
 }
 
@@ -102,7 +70,7 @@ pub fn placement_input(
             .nodes()
             .values()
             .filter(|n| n.domain == domain)
-            .map(|n| placement_node(n, now, cfg))
+            .map(|n| PlacementNode::of(n, now, cfg))
             .collect(),
     }
 }
@@ -157,7 +125,7 @@ pub fn rotation_input(
         nodes: book
             .nodes()
             .values()
-            .map(|n| placement_node(n, now, cfg))
+            .map(|n| PlacementNode::of(n, now, cfg))
             .collect(),
         deployments,
         departures: view

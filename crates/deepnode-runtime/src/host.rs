@@ -9,8 +9,6 @@ use std::fmt::Display;
 use std::future::Future;
 use std::process::ExitCode;
 
-use deepnode_bus::subjects::Subjects;
-
 use crate::observability::{self, ObservabilityOptions};
 use crate::relay::{self, RelayOptions, RELAY_CHECKPOINT};
 use crate::{tail, telemetry, ServiceContext, Settings, Shutdown};
@@ -38,7 +36,7 @@ where
         gated.extend_from_slice(spec.gated_checkpoints);
         let observe = ObservabilityOptions::from_env(&gated)
             .map_err(|e| format!("reading the environment: {e}"))?;
-        let ctx = ServiceContext::connect(&settings, spec.binary, Subjects::new())
+        let ctx = ServiceContext::connect(&settings, spec.binary, settings.subjects.clone())
             .await
             .map_err(|e| format!("starting: {e}"))?;
         Ok::<_, String>((ctx, observe, settings))
@@ -88,7 +86,12 @@ where
         ctx.store.clone(),
         ctx.js.clone(),
         ctx.subjects.clone(),
-        RelayOptions::default(),
+        RelayOptions {
+            lease_retry: settings
+                .relay_lease_retry
+                .unwrap_or(RelayOptions::default().lease_retry),
+            ..RelayOptions::default()
+        },
         shutdown.clone(),
     ));
     let (nats, pool) = (ctx.nats.clone(), ctx.store.pool().clone());

@@ -1,9 +1,19 @@
 //! Process settings from the environment (CONTRACT §1): `DATABASE_URL`, `NATS_URL`, and the optional
-//! `DEEPNODE_CONFIG` TOML file of policy overrides. Binaries read these once at start.
+//! `DEEPNODE_CONFIG` TOML file of policy overrides; for running several deployments (or tests) on one
+//! NATS server, `DEEPNODE_SUBJECT_PREFIX` (subjects and stream names under another root than
+//! `deepnode`) and `DEEPNODE_RELAY_LEASE_RETRY_MS` (how often a standby relay tries the lease).
+//! Binaries read these once at start.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
+use deepnode_bus::subjects::Subjects;
 use deepnode_domain::config::PolicyConfig;
+
+/// Names the root of every subject and stream (default `deepnode`).
+pub const SUBJECT_PREFIX_ENV: &str = "DEEPNODE_SUBJECT_PREFIX";
+/// How often, in milliseconds, a standby relay tries to take the lease (default 1000).
+pub const RELAY_LEASE_RETRY_ENV: &str = "DEEPNODE_RELAY_LEASE_RETRY_MS";
 
 /// Default `NATS_URL` (CONTRACT §1).
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -19,6 +29,12 @@ pub enum SettingsError {
     },
     #[error("DEEPNODE_CONFIG file {path} is not a valid policy: {reason}")]
     Policy { path: PathBuf, reason: String },
+    #[error("{name}={value:?} is not valid: {reason}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
 }
 
 /// Where the store and the bus are, and the policy in force.
@@ -28,17 +44,38 @@ pub struct Settings {
     pub nats_url: String,
     pub config_path: Option<PathBuf>,
     pub policy: PolicyConfig,
+    /// The root of every subject and stream name (`DEEPNODE_SUBJECT_PREFIX`, default `deepnode`).
+    pub subjects: Subjects,
+    /// How often a standby relay tries to take the lease (`DEEPNODE_RELAY_LEASE_RETRY_MS`).
+    pub relay_lease_retry: Option<Duration>,
 }
 
 impl Settings {
     /// Reads `DATABASE_URL`, `NATS_URL` and `DEEPNODE_CONFIG` (defaults per CONTRACT §1).
     pub fn from_env() -> Result<Settings, SettingsError> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        Settings::new(
+        let mut settings = Settings::new(
             var("DATABASE_URL").unwrap_or_else(|| deepnode_store::DEFAULT_DATABASE_URL.to_owned()),
             var("NATS_URL").unwrap_or_else(|| DEFAULT_NATS_URL.to_owned()),
             var("DEEPNODE_CONFIG").map(PathBuf::from),
-        )
+        )?;
+        if let Some(prefix) = var(SUBJECT_PREFIX_ENV) {
+            settings.subjects =
+                Subjects::with_prefix(&prefix).map_err(|e| SettingsError::Invalid {
+                    name: SUBJECT_PREFIX_ENV,
+                    value: prefix.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+        if let Some(ms) = var(RELAY_LEASE_RETRY_ENV) {
+            let parsed = ms.parse::<u64>().map_err(|e| SettingsError::Invalid {
+                name: RELAY_LEASE_RETRY_ENV,
+                value: ms.clone(),
+                reason: e.to_string(),
+            })?;
+            settings.relay_lease_retry = Some(Duration::from_millis(parsed));
+        }
+        Ok(settings)
     }
 
     /// Settings from explicit values (tests, CLI flags); loads the policy file if one is named.
@@ -56,6 +93,8 @@ impl Settings {
             nats_url,
             config_path,
             policy,
+            subjects: Subjects::new(),
+            relay_lease_retry: None,
         })
     }
 }

@@ -1,5 +1,5 @@
 //! Harness of the fault tests: private Postgres clusters and NATS servers on free ports (torn down on
-//! drop), services as child processes of `deepnode-fault-service` (killed with SIGKILL), a traffic
+//! drop), the shipped service binaries as child processes (killed with SIGKILL), a traffic
 //! driver that records what every caller saw, and [`verify`], the checks every fault test ends with.
 //!
 //! It deliberately never touches the shared servers beyond a per-test database (dropped) and a
@@ -24,7 +24,22 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_deepnode-fault-service");
+/// The shipped binary of `service` (`deepnode-<service>`), from the directory the workspace's test
+/// build puts binaries in (the parent of this test's `deps/`).
+pub fn service_binary(service: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("a test executable lives in target/<profile>/deps");
+    let bin = dir.join(format!("deepnode-{service}"));
+    assert!(
+        bin.is_file(),
+        "{} is not built; `cargo build --bins` (a workspace test run builds it)",
+        bin.display()
+    );
+    bin
+}
 /// Per-attempt timeout the traffic asks for.
 pub const EXEC_TIMEOUT_MS: u64 = 1_000;
 /// How long a caller waits for any reply.
@@ -284,7 +299,7 @@ impl Drop for PrivateNats {
 // ---------------------------------------------------------------------------------------------
 // Services as child processes
 
-/// One `deepnode-fault-service` child; SIGKILLed on drop.
+/// One shipped service binary as a child process; SIGKILLed on drop.
 pub struct ServiceProc {
     pub service: &'static str,
     child: Child,
@@ -369,10 +384,14 @@ impl Cluster {
         self.spawned += 1;
         let log = std::fs::File::create(self.logs.join(format!("{service}-{}.log", self.spawned)))
             .unwrap();
-        let child = Command::new(BIN)
-            .args([service, "--prefix", self.subjects.prefix()])
+        // The real binary, told by its environment what a test needs: this cluster's subject
+        // prefix, a quick relay lease retry (so takeovers are quick to observe), no metrics port.
+        let child = Command::new(service_binary(service))
             .env("DATABASE_URL", &self.db_url)
             .env("NATS_URL", &self.nats_url)
+            .env("DEEPNODE_SUBJECT_PREFIX", self.subjects.prefix())
+            .env("DEEPNODE_RELAY_LEASE_RETRY_MS", "250")
+            .env("DEEPNODE_METRICS_ADDR", "off")
             .env(
                 "RUST_LOG",
                 std::env::var("FAULT_LOG").unwrap_or_else(|_| "warn".into()),

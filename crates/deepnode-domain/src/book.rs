@@ -315,8 +315,14 @@ impl NodeBook {
     /// the caller can name the position; the book is unchanged then.
     pub fn evolve(&mut self, event: &RecordedEvent) -> Result<Touched, DecodeError> {
         let decoded = DomainEvent::decode(event)?;
+        Ok(self.evolve_decoded(event, decoded))
+    }
+
+    /// [`NodeBook::evolve`] of `event` already decoded as `decoded`, for a caller that reads the
+    /// typed event too (so it is decoded once).
+    pub fn evolve_decoded(&mut self, event: &RecordedEvent, decoded: DomainEvent) -> Touched {
         self.last_position = self.last_position.max(event.global_position);
-        Ok(self.apply(decoded, event.occurred_at))
+        self.apply(decoded, event.occurred_at)
     }
 
     /// Folds one typed event that occurred at `at` (what `evolve` does after decoding; deciders and

@@ -36,18 +36,17 @@ impl View {
 
     /// Folds one stored event (the follower's fold).
     pub fn evolve(&mut self, event: &RecordedEvent) -> Result<(), DecodeError> {
-        self.book.evolve(event)?;
+        let decoded = DomainEvent::decode(event)?;
         if event.stream_id.starts_with("node-") {
             self.versions
                 .insert(event.stream_id.clone(), event.stream_version);
-            if event.event_type == "NodeStatusChanged" {
-                if let DomainEvent::NodeStatusChanged(e) = DomainEvent::decode(event)? {
-                    if e.to == NodeStatus::Offline {
-                        self.offline_from.insert(e.node_id, e.from);
-                    }
+            if let DomainEvent::NodeStatusChanged(e) = &decoded {
+                if e.to == NodeStatus::Offline {
+                    self.offline_from.insert(e.node_id.clone(), e.from);
                 }
             }
         }
+        self.book.evolve_decoded(event, decoded);
         Ok(())
     }
 

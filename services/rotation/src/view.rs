@@ -66,7 +66,6 @@ impl RotationView {
     /// unchanged and is returned so the follower stops at that position.
     pub fn evolve(&mut self, event: &RecordedEvent) -> Result<(), DecodeError> {
         let decoded = DomainEvent::decode(event)?;
-        self.book.evolve(event)?;
         let tracked = event.stream_id == ROTATION_STREAM
             || event.stream_id.starts_with("model-")
             || event.stream_id.starts_with("node-");
@@ -75,14 +74,14 @@ impl RotationView {
                 .insert(event.stream_id.clone(), event.stream_version);
         }
         let epoch = self.current_epoch();
-        match decoded {
+        match &decoded {
             DomainEvent::DeploymentAssigned(e) => {
                 self.assigned_epoch
-                    .entry((e.model_id, e.node_id))
+                    .entry((e.model_id.clone(), e.node_id.clone()))
                     .or_insert(epoch);
             }
             DomainEvent::DeploymentRevoked(e) => {
-                let key = (e.model_id, e.node_id);
+                let key = (e.model_id.clone(), e.node_id.clone());
                 if self.assigned_epoch.remove(&key).is_some() {
                     self.departures.insert(key, epoch);
                 }
@@ -93,6 +92,8 @@ impl RotationView {
             }
             _ => {}
         }
+        // The book takes the event last (by value: it is decoded once).
+        self.book.evolve_decoded(event, decoded);
         Ok(())
     }
 }

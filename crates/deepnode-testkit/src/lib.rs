@@ -1,13 +1,17 @@
 //! Test support shared by every crate's integration tests: a fresh, migrated PostgreSQL database per
-//! test (dropped again when the test ends), unique NATS subject prefixes, and event builders.
+//! test (dropped again when the test ends), unique NATS subject prefixes, event builders, and the
+//! waits every test uses ([`eventually`], [`log_until`]): a polled condition with a deadline, never
+//! a fixed sleep.
 //!
 //! Tests run against the real servers named by `DATABASE_URL` and `NATS_URL`; nothing here mocks them.
 //! Each test owns its database, so tests run in parallel and never see each other's rows.
 
+use std::future::Future;
 use std::str::FromStr;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
-use deepnode_domain::log::NewEvent;
+use deepnode_domain::log::{NewEvent, RecordedEvent};
 use deepnode_store::EventStore;
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -23,6 +27,52 @@ pub fn base_database_url() -> String {
 /// The NATS server tests use: `NATS_URL`.
 pub fn nats_url() -> String {
     std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+/// Polls `check` every 20 ms until it holds and returns how long that took; panics naming `what`
+/// once `limit` has passed.
+pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads the whole log until `check` holds of it and returns that read; panics naming `what` (and
+/// how many events the last read had) once `limit` has passed.
+pub async fn log_until<F>(
+    store: &EventStore,
+    what: &str,
+    limit: Duration,
+    check: F,
+) -> Vec<RecordedEvent>
+where
+    F: Fn(&[RecordedEvent]) -> bool,
+{
+    let started = Instant::now();
+    loop {
+        let events = store.read_all(0, i64::MAX).await.expect("reading the log");
+        if check(&events) {
+            return events;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what} ({} events in the log)",
+            events.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A short random token, for database names, subject prefixes and stream names.

@@ -24,7 +24,7 @@ use deepnode_rotation::{
 };
 use deepnode_runtime::{ServiceContext, Settings, Shutdown};
 use deepnode_store::FollowerHandle;
-use deepnode_testkit::{nats_url, TestDb};
+use deepnode_testkit::{eventually, log_until, nats_url, TestDb};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -58,24 +58,14 @@ impl Harness {
             run(ctx, options, shutdown).await.expect("service runs");
         }));
         // Ready when the deploy subject answers (a bad request appends nothing).
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
-        loop {
-            let answer = deepnode_bus::request_json(
-                &self.ctx.nats,
-                &self.ctx.subjects.cmd_model_deploy(),
-                &json!({}),
-                Duration::from_millis(500),
-            )
-            .await;
-            if answer.is_ok() {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "service never answered"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let (nats, subject) = (&self.ctx.nats, self.ctx.subjects.cmd_model_deploy());
+        let empty = json!({});
+        eventually("the service to answer", TIMEOUT, || async {
+            deepnode_bus::request_json(nats, &subject, &empty, Duration::from_millis(500))
+                .await
+                .is_ok()
+        })
+        .await;
     }
 
     async fn stop(self) {
@@ -606,9 +596,12 @@ async fn two_periodic_copies_run_one_round_per_period() {
     h.start(options.clone()).await;
     h.start(options).await;
     let started: DateTime<Utc> = Utc::now();
-    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    // (waits on the rounds themselves: five of them, however long the box takes)
+    let log = log_until(&h.ctx.store, "five periodic rounds", TIMEOUT, |log| {
+        of_type(log, "RotationCompleted").len() >= 5
+    })
+    .await;
     let elapsed = Utc::now() - started;
-    let log = h.log().await;
     let completed = of_type(&log, "RotationCompleted");
     let epochs: Vec<u64> = completed
         .iter()

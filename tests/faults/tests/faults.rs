@@ -143,7 +143,7 @@ async fn second_copies_take_over() {
     let mut c = Cluster::new(None, None).await;
     // The first scheduler copy starts alone, so its relay takes the lease.
     let sched_a = c.spawn("scheduler");
-    wait_until(
+    eventually(
         "the first relay to take the lease",
         Duration::from_secs(30),
         || async { c.relay_holder().await.is_some() },
@@ -168,13 +168,13 @@ async fn second_copies_take_over() {
     sched_a.kill9();
     rep_a.kill9();
     rot_a.kill9();
-    let takeover = wait_until(
+    let takeover = eventually(
         "another relay to take the lease",
         Duration::from_secs(30),
         || async { matches!(c.relay_holder().await, Some(pid) if pid != holder) },
     )
     .await;
-    wait_until(
+    eventually(
         "the new relay to pass the kill's head",
         Duration::from_secs(30),
         || async { c.checkpoint("relay").await >= head_at_kill },
@@ -335,7 +335,7 @@ async fn attempts_caught_in_a_nats_outage_are_not_held_against_nodes() {
     let calls =
         futures::future::join_all(ids.iter().map(|id| exec(&c.client, &subject, id, "m-1")));
     let outage = async {
-        wait_until(
+        eventually(
             "the nodes to hold the 8 requests",
             Duration::from_secs(10),
             || async { sim.totals().requests >= before + 8 },
@@ -348,7 +348,7 @@ async fn attempts_caught_in_a_nats_outage_are_not_held_against_nodes() {
     let (calls, ()) = tokio::join!(calls, outage);
 
     // then each of the 8 attempts is left unjudged: not a failure, no ejection, nothing recorded
-    wait_until(
+    eventually(
         "the scheduler to settle the 8 attempts",
         Duration::from_secs(20),
         || async { c.log_count("attempt not held against the node") >= 8 },
@@ -371,7 +371,7 @@ async fn attempts_caught_in_a_nats_outage_are_not_held_against_nodes() {
     }
     // and once the nodes are back, sending a caught request again runs it (nothing was recorded
     // for it, so the retry is its one story)
-    wait_until(
+    eventually(
         "a caught request to run when sent again",
         Duration::from_secs(20),
         || async {
@@ -475,7 +475,7 @@ async fn misbehaving_nodes_classified_once() {
         Duration::from_millis(20),
         &[],
     );
-    wait_until(
+    eventually(
         "every misbehaviour to be exercised",
         Duration::from_secs(60),
         || async {

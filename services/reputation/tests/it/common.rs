@@ -144,21 +144,6 @@ pub async fn of_type(store: &EventStore, event_type: &str) -> Vec<RecordedEvent>
         .collect()
 }
 
-/// Polls `check` against the log until it holds or `timeout` passes; returns the last log read.
-pub async fn eventually<F>(store: &EventStore, timeout: Duration, check: F) -> Vec<RecordedEvent>
-where
-    F: Fn(&[RecordedEvent]) -> bool,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let events = log(store).await;
-        if check(&events) || tokio::time::Instant::now() > deadline {
-            return events;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Registers a node and asserts it worked.
 pub async fn register(ctx: &ServiceContext, node: &str) {
     let reply = command(

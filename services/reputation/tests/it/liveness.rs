@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common;
+use deepnode_testkit::log_until;
 
 use std::time::Duration;
 
@@ -57,9 +58,12 @@ async fn silent_nodes_go_offline_and_come_back_when_they_beat() {
         }
     });
 
-    let log = common::eventually(&a.ctx.store, Duration::from_secs(15), |log| {
-        !changes(log, "quiet").is_empty()
-    })
+    let log = log_until(
+        &a.ctx.store,
+        "the quiet node marked offline",
+        Duration::from_secs(15),
+        |log| !changes(log, "quiet").is_empty(),
+    )
     .await;
     assert!(
         started.elapsed() >= Duration::from_millis(1500),
@@ -85,9 +89,12 @@ async fn silent_nodes_go_offline_and_come_back_when_they_beat() {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let log = common::eventually(&a.ctx.store, Duration::from_secs(10), |log| {
-        changes(log, "quiet").len() >= 2
-    })
+    let log = log_until(
+        &a.ctx.store,
+        "the quiet node offline again after it beat once",
+        Duration::from_secs(10),
+        |log| changes(log, "quiet").len() >= 2,
+    )
     .await;
     assert_eq!(
         changes(&log, "quiet"),
@@ -109,9 +116,12 @@ async fn silent_nodes_go_offline_and_come_back_when_they_beat() {
     tokio::time::sleep(Duration::from_millis(2000)).await;
     let restarted = tokio::time::Instant::now();
     let c = common::start(&db, &subjects, &policy, fast()).await;
-    let log = common::eventually(&c.ctx.store, Duration::from_secs(15), |log| {
-        changes(log, "quiet").len() >= 3
-    })
+    let log = log_until(
+        &c.ctx.store,
+        "the restarted copy to mark the quiet node offline",
+        Duration::from_secs(15),
+        |log| changes(log, "quiet").len() >= 3,
+    )
     .await;
     assert!(
         restarted.elapsed() >= Duration::from_millis(1500),

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common;
+use deepnode_testkit::log_until;
 
 use std::time::Duration;
 
@@ -72,9 +73,12 @@ async fn a_failing_node_is_jailed_and_slashed_once_across_two_copies() {
     assert!(Stats::get(&sa.outcomes_assessed) + Stats::get(&sb.outcomes_assessed) >= 30);
 
     // and the node is slashed once and jailed once, caused by one of the failures
-    let log = common::eventually(&a.ctx.store, Duration::from_secs(10), |log| {
-        !status_changes(log, "jailed").is_empty()
-    })
+    let log = log_until(
+        &a.ctx.store,
+        "the failing node jailed",
+        Duration::from_secs(10),
+        |log| !status_changes(log, "jailed").is_empty(),
+    )
     .await;
     let slashes: Vec<_> = log
         .iter()
@@ -96,10 +100,15 @@ async fn a_failing_node_is_jailed_and_slashed_once_across_two_copies() {
     }
 
     // when the (2 s) jail ends, the wall-clock tick releases it to probation, once
-    let log = common::eventually(&a.ctx.store, Duration::from_secs(15), |log| {
-        log.iter()
-            .any(|e| e.event_type == "NodeStatusChanged" && e.payload["from"] == "jailed")
-    })
+    let log = log_until(
+        &a.ctx.store,
+        "the jailed node released",
+        Duration::from_secs(15),
+        |log| {
+            log.iter()
+                .any(|e| e.event_type == "NodeStatusChanged" && e.payload["from"] == "jailed")
+        },
+    )
     .await;
     let releases: Vec<_> = log
         .iter()

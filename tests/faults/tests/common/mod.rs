@@ -18,6 +18,7 @@ use deepnode_bus::{rpc, Subjects};
 use deepnode_domain::config::PolicyConfig;
 use deepnode_sim::{Behaviour, Latency, Sim, SimConfig, SimHandle, SimNode};
 use deepnode_store::EventStore;
+pub use deepnode_testkit::eventually;
 use deepnode_testkit::TestDb;
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -51,25 +52,6 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// Polls `check` every 50 ms until it is true; panics with `what` after `limit`.
-pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    loop {
-        if check().await {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -244,7 +226,7 @@ impl PrivateNats {
             .unwrap();
         self.child = Some(child);
         let port = self.port;
-        wait_until(
+        eventually(
             "private nats-server to listen",
             Duration::from_secs(20),
             || async move {
@@ -412,7 +394,7 @@ impl Cluster {
             _ => self.subjects.cmd_model_deploy(),
         };
         let client = self.client.clone();
-        wait_until(
+        eventually(
             &format!("{service} to answer"),
             Duration::from_secs(30),
             || {
@@ -467,7 +449,7 @@ impl Cluster {
     /// succeeds (the scheduler has seen the placement).
     pub async fn deploy(&self, model: &str) {
         let (client, subject) = (self.client.clone(), self.subjects.cmd_model_deploy());
-        wait_until("model deployment", Duration::from_secs(30), || {
+        eventually("model deployment", Duration::from_secs(30), || {
             let (client, subject) = (client.clone(), subject.clone());
             let body = json!({"model_id": model, "domain": "text", "replicas": 2});
             async move {
@@ -479,7 +461,7 @@ impl Cluster {
         })
         .await;
         let (client, subject) = (self.client.clone(), self.subjects.cmd_exec());
-        wait_until("first exec to succeed", Duration::from_secs(30), || {
+        eventually("first exec to succeed", Duration::from_secs(30), || {
             let (client, subject) = (client.clone(), subject.clone());
             let body = json!({"request_id": format!("warmup-{}", Uuid::new_v4().simple()), "model_id": model, "input": "warm"});
             async move {
@@ -702,7 +684,7 @@ impl Traffic {
     /// Waits until `n` more successful calls than now have been recorded.
     pub async fn wait_more_ok(&self, n: usize, what: &str) -> Duration {
         let target = self.ok_count() + n;
-        wait_until(what, Duration::from_secs(60), || async move {
+        eventually(what, Duration::from_secs(60), || async move {
             self.ok_count() >= target
         })
         .await
@@ -710,7 +692,7 @@ impl Traffic {
 
     /// Waits until a call sent after `since` succeeded; returns when it was received.
     pub async fn wait_ok_after(&self, since: Instant, what: &str) -> Instant {
-        wait_until(what, Duration::from_secs(60), || async move {
+        eventually(what, Duration::from_secs(60), || async move {
             self.record.lock().unwrap().calls.iter().any(|c| {
                 c.at >= since && matches!(&c.seen, Seen::Reply(v) if v["ok"] == json!(true))
             })
@@ -815,7 +797,7 @@ pub async fn verify(c: &Cluster, record: &Record, projection_hosted: bool) -> Fi
     // Quiet: the relay (and the projection, if a reputation copy hosts it) reached the head, and
     // every acked report is in the log.
     let acked: Vec<Uuid> = record.reports_acked.iter().copied().collect();
-    wait_until(
+    eventually(
         "relay and projection to reach the head",
         Duration::from_secs(60),
         || async {

@@ -5,6 +5,7 @@
 //! under exec traffic every receipt and every checkpoint holds.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use deepnode_testkit::until_some;
 use std::time::Duration;
 
 use deepnode_bus::Subjects;
@@ -32,21 +33,16 @@ async fn register(c: &Cluster, first: usize, n: usize) {
 /// looks every second, the policy here asks for one a second).
 async fn published_at_least(c: &Cluster, size: u64) -> (SignedNote, Checkpoint) {
     let js = async_nats::jetstream::new(c.client.clone());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(Some(last)) = deepnode_bus::jetstream::latest_checkpoint(&js, &c.subjects).await {
-            let note = SignedNote::parse(std::str::from_utf8(&last).unwrap()).unwrap();
-            let checkpoint = Checkpoint::parse(&note.text).unwrap();
-            if checkpoint.size >= size {
-                return (note, checkpoint);
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no checkpoint of {size} events on the stream"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let what = format!("a checkpoint of {size} events on the stream");
+    until_some(&what, Duration::from_secs(30), || async {
+        let last = deepnode_bus::jetstream::latest_checkpoint(&js, &c.subjects)
+            .await
+            .ok()??;
+        let note = SignedNote::parse(std::str::from_utf8(&last).unwrap()).unwrap();
+        let checkpoint = Checkpoint::parse(&note.text).unwrap();
+        (checkpoint.size >= size).then_some((note, checkpoint))
+    })
+    .await
 }
 
 fn hashes(reply: &Value) -> Vec<Hash> {

@@ -49,6 +49,26 @@ where
     }
 }
 
+/// Polls `check` every 20 ms until it yields a value and returns it; panics naming `what` once
+/// `limit` has passed.
+pub async fn until_some<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Reads the whole log until `check` holds of it and returns that read; panics naming `what` (and
 /// how many events the last read had) once `limit` has passed.
 pub async fn log_until<F>(

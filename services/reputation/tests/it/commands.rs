@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use deepnode_bus::Subjects;
 use deepnode_domain::config::PolicyConfig;
-use deepnode_testkit::TestDb;
+use deepnode_testkit::{until_some, TestDb};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -86,19 +86,17 @@ async fn register_deregister_conflict_and_idempotency() {
 
     // the hosted projection keeps node_reputation current
     let pool = ctx.store.pool();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    let rows = loop {
+    let what = "node_reputation to show the new capacity";
+    let rows = until_some(what, Duration::from_secs(15), || async {
         let rows: Vec<(String, String, i32)> = sqlx::query_as(
             "SELECT node_id, status, capacity FROM node_reputation ORDER BY node_id",
         )
         .fetch_all(pool)
         .await
         .unwrap();
-        if rows.first().is_some_and(|r| r.2 == 2) || tokio::time::Instant::now() > deadline {
-            break rows;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        rows.first().is_some_and(|r| r.2 == 2).then_some(rows)
+    })
+    .await;
     assert_eq!(
         rows,
         vec![

@@ -553,7 +553,7 @@ async fn a_probe_that_succeeds_restores_an_ejected_node_and_records_it() {
 }
 
 #[tokio::test]
-async fn an_execution_abandoned_by_a_stopped_scheduler_is_closed_uncharged() {
+async fn an_execution_left_open_by_an_older_build_is_closed_uncharged() {
     use deepnode_domain::events::{AttemptDispatched, ExecutionRequested, Role};
     use deepnode_domain::ids::{ModelId, RequestId};
     let mut h = Harness::new().await;

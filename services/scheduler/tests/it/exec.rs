@@ -418,14 +418,11 @@ async fn late_and_duplicated_answers_are_classified_once() {
 
     // The late answer and the duplicate were really sent (bounded wait on the nodes' counters)…
     let sent = |id: &str| h.sims[0].counters(&node(id)).unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while sent("late").late == 0 || sent("twice").duplicates == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the late answer or the duplicate was never sent"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = "the late answer and the duplicate to be sent";
+    deepnode_testkit::eventually(what, Duration::from_secs(10), || async {
+        sent("late").late > 0 && sent("twice").duplicates > 0
+    })
+    .await;
     // … and, once they have had time to reach the scheduler (no signal says "ignored"), nothing
     // more was recorded.
     tokio::time::sleep(Duration::from_millis(300)).await;

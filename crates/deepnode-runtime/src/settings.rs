@@ -51,7 +51,8 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Reads `DATABASE_URL`, `NATS_URL` and `DEEPNODE_CONFIG` (defaults per CONTRACT §1).
+    /// Reads `DATABASE_URL`, `NATS_URL` and `DEEPNODE_CONFIG` (defaults per CONTRACT §1), and
+    /// `DEEPNODE_SUBJECT_PREFIX` and `DEEPNODE_RELAY_LEASE_RETRY_MS`; an empty variable is unset.
     pub fn from_env() -> Result<Settings, SettingsError> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let mut settings = Settings::new(

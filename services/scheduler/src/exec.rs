@@ -21,7 +21,6 @@
 //! answered with the original answer byte for byte, by any scheduler copy.
 
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
-use std::cell::Cell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -85,9 +84,17 @@ type AttemptResult = (Classified, u64);
 /// (`benches/exec.rs`, nodes answering instantly).
 const CHECK_LOG_AFTER: Duration = Duration::from_millis(2);
 
-tokio::task_local! {
-    /// Set when the request was answered from the log (a repeated `request_id`), for the metrics.
-    static REPLAYED: Cell<bool>;
+/// What answered a request: this request's own execution (or refusal), or the log's record of an
+/// earlier one with the same `request_id` (a repeat) — which the metrics count apart.
+enum Answered {
+    Ran(Reply),
+    Recorded(Reply),
+}
+
+impl From<Reply> for Answered {
+    fn from(reply: Reply) -> Answered {
+        Answered::Ran(reply)
+    }
 }
 
 /// Handles one `cmd.exec` request and counts it: `deepnode_exec_requests_total{outcome}` and
@@ -95,12 +102,10 @@ tokio::task_local! {
 /// execution recorded by this request, `replayed` for a repeated request id, else the error code.
 pub(crate) async fn handle(s: Arc<Scheduler>, request: Request) -> Reply {
     let started = Instant::now();
-    let (reply, replayed) = REPLAYED
-        .scope(Cell::new(false), async {
-            let reply = handle_request(s, request).await;
-            (reply, REPLAYED.with(Cell::get))
-        })
-        .await;
+    let (reply, replayed) = match handle_request(s, request).await {
+        Answered::Ran(reply) => (reply, false),
+        Answered::Recorded(reply) => (reply, true),
+    };
     let reply = not_charged_unless_said(reply);
     let outcome = match reply.error() {
         _ if replayed => "replayed",
@@ -143,10 +148,10 @@ fn not_charged_unless_said(mut reply: Reply) -> Reply {
     reply
 }
 
-async fn handle_request(s: Arc<Scheduler>, request: Request) -> Reply {
+async fn handle_request(s: Arc<Scheduler>, request: Request) -> Answered {
     let cmd: ExecCommand = match parse_command(&request.payload) {
         Ok(cmd) => cmd,
-        Err(e) => return Reply::err(e),
+        Err(e) => return Reply::err(e).into(),
     };
     let timeout_ms = match cmd.timeout_ms {
         None => s.ctx.policy.exec.default_timeout_ms,
@@ -155,6 +160,7 @@ async fn handle_request(s: Arc<Scheduler>, request: Request) -> Reply {
                 "field \"timeout_ms\": must be between 1 and {} milliseconds",
                 s.options.max_timeout_ms
             )))
+            .into()
         }
         Some(t) => t,
     };
@@ -329,7 +335,7 @@ impl Scheduler {
         &self,
         stream: &StreamId,
         request_id: &RequestId,
-    ) -> Result<Option<Reply>, StoreError> {
+    ) -> Result<Option<Answered>, StoreError> {
         if self.ctx.store.read_stream(stream, 1).await?.is_empty() {
             return Ok(None);
         }
@@ -338,10 +344,14 @@ impl Scheduler {
 
     /// [`Scheduler::recorded`] for a request about to be (re)tried: a log that cannot be read is
     /// `unavailable` rather than a reason to execute unrecorded.
-    async fn answer_if_recorded(&self, stream: &StreamId, request_id: &RequestId) -> Option<Reply> {
+    async fn answer_if_recorded(
+        &self,
+        stream: &StreamId,
+        request_id: &RequestId,
+    ) -> Option<Answered> {
         self.recorded(stream, request_id)
             .await
-            .unwrap_or_else(|e| Some(store_failure(&e)))
+            .unwrap_or_else(|e| Some(store_failure(&e).into()))
     }
 
     /// Records a finished execution with one `NoStream` append and returns `reply`, or the recorded
@@ -354,7 +364,7 @@ impl Scheduler {
         events: Vec<NewEvent>,
         decisions: Vec<(StreamId, NewEvent)>,
         reply: Reply,
-    ) -> Reply {
+    ) -> Answered {
         // A transient failure (the connection dropped, the pool timed out) is retried twice, 50 ms
         // then 200 ms later; the same event ids make a retry of an append that did land a duplicate.
         let appended = (|| {
@@ -375,13 +385,13 @@ impl Scheduler {
             Ok(result) => {
                 self.record_decisions(decisions);
                 let deciding = result.positions.last().zip(result.hashes.last());
-                match deciding {
+                Answered::Ran(match deciding {
                     Some((position, hash)) => self.with_receipt(reply, *position, hash),
                     None => reply,
-                }
+                })
             }
             Err(StoreError::Conflict { .. }) => self.recorded_answer(stream, request_id).await,
-            Err(e) => store_failure(&e),
+            Err(e) => store_failure(&e).into(),
         }
     }
 
@@ -475,9 +485,13 @@ impl Scheduler {
     }
 
     /// Answers a repeated request id from the log, waiting (bounded) for one still in flight.
-    async fn recorded_answer(&self, stream: &StreamId, request_id: &RequestId) -> Reply {
+    async fn recorded_answer(&self, stream: &StreamId, request_id: &RequestId) -> Answered {
         // A repeated request id: not a new execution (see `handle`'s counters).
-        let _ = REPLAYED.try_with(|r| r.set(true));
+        Answered::Recorded(self.recorded_reply(stream, request_id).await)
+    }
+
+    /// The reply of [`Scheduler::recorded_answer`].
+    async fn recorded_reply(&self, stream: &StreamId, request_id: &RequestId) -> Reply {
         let started = Instant::now();
         let mut limit = self.options.duplicate_grace;
         let mut pauses = ExponentialBuilder::new()
@@ -581,7 +595,7 @@ async fn execute(
     timeout_ms: u64,
     correlation_id: String,
     caller: Option<String>,
-) -> Reply {
+) -> Answered {
     let ExecCommand {
         request_id,
         model_id,
@@ -616,14 +630,14 @@ async fn execute(
                 .error()
                 .is_some_and(|e| e.code == ErrorCode::Overloaded) =>
         {
-            return refusal;
+            return refusal.into();
         }
         Err(refusal) => {
             // A repeated request whose model has gone since still gets its recorded answer.
-            if let Ok(Some(reply)) = s.recorded(&stream, &request_id).await {
-                return reply;
+            if let Ok(Some(answer)) = s.recorded(&stream, &request_id).await {
+                return answer;
             }
-            return refusal;
+            return refusal.into();
         }
     };
     if decision.emergency_replacement {
@@ -667,9 +681,9 @@ async fn execute(
         .ok();
     let checked = quick.is_none();
     if checked {
-        if let Some(reply) = s.answer_if_recorded(&stream, &request_id).await {
+        if let Some(answer) = s.answer_if_recorded(&stream, &request_id).await {
             task_1.abort();
-            return reply;
+            return answer;
         }
     }
     let joined_1 = match quick {
@@ -700,14 +714,15 @@ async fn execute(
             return Reply::err(ErrorBody::new(
                 ErrorCode::Unavailable,
                 format!("the primary {primary} could not be judged ({detail}); nothing was recorded or charged and the node is not held responsible; send the request again"),
-            ));
+            ))
+            .into();
         }
     };
 
     // A repeat is not retried: it has its recorded answer.
     if !checked {
-        if let Some(reply) = s.answer_if_recorded(&stream, &request_id).await {
-            return reply;
+        if let Some(answer) = s.answer_if_recorded(&stream, &request_id).await {
+            return answer;
         }
     }
 
@@ -768,7 +783,7 @@ async fn give_up(
     meta: &Metadata,
     mut trail: Trail,
     (code, why, cause): (ErrorCode, Option<&str>, Uuid),
-) -> Reply {
+) -> Answered {
     let message = failure_message(&trail.attempts, why);
     let attempts = u8::try_from(trail.attempts.len()).unwrap_or(u8::MAX);
     let end = execution_failed(request_id, model_id, attempts, code, &message, meta, cause);
@@ -916,7 +931,7 @@ async fn complete(
     meta: &Metadata,
     mut trail: Trail,
     Success { attempt, output }: Success<'_>,
-) -> Reply {
+) -> Answered {
     trail.attempts.push(AttemptView {
         node_id: attempt.node.clone(),
         role: attempt.role,

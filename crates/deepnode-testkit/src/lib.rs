@@ -37,16 +37,12 @@ where
     Fut: Future<Output = bool>,
 {
     let started = Instant::now();
-    loop {
-        if check().await {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_some(what, limit, || {
+        let holds = check();
+        async move { holds.await.then_some(()) }
+    })
+    .await;
+    started.elapsed()
 }
 
 /// Polls `check` every 20 ms until it yields a value and returns it; panics naming `what` once
@@ -69,8 +65,8 @@ where
     }
 }
 
-/// Reads the whole log until `check` holds of it and returns that read; panics naming `what` (and
-/// how many events the last read had) once `limit` has passed.
+/// Reads the whole log until `check` holds of it and returns that read; panics naming `what` once
+/// `limit` has passed.
 pub async fn log_until<F>(
     store: &EventStore,
     what: &str,
@@ -80,19 +76,11 @@ pub async fn log_until<F>(
 where
     F: Fn(&[RecordedEvent]) -> bool,
 {
-    let started = Instant::now();
-    loop {
+    until_some(what, limit, || async {
         let events = store.read_all(0, i64::MAX).await.expect("reading the log");
-        if check(&events) {
-            return events;
-        }
-        assert!(
-            started.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what} ({} events in the log)",
-            events.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        check(&events).then_some(events)
+    })
+    .await
 }
 
 /// A short random token, for database names, subject prefixes and stream names.

@@ -30,13 +30,13 @@ async fn the_demo_shows_every_rule_at_work_and_its_log_audits_clean() {
         );
     }
     let db = TestDb::new().await;
-    let nats = PrivateNats::start();
+    let nats = PrivateNats::start().await;
     let logs = std::env::temp_dir().join(format!("deepnode-up-test-{}", std::process::id()));
     let run = |args: &[&str]| -> Output {
         Command::new(deepnode)
             .args(args)
             .env("DATABASE_URL", db.url())
-            .env("NATS_URL", &nats.url)
+            .env("NATS_URL", nats.url())
             .env_remove("DEEPNODE_CONFIG")
             .env_remove("DEEPNODE_LOG_KEY")
             .env_remove("DEEPNODE_LOG_PUBLIC_KEYS")
@@ -168,7 +168,7 @@ async fn the_demo_shows_every_rule_at_work_and_its_log_audits_clean() {
     let audit = Command::new(deepnode)
         .args(["audit", "--public-key", public_key])
         .env("DATABASE_URL", db.url())
-        .env("NATS_URL", &nats.url)
+        .env("NATS_URL", nats.url())
         .env("DEEPNODE_CONFIG", policy)
         .output()
         .unwrap();

@@ -208,58 +208,109 @@ pub fn event(event_type: &str, payload: Value) -> NewEvent {
     }
 }
 
-/// A NATS server of a test's own (`nats-server -js` on a free port with a fresh store directory),
+/// A NATS server of a test's own (`nats-server -js` on a free port with a fresh store directory):
 /// for a test that runs something on the default subject prefix (`deepnode up`), which would
-/// collide with other runs on the shared server. Stopped, and its directory removed, on drop.
+/// collide with other runs on the shared server, or that restarts its server (the fault tests).
+/// Stopped, and its directory removed, on drop.
 pub struct PrivateNats {
-    child: std::process::Child,
-    dir: std::path::PathBuf,
-    /// `nats://127.0.0.1:<port>`.
-    pub url: String,
+    pub port: u16,
+    pub store: std::path::PathBuf,
+    child: Option<std::process::Child>,
 }
 
 impl PrivateNats {
     /// Starts it (`NATS_SERVER_BIN`, default `nats-server` on the PATH) and waits until its port
     /// accepts connections.
-    pub fn start() -> PrivateNats {
+    pub async fn start() -> PrivateNats {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let dir = std::env::temp_dir().join(format!("deepnode-nats-{}", unique_token()));
-        std::fs::create_dir_all(&dir).expect("a store directory");
+        let store = std::env::temp_dir().join(format!("deepnode-nats-{}", unique_token()));
+        std::fs::create_dir_all(&store).expect("a store directory");
+        let mut nats = PrivateNats {
+            port,
+            store,
+            child: None,
+        };
+        nats.spawn().await;
+        nats
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self) {
         let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
-        let mut child = std::process::Command::new(bin)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(&dir)
+        let child = std::process::Command::new(bin)
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(&self.store)
+            .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("starting nats-server");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                child.try_wait().expect("nats-server's status").is_none(),
-                "nats-server exited at start"
-            );
-            assert!(
-                std::time::Instant::now() < deadline,
-                "nats-server did not listen"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        PrivateNats {
-            child,
-            dir,
-            url: format!("nats://127.0.0.1:{port}"),
+        self.child = Some(child);
+        let port = self.port;
+        eventually(
+            "the private nats-server to listen",
+            Duration::from_secs(20),
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
+        .await;
+    }
+
+    /// Stops the server with SIGTERM (waiting for it to exit) and starts it again on the same port
+    /// and store directory. Returns how long the server was away.
+    pub async fn restart(&mut self) -> Duration {
+        let started = Instant::now();
+        self.stop().await;
+        self.spawn().await;
+        started.elapsed()
+    }
+
+    /// Starts the server again after [`PrivateNats::stop`].
+    pub async fn start_again(&mut self) {
+        self.spawn().await;
+    }
+
+    /// Stops the server with SIGTERM and waits for it to exit (SIGKILL after 15 s).
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id().to_string();
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while child.try_wait().expect("nats-server's status").is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
     }
 }
 
 impl Drop for PrivateNats {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.store);
     }
 }

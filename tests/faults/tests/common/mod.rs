@@ -18,8 +18,8 @@ use deepnode_bus::{rpc, Subjects};
 use deepnode_domain::config::PolicyConfig;
 use deepnode_sim::{Behaviour, Latency, Sim, SimConfig, SimHandle, SimNode};
 use deepnode_store::EventStore;
-pub use deepnode_testkit::eventually;
 use deepnode_testkit::TestDb;
+pub use deepnode_testkit::{eventually, PrivateNats};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -179,102 +179,6 @@ impl Drop for PrivatePg {
             "stop",
         ]);
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A throwaway `nats-server -js` on a free port with its own store directory.
-pub struct PrivateNats {
-    pub port: u16,
-    pub store: PathBuf,
-    child: Option<Child>,
-}
-
-impl PrivateNats {
-    pub async fn start() -> PrivateNats {
-        let port = free_port();
-        let store =
-            std::env::temp_dir().join(format!("deepnode-fault-nats-{}", Uuid::new_v4().simple()));
-        std::fs::create_dir(&store).unwrap();
-        let mut nats = PrivateNats {
-            port,
-            store,
-            child: None,
-        };
-        nats.spawn().await;
-        nats
-    }
-
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    async fn spawn(&mut self) {
-        let child = Command::new("/usr/sbin/nats-server")
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-sd",
-            ])
-            .arg(&self.store)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let port = self.port;
-        eventually(
-            "private nats-server to listen",
-            Duration::from_secs(20),
-            || async move {
-                tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .is_ok()
-            },
-        )
-        .await;
-    }
-
-    /// Stops the server with SIGTERM (waiting for it to exit) and starts it again on the same port
-    /// and store directory. Returns how long the server was away.
-    pub async fn restart(&mut self) -> Duration {
-        let started = Instant::now();
-        self.stop().await;
-        self.spawn().await;
-        started.elapsed()
-    }
-
-    /// Starts the server again after [`PrivateNats::stop`].
-    pub async fn start_again(&mut self) {
-        self.spawn().await;
-    }
-
-    /// Stops the server with SIGTERM and waits for it to exit.
-    pub async fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pid = child.id().to_string();
-            let _ = Command::new("kill").args(["-TERM", &pid]).status();
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while child.try_wait().unwrap().is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
-}
-
-impl Drop for PrivateNats {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.store);
     }
 }
 
@@ -476,14 +380,9 @@ impl Cluster {
         self.store.head_position().await.unwrap()
     }
 
+    /// The stored position `name` (-1 while the database does not answer).
     pub async fn checkpoint(&self, name: &str) -> i64 {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT COALESCE((SELECT global_position FROM projection_checkpoints WHERE projection = $1), 0)",
-        )
-        .bind(name)
-        .fetch_one(self.store.pool())
-        .await
-        .unwrap_or(-1)
+        self.store.checkpoint(name).await.unwrap_or(-1)
     }
 
     /// The backend pid holding the relay's advisory lock, if any.

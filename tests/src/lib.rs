@@ -263,21 +263,19 @@ impl Cluster {
         let mut last_head = -1;
         loop {
             let head = self.head().await?;
-            let checkpoint: Option<i64> = sqlx::query_scalar(
-                "SELECT global_position FROM projection_checkpoints WHERE projection = $1",
-            )
-            .bind(deepnode_projections::BOOK_PROJECTION)
-            .fetch_optional(self.store.pool())
-            .await?;
+            let checkpoint = self
+                .store
+                .checkpoint(deepnode_projections::BOOK_PROJECTION)
+                .await?;
             if head != last_head {
                 last_head = head;
                 stable_since = tokio::time::Instant::now();
             }
-            if checkpoint == Some(head) && stable_since.elapsed() >= quiet {
+            if checkpoint == head && stable_since.elapsed() >= quiet {
                 return Ok(head);
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("projection at {checkpoint:?}, log head at {head}: not settled in time");
+                bail!("projection at {checkpoint}, log head at {head}: not settled in time");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

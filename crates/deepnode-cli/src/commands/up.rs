@@ -702,7 +702,10 @@ impl Demo<'_> {
         println!("  psql '{url}' -c \"SELECT charged, status, attempts, count(*) FROM executions WHERE request_id LIKE 'up-{run}-%' GROUP BY 1, 2, 3 ORDER BY 4 DESC\"");
         println!("  psql '{url}' -c \"SELECT global_position, event_type, payload FROM events WHERE stream_id = (SELECT 'exec-' || request_id FROM executions WHERE request_id LIKE 'up-{run}-%' AND NOT charged LIMIT 1) ORDER BY global_position\"");
         let start = self.start_position;
-        println!("  psql '{url}' -c \"SELECT global_position, occurred_at, event_type, payload->>'node_id' AS node, payload->>'model_id' AS model, payload->>'reason' AS why FROM events WHERE global_position > {start} AND event_type IN ('NodeEjected','NodeStatusChanged','NodeSlashed','DeploymentAssigned','DeploymentRevoked') ORDER BY 1\"   # every decision of this run, with its reason");
+        let decision_types = decisions::DECISION_EVENTS
+            .map(|t| format!("'{t}'"))
+            .join(",");
+        println!("  psql '{url}' -c \"SELECT global_position, occurred_at, event_type, payload->>'node_id' AS node, payload->>'model_id' AS model, payload->>'reason' AS why FROM events WHERE global_position > {start} AND event_type IN ({decision_types}) ORDER BY 1\"   # every decision of this run, with its reason");
         println!("  psql '{url}' -c \"SELECT s.global_position, s.payload->>'node_id' AS node, s.payload->>'reason' AS why, c.event_type AS caused_by, c.stream_id, c.payload FROM events s JOIN events c ON c.event_id = (s.metadata->>'causation_id')::uuid WHERE s.event_type IN ('NodeSlashed','NodeStatusChanged') AND s.global_position > {start} ORDER BY 1\"   # what caused each slash and status change");
         if let Some(bad) = labels
             .iter()

@@ -10,7 +10,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 
 /// The event types that carry a decision.
-const DECISION_EVENTS: [&str; 5] = [
+pub const DECISION_EVENTS: [&str; 5] = [
     "DeploymentAssigned",
     "DeploymentRevoked",
     "NodeEjected",

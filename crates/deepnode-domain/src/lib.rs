@@ -9,6 +9,7 @@ pub mod book;
 pub mod config;
 pub mod ejection;
 pub mod events;
+pub mod execution;
 pub mod fixed;
 pub mod ids;
 pub mod log;

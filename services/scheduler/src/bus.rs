@@ -1,5 +1,5 @@
 //! Watching our own connection to the bus, so an attempt lost to our outage is not held against
-//! the node (issue 12 item 7, [`crate::classify::judge`]).
+//! the node (issue 12 item 7, [`deepnode_domain::execution::judge`]).
 //!
 //! An attempt is [`Bus::Disturbed`] when the connection was not up at its end, when it reconnected
 //! while the attempt ran (async-nats counts connections), or when it had reconnected less than
@@ -16,7 +16,7 @@ use async_nats::connection::State;
 use async_nats::Client;
 use tokio::time::Instant;
 
-use crate::classify::Bus;
+use deepnode_domain::execution::Bus;
 
 /// The connection's history as attempts see it.
 #[derive(Debug)]

@@ -1,10 +1,12 @@
 //! `cmd.exec`: one inference request with failover, recorded before it is answered.
 //!
+//! The execution's rules — which events record it, which outlier-tracker decisions follow, what the
+//! caller is answered — are the pure `deepnode_domain::execution`; this module carries out its steps:
+//! it admits and routes the request, asks the nodes, judges their answers, consults the retry budget
+//! and the outlier tracker, appends the record and replies.
+//!
 //! The whole execution is recorded by **one** append to stream `exec-<request_id>`, with `NoStream`,
-//! once its outcome is known and before the reply:
-//! `[ExecutionRequested, AttemptDispatched(primary), AttemptSucceeded, ExecutionCompleted]` (charged),
-//! or with a failover `[…, AttemptFailed, AttemptDispatched(backup), …]`, or ending in
-//! `[AttemptFailed, ExecutionFailed]` (not charged). One durable commit per request is what keeps the
+//! once its outcome is known and before the reply. One durable commit per request is what keeps the
 //! scheduler's added latency near one WAL flush; the events keep the times and decision inputs of
 //! the moments they describe, so the record is the same as if written step by step.
 //!
@@ -14,11 +16,8 @@
 //! the other gets `Conflict` and answers with what was recorded, so a request is charged once. A
 //! scheduler that dies mid-request has recorded nothing: a retry with the same id runs it afresh.
 //! (Streams recorded step by step by earlier versions may end without an outcome; `sweep` closes
-//! those.)
-//!
-//! `ExecutionCompleted`'s payload carries the node's `output` and `ExecutionFailed`'s the reply
-//! `message` as additional fields (the typed domain structs ignore them), so a repeated request id is
-//! answered with the original answer byte for byte, by any scheduler copy.
+//! those.) `ExecutionCompleted` carries the node's `output` and `ExecutionFailed` the reply's
+//! `message`, so a repeat is answered with the original answer byte for byte, by any copy.
 
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use std::sync::Arc;
@@ -30,21 +29,20 @@ use chrono::Utc;
 use deepnode_bus::envelope::{parse_command, ErrorBody, ErrorCode, Reply};
 use deepnode_bus::rpc::{Request, CORRELATION_HEADER};
 use deepnode_domain::ejection::Transition;
-use deepnode_domain::events::{
-    AttemptDispatched, AttemptFailed, AttemptSucceeded, DomainEvent, ExecutionCompleted,
-    ExecutionFailed, ExecutionRequested, Failure, Metadata, NodeEjected, NodeRestored, Outcome,
-    Role,
+use deepnode_domain::events::{DomainEvent, Failure, Metadata, Outcome};
+use deepnode_domain::execution::{
+    judge, Classified, Dispatch, EndCode, Ending, Execution, Next, Request as ExecRequest, Settled,
+    Stamps, Transport, Verdict,
 };
-use deepnode_domain::ids::{ModelId, NodeId, RequestId};
-use deepnode_domain::log::{ExpectedVersion, NewEvent, RecordedEvent, StreamId};
+use deepnode_domain::ids::{ModelId, RequestId};
+use deepnode_domain::log::{ExpectedVersion, NewEvent, StreamId};
 use deepnode_store::Error as StoreError;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::task::{JoinError, JoinHandle};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::classify::{judge, Classified, Transport};
 use crate::live::InFlight;
 use crate::queue::Priority;
 use crate::replies::Answer;
@@ -63,20 +61,21 @@ struct ExecCommand {
     priority: Priority,
 }
 
-/// One attempt as the reply lists it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-struct AttemptView {
-    node_id: NodeId,
-    role: Role,
-    outcome: Outcome,
-    latency_ms: u64,
-}
-
-/// An attempt read back from the log: node, role and (once settled) outcome and latency.
-type LoggedAttempt = (NodeId, Role, Option<(Outcome, u64)>);
-
-/// The result of one dispatched attempt.
+/// The result of one dispatched attempt: its judged answer and latency.
 type AttemptResult = (Classified, u64);
+
+/// The scheduler's event ids and times: fresh ones.
+struct Fresh;
+
+impl Stamps for Fresh {
+    fn id(&mut self) -> Uuid {
+        Uuid::new_v4()
+    }
+
+    fn now(&mut self) -> chrono::DateTime<Utc> {
+        Utc::now()
+    }
+}
 
 /// How long an exec waits for its first attempt before reading the log for its request id. A node
 /// that answers sooner has finished before the read would have paid off (a repeat's record finds it
@@ -176,59 +175,48 @@ async fn handle_request(s: Arc<Scheduler>, request: Request) -> Answered {
         .await
 }
 
-pub(crate) fn new_event(event: DomainEvent, meta: Metadata) -> NewEvent {
-    event.to_new_event(Uuid::new_v4(), meta, Utc::now())
-}
-
 /// The reply to a store failure: the one mapping every service uses
 /// ([`deepnode_runtime::store_error`]).
 fn store_failure(e: &StoreError) -> Reply {
     Reply::err(deepnode_runtime::store_error(e))
 }
 
-fn success_reply(
-    request_id: &RequestId,
-    node_id: &NodeId,
-    output: Value,
-    attempts: &[AttemptView],
-) -> Reply {
-    Reply::ok(&json!({
-        "request_id": request_id,
-        "output": output,
-        "node_id": node_id,
-        "charged": true,
-        "attempts": attempts,
-    }))
+/// The reply stating `verdict` (CONTRACT §3). A recorded one is final — a repeat returns this very
+/// answer — so an uncharged one says `retryable: false`; an unrecorded one may be sent again.
+fn reply(verdict: Verdict) -> Reply {
+    match verdict {
+        Verdict::Charged {
+            request_id,
+            node_id,
+            output,
+            attempts,
+        } => Reply::ok(&json!({
+            "request_id": request_id,
+            "output": output,
+            "node_id": node_id,
+            "charged": true,
+            "attempts": attempts,
+        })),
+        Verdict::NotCharged {
+            request_id,
+            code,
+            message,
+            attempts,
+        } => Reply::err_with(
+            ErrorBody::new(error_code(code), message),
+            &json!({"request_id": request_id, "charged": false, "attempts": attempts, "retryable": false}),
+        ),
+        Verdict::Unrecorded { message } => {
+            Reply::err(ErrorBody::new(ErrorCode::Unavailable, message))
+        }
+    }
 }
 
-fn failure_reply_with(
-    code: ErrorCode,
-    request_id: &RequestId,
-    message: String,
-    attempts: &[AttemptView],
-) -> Reply {
-    // Recorded, so final: a repeat returns this very answer.
-    Reply::err_with(
-        ErrorBody::new(code, message),
-        &json!({"request_id": request_id, "charged": false, "attempts": attempts, "retryable": false}),
-    )
-}
-
-fn failure_message(attempts: &[AttemptView], why_no_retry: Option<&str>) -> String {
-    let list: Vec<String> = attempts
-        .iter()
-        .map(|a| {
-            let role = if a.role == Role::Primary {
-                "primary"
-            } else {
-                "backup"
-            };
-            format!("{role} {} {}", a.node_id, a.outcome.as_str())
-        })
-        .collect();
-    match why_no_retry {
-        Some(why) => format!("{}; {why}; not charged", list.join(", ")),
-        None => format!("every replica failed ({}); not charged", list.join(", ")),
+/// The reply code of an uncharged execution's end.
+fn error_code(code: EndCode) -> ErrorCode {
+    match code {
+        EndCode::AllReplicasFailed => ErrorCode::AllReplicasFailed,
+        EndCode::Unavailable => ErrorCode::Unavailable,
     }
 }
 
@@ -267,48 +255,42 @@ impl Scheduler {
         )
     }
 
-    /// Settles a finished attempt to `node` (a replica of `model`, dispatched by the
-    /// `AttemptDispatched` event `dispatched`; `joined` is how its task ended) and feeds its outcome
-    /// to the outlier tracker; the settled attempt carries what the tracker decided (an ejection or
-    /// a restoration is recorded once the execution is). A last healthy replica kept despite its
-    /// failures asks for an emergency round.
-    async fn finish_attempt<'a>(
+    /// Settles a finished attempt to `node` (a replica of `model`; `joined` is how its task ended):
+    /// counts it and feeds its outcome to the outlier tracker, whose verdict the settled attempt
+    /// carries (an ejection or a restoration is recorded once the execution is). A last healthy
+    /// replica kept despite its failures asks for an emergency round.
+    async fn settle_attempt(
         &self,
-        node: &'a NodeId,
-        role: Role,
-        dispatched: Uuid,
+        Dispatch { node, role }: &Dispatch,
         model: &ModelId,
         joined: Result<AttemptResult, JoinError>,
-    ) -> (Classified, Attempt<'a>) {
-        let (classified, latency_ms) = match joined {
-            Ok(result) => result,
-            Err(e) => (
-                Classified::Failed(Failure::Error, format!("attempt task failed: {e}")),
-                0,
-            ),
-        };
-        let failure = match &classified {
+    ) -> Settled {
+        let (outcome, latency_ms) = joined.unwrap_or_else(|e| {
+            let detail = format!("attempt task failed: {e}");
+            (Classified::Failed(Failure::Error, detail), 0)
+        });
+        let failure = match &outcome {
             Classified::Success(_) => None,
-            Classified::Failed(f, _) => Some(*f),
+            Classified::Failed(f, detail) => {
+                let outcome = Outcome::from(*f).as_str();
+                tracing::info!(node_id = %node, outcome, %detail, ?role, "attempt failed");
+                Some(*f)
+            }
             Classified::Unjudged(detail) => {
                 tracing::warn!(node_id = %node, %detail, "attempt not held against the node");
                 metrics::counter!("deepnode_exec_attempts_total", "node_id" => node.to_string(), "outcome" => "unjudged")
                     .increment(1);
-                let attempt = Attempt {
-                    node,
-                    role,
+                return Settled {
+                    outcome,
                     latency_ms,
-                    dispatched,
                     transition: Transition::None,
                 };
-                return (classified, attempt);
             }
         };
-        let outcome = failure.map_or(Outcome::Success, Outcome::from);
         metrics::counter!(
             "deepnode_exec_attempts_total",
             "node_id" => node.to_string(),
-            "outcome" => outcome.as_str(),
+            "outcome" => failure.map_or(Outcome::Success, Outcome::from).as_str(),
         )
         .increment(1);
         let transition = {
@@ -319,14 +301,11 @@ impl Scheduler {
             self.ask_for_replacement(model, "the last healthy replica keeps failing")
                 .await;
         }
-        let attempt = Attempt {
-            node,
-            role,
+        Settled {
+            outcome,
             latency_ms,
-            dispatched,
             transition,
-        };
-        (classified, attempt)
+        }
     }
 
     /// The answer recorded for `request_id` when it was executed before (or is being executed: see
@@ -354,23 +333,25 @@ impl Scheduler {
             .unwrap_or_else(|e| Some(store_failure(&e).into()))
     }
 
-    /// Records a finished execution with one `NoStream` append and returns `reply`, or the recorded
-    /// answer when another copy recorded this request id first. Transient failures are retried with
-    /// the same event ids: an append that did land is then reported as a duplicate, not a conflict.
-    async fn record(
-        &self,
-        stream: &StreamId,
-        request_id: &RequestId,
-        events: Vec<NewEvent>,
-        decisions: Vec<(StreamId, NewEvent)>,
-        reply: Reply,
-    ) -> Answered {
+    /// Carries out an execution's `ending`: records it with one `NoStream` append and answers with
+    /// its verdict, or with the recorded answer when another copy recorded this request id first. An
+    /// unrecorded verdict is answered as it is. Transient failures are retried with the same event
+    /// ids: an append that did land is then reported as a duplicate, not a conflict.
+    async fn finish(&self, stream: &StreamId, request_id: &RequestId, ending: Ending) -> Answered {
+        let Ending {
+            record,
+            decisions,
+            verdict,
+        } = ending;
+        if record.is_empty() {
+            return reply(verdict).into();
+        }
         // A transient failure (the connection dropped, the pool timed out) is retried twice, 50 ms
         // then 200 ms later; the same event ids make a retry of an append that did land a duplicate.
         let appended = (|| {
             self.ctx
                 .store
-                .append(stream, ExpectedVersion::NoStream, events.clone())
+                .append(stream, ExpectedVersion::NoStream, record.clone())
         })
         .retry(
             ExponentialBuilder::new()
@@ -384,6 +365,7 @@ impl Scheduler {
         match appended {
             Ok(result) => {
                 self.record_decisions(decisions);
+                let reply = reply(verdict);
                 let deciding = result.positions.last().zip(result.hashes.last());
                 Answered::Ran(match deciding {
                     Some((position, hash)) => self.with_receipt(reply, *position, hash),
@@ -504,7 +486,7 @@ impl Scheduler {
                 Ok(events) => events,
                 Err(e) => return store_failure(&e),
             };
-            if let Some(reply) = answer_from_log(&events) {
+            if let Some(reply) = Verdict::from_log(&events).map(reply) {
                 tracing::debug!("repeated request id answered from the log");
                 let deciding = events.last().and_then(|e| {
                     <[u8; 32]>::try_from(e.hash.as_slice())
@@ -533,61 +515,6 @@ impl Scheduler {
     }
 }
 
-/// Rebuilds the reply of a finished execution from its stream; `None` while it is in flight.
-fn answer_from_log(events: &[RecordedEvent]) -> Option<Reply> {
-    let mut attempts: Vec<LoggedAttempt> = Vec::new();
-    fn settle(attempts: &mut [LoggedAttempt], node: &NodeId, outcome: Outcome, latency: u64) {
-        if let Some(slot) = attempts
-            .iter_mut()
-            .find(|(n, _, done)| n == node && done.is_none())
-        {
-            slot.2 = Some((outcome, latency));
-        }
-    }
-    let mut end = None;
-    for event in events {
-        match DomainEvent::decode(event) {
-            Ok(DomainEvent::AttemptDispatched(d)) => attempts.push((d.node_id, d.role, None)),
-            Ok(DomainEvent::AttemptSucceeded(a)) => {
-                settle(&mut attempts, &a.node_id, Outcome::Success, a.latency_ms)
-            }
-            Ok(DomainEvent::AttemptFailed(a)) => {
-                settle(&mut attempts, &a.node_id, a.outcome.into(), a.latency_ms)
-            }
-            Ok(e @ (DomainEvent::ExecutionCompleted(_) | DomainEvent::ExecutionFailed(_))) => {
-                end = Some(e);
-            }
-            _ => {}
-        }
-    }
-    let end = end?;
-    let views: Vec<AttemptView> = attempts
-        .into_iter()
-        .filter_map(|(node_id, role, done)| {
-            done.map(|(outcome, latency_ms)| AttemptView {
-                node_id,
-                role,
-                outcome,
-                latency_ms,
-            })
-        })
-        .collect();
-    Some(match end {
-        DomainEvent::ExecutionCompleted(c) => {
-            success_reply(&c.request_id, &c.node_id, c.output, &views)
-        }
-        DomainEvent::ExecutionFailed(f) => {
-            let message = f.message.unwrap_or_else(|| failure_message(&views, None));
-            // The recorded code: `all_replicas_failed`, or `unavailable` for an execution the
-            // sweeper closed after its scheduler stopped (see `sweep`).
-            let code = serde_json::from_value(Value::String(f.error_code.clone()))
-                .unwrap_or(ErrorCode::AllReplicasFailed);
-            failure_reply_with(code, &f.request_id, message, &views)
-        }
-        _ => return None,
-    })
-}
-
 /// The whole execution of one valid request.
 async fn execute(
     s: Arc<Scheduler>,
@@ -603,22 +530,17 @@ async fn execute(
         priority,
         ..
     } = cmd;
-    let requested = DomainEvent::ExecutionRequested(ExecutionRequested {
-        request_id: request_id.clone(),
-        model_id: model_id.clone(),
+    let request = ExecRequest {
+        request_id,
+        model_id,
         timeout_ms,
-    });
-    let stream = requested.stream_id();
+    };
+    let stream = request.stream();
+    let (request_id, model_id) = (&request.request_id, &request.model_id);
     // Waiting for a slot takes at most the attempt timeout; the attempts then get theirs in full.
     let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
     let (decision, slot_1) = match s
-        .admit(
-            &model_id,
-            &request_id,
-            caller.as_deref(),
-            priority,
-            deadline,
-        )
+        .admit(model_id, request_id, caller.as_deref(), priority, deadline)
         .await
     {
         Ok(admitted) => admitted,
@@ -634,47 +556,30 @@ async fn execute(
         }
         Err(refusal) => {
             // A repeated request whose model has gone since still gets its recorded answer.
-            if let Ok(Some(answer)) = s.recorded(&stream, &request_id).await {
+            if let Ok(Some(answer)) = s.recorded(&stream, request_id).await {
                 return answer;
             }
             return refusal.into();
         }
     };
     if decision.emergency_replacement {
-        s.ask_for_replacement(&model_id, "no healthy replica left")
+        s.ask_for_replacement(model_id, "no healthy replica left")
             .await;
     }
-    let decision_json = serde_json::to_value(&decision)
-        .expect("a routing decision serialises: plain structs with string keys");
     let timeout = Duration::from_millis(timeout_ms);
-    let meta = Metadata::new(s.ctx.producer.clone(), correlation_id.clone());
     let body = Bytes::from(
         json!({"request_id": request_id, "model_id": model_id, "input": input}).to_string(),
     );
     drop(input);
     s.live.count_request();
+    let (request_id, model_id) = (request_id.clone(), model_id.clone());
+    let meta = Metadata::new(s.ctx.producer.clone(), correlation_id.clone());
+    let (execution, primary) = Execution::start(request, &decision, meta, Fresh);
 
-    let dispatched = |node: &NodeId, role: Role, attempt: u8, cause: Uuid| {
-        new_event(
-            DomainEvent::AttemptDispatched(AttemptDispatched {
-                request_id: request_id.clone(),
-                model_id: model_id.clone(),
-                node_id: node.clone(),
-                role,
-                attempt,
-                decision: decision_json.clone(),
-            }),
-            meta.clone().caused_by(cause),
-        )
-    };
     // Attempt 1. A repeated request id needs no read of the log to be found: its record conflicts
     // (the stream must not exist) and the recorded answer is returned. The log is read first only
     // when the node is slow to answer, so a repeat is answered without waiting for it (and before
     // a retry, below).
-    let primary = decision.primary.clone();
-    let requested = new_event(requested, meta.clone());
-    let dispatched_1 = dispatched(&primary, Role::Primary, 1, requested.event_id);
-    let cause_1 = dispatched_1.event_id;
     let mut task_1 = s.spawn_attempt(slot_1, body.clone(), &correlation_id, timeout);
     let quick = tokio::time::timeout(CHECK_LOG_AFTER, &mut task_1)
         .await
@@ -690,283 +595,41 @@ async fn execute(
         Some(joined) => joined,
         None => task_1.await,
     };
-    let mut trail = Trail {
-        record: vec![requested, dispatched_1],
-        decisions: Vec::new(),
-        attempts: Vec::with_capacity(2),
-    };
-    let (result_1, attempt_1) = s
-        .finish_attempt(&primary, Role::Primary, cause_1, &model_id, joined_1)
-        .await;
-    let cause_fail_1 = match result_1 {
-        Classified::Success(output) => {
-            let success = Success {
-                attempt: attempt_1,
-                output,
-            };
-            return complete(&s, &stream, &request_id, &model_id, &meta, trail, success).await;
-        }
-        Classified::Failed(failure, detail) => {
-            trail.failed(attempt_1, failure, detail, &request_id, &meta)
-        }
-        Classified::Unjudged(detail) => {
-            // Nothing is known about this execution: record nothing, so sending it again runs it.
-            return Reply::err(ErrorBody::new(
-                ErrorCode::Unavailable,
-                format!("the primary {primary} could not be judged ({detail}); nothing was recorded or charged and the node is not held responsible; send the request again"),
-            ))
-            .into();
-        }
-    };
-
-    // A repeat is not retried: it has its recorded answer.
-    if !checked {
+    let settled_1 = s.settle_attempt(&primary, &model_id, joined_1).await;
+    let next = execution.settle(settled_1);
+    // A repeat is not retried (nor failed again): it has its recorded answer.
+    if !checked && !next.succeeded() {
         if let Some(answer) = s.answer_if_recorded(&stream, &request_id).await {
             return answer;
         }
     }
+    let ending = match next {
+        Next::Done(ending) => ending,
+        // Attempt 2: the other replica, if the retry budget allows.
+        Next::Backup(failover) if !s.live.try_retry() => {
+            failover.stop("retry budget exhausted, backup not tried")
+        }
+        Next::Backup(failover) => {
+            metrics::counter!("deepnode_exec_fallbacks_total").increment(1);
+            let (retry, backup) = failover.retry();
+            let slot_2 = s.live.begin(&backup.node);
+            let joined_2 = s
+                .spawn_attempt(slot_2, body, &correlation_id, timeout)
+                .await;
+            retry.settle(s.settle_attempt(&backup, &model_id, joined_2).await)
+        }
+    };
+    s.finish(&stream, &request_id, ending).await
+}
 
-    // Attempt 2: the other replica, if there is one and the retry budget allows.
-    let backup = decision.backup.clone().filter(|b| *b != primary);
-    let refusal = match &backup {
-        None => Some("no other replica to retry on"),
-        Some(_) if !s.live.try_retry() => Some("retry budget exhausted, backup not tried"),
-        Some(_) => None,
-    };
-    let Some(backup) = backup.filter(|_| refusal.is_none()) else {
-        let end = (ErrorCode::AllReplicasFailed, refusal, cause_fail_1);
-        return give_up(&s, &stream, &request_id, &model_id, &meta, trail, end).await;
-    };
-    metrics::counter!("deepnode_exec_fallbacks_total").increment(1);
-    let dispatched_2 = dispatched(&backup, Role::Backup, 2, cause_fail_1);
-    let cause_2 = dispatched_2.event_id;
-    trail.record.push(dispatched_2);
-    let joined_2 = s
-        .spawn_attempt(s.live.begin(&backup), body, &correlation_id, timeout)
-        .await;
-    let (result_2, attempt_2) = s
-        .finish_attempt(&backup, Role::Backup, cause_2, &model_id, joined_2)
-        .await;
-    match result_2 {
-        Classified::Success(output) => {
-            let success = Success {
-                attempt: attempt_2,
-                output,
-            };
-            complete(&s, &stream, &request_id, &model_id, &meta, trail, success).await
-        }
-        Classified::Failed(failure, detail) => {
-            let cause_fail_2 = trail.failed(attempt_2, failure, detail, &request_id, &meta);
-            let end = (ErrorCode::AllReplicasFailed, None, cause_fail_2);
-            give_up(&s, &stream, &request_id, &model_id, &meta, trail, end).await
-        }
-        Classified::Unjudged(detail) => {
-            // The primary's failure stands; the backup's attempt stays unclassified.
-            let why = format!(
-                "the backup {backup} could not be judged ({detail}) and is not held responsible"
-            );
-            let end = (ErrorCode::Unavailable, Some(why.as_str()), cause_2);
-            give_up(&s, &stream, &request_id, &model_id, &meta, trail, end).await
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_end_is_recorded_with_the_code_it_is_answered_with() {
+        for code in [EndCode::AllReplicasFailed, EndCode::Unavailable] {
+            assert_eq!(code.as_str(), error_code(code).as_str());
         }
     }
-}
-
-/// Ends an execution no replica served: `ExecutionFailed` (not charged) after the last attempt,
-/// recorded before the reply goes out. `end` is the code (`all_replicas_failed`, or `unavailable`
-/// when the last attempt was lost to our own bus), why no further replica was tried or judged
-/// (`None` when none was left to try) and the event that caused the end.
-async fn give_up(
-    s: &Scheduler,
-    stream: &StreamId,
-    request_id: &RequestId,
-    model_id: &ModelId,
-    meta: &Metadata,
-    mut trail: Trail,
-    (code, why, cause): (ErrorCode, Option<&str>, Uuid),
-) -> Answered {
-    let message = failure_message(&trail.attempts, why);
-    let attempts = u8::try_from(trail.attempts.len()).unwrap_or(u8::MAX);
-    let end = execution_failed(request_id, model_id, attempts, code, &message, meta, cause);
-    trail.record.push(end);
-    let reply = failure_reply_with(code, request_id, message, &trail.attempts);
-    s.record(stream, request_id, trail.record, trail.decisions, reply)
-        .await
-}
-
-/// `ExecutionFailed` (not charged), carrying the reply's message for repeated request ids.
-fn execution_failed(
-    request_id: &RequestId,
-    model_id: &ModelId,
-    attempts: u8,
-    code: ErrorCode,
-    message: &str,
-    meta: &Metadata,
-    cause: Uuid,
-) -> NewEvent {
-    new_event(
-        DomainEvent::ExecutionFailed(ExecutionFailed {
-            request_id: request_id.clone(),
-            model_id: model_id.clone(),
-            attempts,
-            charged: false,
-            error_code: code.as_str().to_owned(),
-            message: Some(message.to_owned()),
-            abandoned: false,
-        }),
-        meta.clone().caused_by(cause),
-    )
-}
-
-/// One settled attempt, as the record and the reply need it.
-struct Attempt<'a> {
-    node: &'a NodeId,
-    role: Role,
-    latency_ms: u64,
-    /// Its `AttemptDispatched` event.
-    dispatched: Uuid,
-    /// What the outlier tracker made of it (an ejection, a probe's success restoring a node).
-    transition: Transition,
-}
-
-/// The attempt that answered, and its answer.
-struct Success<'a> {
-    attempt: Attempt<'a>,
-    output: Value,
-}
-
-/// What an execution has produced so far: its record (appended once, at the end), the outlier
-/// tracker's decisions to record after it, and the attempts its reply lists.
-struct Trail {
-    record: Vec<NewEvent>,
-    decisions: Vec<(StreamId, NewEvent)>,
-    attempts: Vec<AttemptView>,
-}
-
-impl Trail {
-    /// Notes a failed attempt: in the reply's list, as `AttemptFailed` in the record, and the
-    /// tracker's decision it caused. Returns the `AttemptFailed` event id.
-    fn failed(
-        &mut self,
-        attempt: Attempt<'_>,
-        failure: Failure,
-        detail: String,
-        request_id: &RequestId,
-        meta: &Metadata,
-    ) -> Uuid {
-        let role = if attempt.role == Role::Primary {
-            "primary"
-        } else {
-            "backup"
-        };
-        let outcome = Outcome::from(failure);
-        tracing::info!(node_id = %attempt.node, outcome = outcome.as_str(), %detail, "{role} attempt failed");
-        self.attempts.push(AttemptView {
-            node_id: attempt.node.clone(),
-            role: attempt.role,
-            outcome,
-            latency_ms: attempt.latency_ms,
-        });
-        let event = new_event(
-            DomainEvent::AttemptFailed(AttemptFailed {
-                request_id: request_id.clone(),
-                node_id: attempt.node.clone(),
-                outcome: failure,
-                latency_ms: attempt.latency_ms,
-                detail,
-            }),
-            meta.clone().caused_by(attempt.dispatched),
-        );
-        let id = event.event_id;
-        self.record.push(event);
-        self.decisions.extend(tracker_decision(
-            attempt.node,
-            attempt.transition,
-            Some(failure),
-            id,
-            meta,
-        ));
-        id
-    }
-}
-
-/// The event recording an outlier-tracker decision about `node`, caused by `cause` (the attempt's
-/// `AttemptFailed` or `AttemptSucceeded`), with the stream it belongs to.
-fn tracker_decision(
-    node: &NodeId,
-    transition: Transition,
-    failure: Option<Failure>,
-    cause: Uuid,
-    meta: &Metadata,
-) -> Option<(StreamId, NewEvent)> {
-    let event = match transition {
-        Transition::Ejected { k, until } => DomainEvent::NodeEjected(NodeEjected {
-            node_id: node.clone(),
-            ejections: k,
-            until,
-            reason: match failure {
-                Some(f) => format!(
-                    "consecutive failed attempts, the last one {}",
-                    Outcome::from(f).as_str()
-                ),
-                None => "consecutive failed attempts".to_owned(),
-            },
-        }),
-        Transition::Restored => DomainEvent::NodeRestored(NodeRestored {
-            node_id: node.clone(),
-        }),
-        Transition::None | Transition::KeptLastHealthy => return None,
-    };
-    Some((
-        event.stream_id(),
-        new_event(event, meta.clone().caused_by(cause)),
-    ))
-}
-
-/// Records the execution ending in `[AttemptSucceeded, ExecutionCompleted{charged}]` and answers.
-async fn complete(
-    s: &Scheduler,
-    stream: &StreamId,
-    request_id: &RequestId,
-    model_id: &ModelId,
-    meta: &Metadata,
-    mut trail: Trail,
-    Success { attempt, output }: Success<'_>,
-) -> Answered {
-    trail.attempts.push(AttemptView {
-        node_id: attempt.node.clone(),
-        role: attempt.role,
-        outcome: Outcome::Success,
-        latency_ms: attempt.latency_ms,
-    });
-    let succeeded = new_event(
-        DomainEvent::AttemptSucceeded(AttemptSucceeded {
-            request_id: request_id.clone(),
-            node_id: attempt.node.clone(),
-            latency_ms: attempt.latency_ms,
-        }),
-        meta.clone().caused_by(attempt.dispatched),
-    );
-    let completed = new_event(
-        DomainEvent::ExecutionCompleted(ExecutionCompleted {
-            request_id: request_id.clone(),
-            model_id: model_id.clone(),
-            node_id: attempt.node.clone(),
-            attempts: u8::try_from(trail.attempts.len()).unwrap_or(u8::MAX),
-            charged: true,
-            output: output.clone(),
-        }),
-        meta.clone().caused_by(succeeded.event_id),
-    );
-    trail.decisions.extend(tracker_decision(
-        attempt.node,
-        attempt.transition,
-        None,
-        succeeded.event_id,
-        meta,
-    ));
-    trail.record.push(succeeded);
-    trail.record.push(completed);
-    let reply = success_reply(request_id, attempt.node, output, &trail.attempts);
-    s.record(stream, request_id, trail.record, trail.decisions, reply)
-        .await
 }

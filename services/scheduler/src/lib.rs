@@ -11,7 +11,6 @@
 mod admission;
 mod budget;
 mod bus;
-mod classify;
 mod copies;
 mod emergency;
 mod exec;
@@ -35,7 +34,6 @@ use deepnode_store::FollowerHandle;
 use serde::Deserialize;
 
 pub use budget::RetryBudget;
-pub use classify::{classify, judge, Bus, Classified, Transport};
 
 use live::Live;
 use queue::Queues;

@@ -16,9 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use deepnode_bus::envelope::ErrorCode;
 use deepnode_domain::book::ExecutionStatus;
 use deepnode_domain::events::{DomainEvent, ExecutionFailed, Metadata};
+use deepnode_domain::execution::EndCode;
 use deepnode_domain::ids::RequestId;
 use deepnode_domain::log::ExpectedVersion;
 use deepnode_runtime::Shutdown;
@@ -116,7 +116,7 @@ async fn close_if_abandoned(
         model_id: requested.model_id,
         attempts,
         charged: false,
-        error_code: ErrorCode::Unavailable.as_str().to_owned(),
+        error_code: EndCode::Unavailable.as_str().to_owned(),
         message: Some(
             "the scheduler executing this request stopped before it finished; it was not \
              charged; retry with a new request_id"

@@ -10,7 +10,7 @@
 //! Pure: no IO. Late and duplicate answers never reach here: each attempt is one NATS request whose
 //! reply inbox is forgotten after the first answer or the timeout.
 
-use deepnode_domain::events::Failure;
+use crate::events::Failure;
 use serde_json::Value;
 
 /// Longest excerpt of a bad answer kept in `AttemptFailed.detail`.

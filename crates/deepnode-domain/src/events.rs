@@ -20,6 +20,8 @@ use uuid::Uuid;
 
 use crate::ids::{ModelId, NodeId, RequestId};
 use crate::log::{NewEvent, RecordedEvent, StreamId};
+use crate::rotation::RoundRecord;
+use crate::scoring::RouteDecision;
 
 /// One event type, declared once: the name stored in `events.event_type` (the struct's name), the
 /// schema version this binary writes, and the stream it belongs to. Each payload struct below is
@@ -385,9 +387,10 @@ pub struct AttemptDispatched {
     pub role: Role,
     /// 1 or 2.
     pub attempt: u8,
-    /// The routing decision record (inputs, per-factor scores, weights, tie-break, config hash); its
-    /// typed shape is `crate::scoring::RouteDecision`.
-    pub decision: Value,
+    /// The routing decision's whole record (inputs, per-factor scores, weights, tie-break, config
+    /// hash), which [`RouteDecision::verify`] re-checks. Stored in this shape since the first build
+    /// (`stored_decision_and_round_records_read_and_write_back_byte_for_byte` pins it).
+    pub decision: Box<RouteDecision>,
 }
 
 event!(AttemptDispatched, version 1, stream |e| format!("exec-{}", e.request_id));
@@ -530,9 +533,10 @@ pub struct RotationCompleted {
     pub epoch: u64,
     /// How many replicas moved.
     pub moves: u32,
-    /// The planner's record (typed by `crate::rotation`); `null` when absent.
+    /// The round's record: what it planned from which snapshot and what it applied (`null` or
+    /// absent reads as `None`).
     #[serde(default)]
-    pub plan: Value,
+    pub plan: Option<Box<RoundRecord>>,
     /// The hash of the policy config used.
     #[serde(default)]
     pub config_hash: String,
@@ -711,6 +715,58 @@ mod tests {
         DateTime::from_timestamp(1_700_000_000, 0).unwrap()
     }
 
+    /// A routing decision as the scheduler stores it in `AttemptDispatched` (v1).
+    const STORED_DISPATCH: &str = include_str!("../tests/fixtures/attempt_dispatched_v1.json");
+    /// A round's record as the rotation service stores it in `RotationCompleted` (v1).
+    const STORED_ROUND: &str = include_str!("../tests/fixtures/rotation_completed_v1.json");
+
+    fn stored_decision() -> RouteDecision {
+        let payload: Value = serde_json::from_str(STORED_DISPATCH).unwrap();
+        RouteDecision::deserialize(&payload["decision"]).unwrap()
+    }
+
+    #[test]
+    fn stored_decision_and_round_records_read_and_write_back_byte_for_byte() {
+        for (event_type, stored) in [
+            ("AttemptDispatched", STORED_DISPATCH),
+            ("RotationCompleted", STORED_ROUND),
+        ] {
+            let payload: Value = serde_json::from_str(stored).unwrap();
+            let event = DomainEvent::decode_parts(event_type, 1, &payload).unwrap();
+            assert_eq!(
+                serde_json::to_string(&event.payload()).unwrap(),
+                stored.trim(),
+                "{event_type}"
+            );
+        }
+        // the decision is the whole record: it re-checks itself
+        assert!(stored_decision().verify());
+        // a round recorded without a record reads as none, and writes `null` as before
+        for plan in [json!(null), json!("absent")] {
+            let mut payload = json!({"epoch": 3, "moves": 0, "config_hash": "c", "plan": plan});
+            if plan == json!("absent") {
+                payload.as_object_mut().unwrap().remove("plan");
+            }
+            let Ok(DomainEvent::RotationCompleted(round)) =
+                DomainEvent::decode_parts("RotationCompleted", 1, &payload)
+            else {
+                panic!("{payload}");
+            };
+            assert_eq!(round.plan, None);
+            assert_eq!(
+                DomainEvent::RotationCompleted(round).payload()["plan"],
+                json!(null)
+            );
+        }
+        // a decision that is not a routing record is refused, loudly
+        let mut bad: Value = serde_json::from_str(STORED_DISPATCH).unwrap();
+        bad["decision"] = json!({"score_bps": 7000});
+        assert!(matches!(
+            DomainEvent::decode_parts("AttemptDispatched", 1, &bad),
+            Err(DecodeError::Payload { .. })
+        ));
+    }
+
     fn samples() -> Vec<DomainEvent> {
         let m = ModelId::parse("m1").unwrap();
         let r = RequestId::parse("r1").unwrap();
@@ -752,7 +808,7 @@ mod tests {
                 node_id: node("n1"),
                 role: Role::Primary,
                 attempt: 1,
-                decision: json!({"score_bps": 7000}),
+                decision: Box::new(stored_decision()),
             }),
             DomainEvent::AttemptSucceeded(AttemptSucceeded {
                 request_id: r.clone(),
@@ -819,7 +875,7 @@ mod tests {
             DomainEvent::RotationCompleted(RotationCompleted {
                 epoch: 7,
                 moves: 1,
-                plan: Value::Null,
+                plan: None,
                 config_hash: "abc".into(),
             }),
         ]

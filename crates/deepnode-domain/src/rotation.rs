@@ -256,6 +256,51 @@ pub struct RotationPlan {
     pub held: Vec<(ModelId, NodeId, HeldBy)>,
 }
 
+/// What started a rotation round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// The period timer: runs only if no round completed in the current period slot.
+    Periodic,
+    /// `cmd.rotation.run` or a direct call: runs whenever the lock is free.
+    OnDemand,
+}
+
+/// One move as a round applied it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedMove {
+    /// The model.
+    pub model_id: ModelId,
+    /// The node that gained the replica.
+    pub assigned: NodeId,
+    /// The node that lost it.
+    pub revoked: NodeId,
+    /// Why (the planner's reason).
+    pub reason: MoveReason,
+}
+
+/// A completed round's record (`RotationCompleted.plan`): the plan and the snapshot it came from,
+/// and what the round applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub trigger: Trigger,
+    /// The round's clock.
+    pub now: DateTime<Utc>,
+    /// The planner's seed.
+    pub seed: u64,
+    /// The log position of the snapshot planned from.
+    pub snapshot_position: i64,
+    /// The plan, its `held` list cut to the first entries (`held_total` says how many there were).
+    pub plan: RotationPlan,
+    pub held_total: u64,
+    /// The moves made, in order.
+    pub applied: Vec<AppliedMove>,
+    /// The nodes phased out.
+    pub phased_out: Vec<NodeId>,
+    /// Planned effects skipped because their stream moved meanwhile.
+    pub skipped: u32,
+}
+
 /// Whether a node is immune from phase-out: younger than `immunity_secs` or fewer scored requests
 /// than `immunity_min_scored_requests`.
 pub fn is_immune(node: &PlacementNode, now: DateTime<Utc>, policy: &RotationPolicy) -> bool {

@@ -14,7 +14,6 @@ use deepnode_domain::penalties::{assess, jail_duration_secs};
 use deepnode_domain::placement::PlacementNode;
 use deepnode_domain::rotation::{is_immune, phase_out_candidates};
 use proptest::prelude::*;
-use serde_json::json;
 use uuid::Uuid;
 
 fn t(secs: i64) -> DateTime<Utc> {
@@ -221,7 +220,7 @@ fn an_execution_and_its_deployments_project_to_rows() {
                 node_id: n(node),
                 role,
                 attempt,
-                decision: json!({}),
+                decision: Box::new(stored_decision()),
             }),
             t(2),
         );
@@ -726,4 +725,11 @@ fn the_fold_is_fast_enough() {
         "folded {} events in {elapsed:?}: {rate:.0} events/s",
         log.rows.len()
     );
+}
+
+/// A routing decision as the scheduler stores it (the events' golden fixture).
+fn stored_decision() -> deepnode_domain::scoring::RouteDecision {
+    let payload: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/attempt_dispatched_v1.json")).unwrap();
+    serde_json::from_value(payload["decision"].clone()).unwrap()
 }

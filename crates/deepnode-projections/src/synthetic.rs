@@ -15,8 +15,12 @@ use deepnode_domain::events::{
     Failure, FaultKind, Metadata, ModelDeployed, NodeDeregistered, NodeRegistered, NodeSlashed,
     NodeStatus, NodeStatusChanged, Outcome, Role, RotationCompleted, Tier,
 };
+use deepnode_domain::fixed::Bps;
 use deepnode_domain::ids::{IdError, ModelId, NodeId, RequestId};
 use deepnode_domain::log::{NewEvent, StreamId};
+use deepnode_domain::scoring::{
+    route, CandidateSnapshot, RouteDecision, RouteInput, RoutingPolicy,
+};
 use uuid::Uuid;
 
 /// The shape of a synthetic history.
@@ -173,9 +177,13 @@ impl History {
             model_id: model_id.clone(),
             timeout_ms: 5_000,
         })];
+        let decision = Box::new(route_between(&model_id, &request_id, &replicas, i as u64));
+        let order: Vec<NodeId> = std::iter::once(decision.primary.clone())
+            .chain(decision.backup.clone())
+            .collect();
         let mut attempts = 0u8;
         let mut served = None;
-        for (k, node_id) in replicas.iter().enumerate().take(2) {
+        for (k, node_id) in order.iter().enumerate() {
             attempts += 1;
             events.push(DomainEvent::AttemptDispatched(AttemptDispatched {
                 request_id: request_id.clone(),
@@ -183,7 +191,7 @@ impl History {
                 node_id: node_id.clone(),
                 role: if k == 0 { Role::Primary } else { Role::Backup },
                 attempt: attempts,
-                decision: serde_json::json!({"score_bps": 7_000 - k * 500}),
+                decision: decision.clone(),
             }));
             let r = self.below(100);
             if r < 85 {
@@ -309,7 +317,7 @@ impl History {
                     DomainEvent::RotationCompleted(RotationCompleted {
                         epoch,
                         moves: 1,
-                        plan: serde_json::Value::Null,
+                        plan: None,
                         config_hash: String::new(),
                     })
                 }
@@ -336,4 +344,42 @@ impl Iterator for History {
         }
         None
     }
+}
+
+/// The routing decision record of a request for `model` between its `replicas` (the first one
+/// better reputed), made by the domain's router so that it verifies like a scheduler's.
+fn route_between(
+    model: &ModelId,
+    request: &RequestId,
+    replicas: &[NodeId],
+    epoch: u64,
+) -> RouteDecision {
+    let candidates = replicas
+        .iter()
+        .zip([9_000, 7_000, 5_000])
+        .map(|(node_id, reputation)| CandidateSnapshot {
+            node_id: node_id.clone(),
+            deployed: true,
+            status: NodeStatus::Active,
+            ejected: false,
+            in_flight: 0,
+            capacity: 8,
+            reputation: Bps::saturating(reputation),
+            failure_rate: Bps::saturating(0),
+            stake_micros: 1_000_000,
+            assignments: 0,
+        })
+        .collect();
+    let input = RouteInput {
+        model_id: model.clone(),
+        request_id: request.clone(),
+        seed: epoch,
+        epoch,
+        config_hash: "synthetic".to_owned(),
+        domain_stake_enabled: false,
+        domain_median_stake_micros: 1_000_000,
+        candidates,
+    };
+    route(&input, &RoutingPolicy::default())
+        .expect("a model with an idle, active replica always routes")
 }

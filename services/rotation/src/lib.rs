@@ -26,8 +26,9 @@ use deepnode_runtime::{ServiceContext, Shutdown};
 use deepnode_store::FollowerHandle;
 use uuid::Uuid;
 
+pub use deepnode_domain::rotation::Trigger;
 pub use error::Error;
-pub use round::{run_round, RoundOutcome, RoundReport, Trigger};
+pub use round::{run_round, RoundOutcome, RoundReport};
 pub use view::RotationView;
 
 /// The queue group every copy of the service serves its subjects in.

@@ -21,13 +21,14 @@ use deepnode_domain::events::{
     DeploymentAssigned, DeploymentRevoked, DomainEvent, Metadata, NodeStatus, NodeStatusChanged,
     RotationCompleted,
 };
-use deepnode_domain::ids::{ModelId, NodeId};
+use deepnode_domain::ids::NodeId;
 use deepnode_domain::log::{ExpectedVersion, NewEvent, StreamId};
-use deepnode_domain::rotation::{plan, Move, MoveReason, RotationPlan};
+use deepnode_domain::rotation::{
+    plan, AppliedMove, Move, MoveReason, RotationPlan, RoundRecord, Trigger,
+};
 use deepnode_runtime::ServiceContext;
 use deepnode_store::FollowerHandle;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use uuid::Uuid;
 
 use crate::snapshot::{event_tier, rotation_input};
@@ -40,16 +41,6 @@ pub const ROUND_LOCK_KEY: i64 = 0x726f_7461_7465;
 /// How much of the planner's `held` list the `RotationCompleted` record keeps.
 const MAX_HELD_IN_RECORD: usize = 200;
 
-/// What started a round.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Trigger {
-    /// The period timer: runs only if no round completed in the current period slot.
-    Periodic,
-    /// `cmd.rotation.run` or a direct call: runs whenever the lock is free.
-    OnDemand,
-}
-
 /// How a round ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -60,19 +51,6 @@ pub enum RoundOutcome {
     Busy,
     /// A periodic round found this period's round already done; nothing was done.
     NotDue,
-}
-
-/// One move as applied.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppliedMove {
-    /// The model.
-    pub model_id: ModelId,
-    /// The node that gained the replica.
-    pub assigned: NodeId,
-    /// The node that lost it.
-    pub revoked: NodeId,
-    /// Why (the planner's reason).
-    pub reason: MoveReason,
 }
 
 /// What a round did.
@@ -336,17 +314,17 @@ async fn apply(
     let completed = DomainEvent::RotationCompleted(RotationCompleted {
         epoch,
         moves: u32::try_from(report.moves.len()).unwrap_or(u32::MAX),
-        plan: json!({
-            "trigger": trigger,
-            "now": now,
-            "seed": options.seed,
-            "snapshot_position": position,
-            "plan": recorded,
-            "held_total": held,
-            "applied": report.moves,
-            "phased_out": report.phased_out,
-            "skipped": report.skipped,
-        }),
+        plan: Some(Box::new(RoundRecord {
+            trigger,
+            now,
+            seed: options.seed,
+            snapshot_position: position,
+            plan: recorded,
+            held_total: u64::try_from(held).unwrap_or(u64::MAX),
+            applied: report.moves.clone(),
+            phased_out: report.phased_out.clone(),
+            skipped: report.skipped,
+        })),
         config_hash: ctx.policy.config_hash(),
     });
     let stream = completed.stream_id();

@@ -272,12 +272,10 @@ impl<S: Stamps> Execution<S> {
         meta: Metadata,
         stamps: S,
     ) -> (Execution<S>, Dispatch) {
-        let decision_record = serde_json::to_value(decision)
-            .expect("a routing decision serialises: plain structs with string keys");
         let mut trail = Trail {
             stamps,
             meta,
-            decision: decision_record,
+            decision: Box::new(decision.clone()),
             record: Vec::with_capacity(4),
             decisions: Vec::new(),
             attempts: Vec::with_capacity(2),
@@ -383,8 +381,8 @@ struct Trail<S> {
     stamps: S,
     meta: Metadata,
     request: Request,
-    /// The routing decision's record, carried by every `AttemptDispatched`.
-    decision: Value,
+    /// The routing decision, recorded by every `AttemptDispatched`.
+    decision: Box<RouteDecision>,
     record: Vec<NewEvent>,
     decisions: Vec<(StreamId, NewEvent)>,
     attempts: Vec<AttemptView>,

@@ -571,7 +571,15 @@ async fn an_execution_left_open_by_an_older_build_is_closed_uncharged() {
             node_id: node("a"),
             role: Role::Primary,
             attempt: 1,
-            decision: json!({}),
+            // any routing record: the sweeper never reads it
+            decision: serde_json::from_value(
+                serde_json::from_str::<serde_json::Value>(include_str!(
+                    "../../../../crates/deepnode-domain/tests/fixtures/attempt_dispatched_v1.json"
+                ))
+                .unwrap()["decision"]
+                    .clone(),
+            )
+            .unwrap(),
         }),
     ]
     .map(|e| e.to_new_event(uuid::Uuid::new_v4(), meta.clone(), started));

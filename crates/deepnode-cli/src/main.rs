@@ -11,7 +11,7 @@ mod render;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 /// Exit code for "a difference was found" (CONTRACT §6).
 const EXIT_DIFFERENCE: u8 = 1;
@@ -19,7 +19,12 @@ const EXIT_DIFFERENCE: u8 = 1;
 const EXIT_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = match cli::Cli::try_parse() {
+    // An empty variable is unset, as for the services (`deepnode_runtime::settings`).
+    let command = deepnode_runtime::settings::empty_env_is_unset(cli::Cli::command());
+    let parsed = command
+        .try_get_matches()
+        .and_then(|matches| cli::Cli::from_arg_matches(&matches));
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
             // --help and --version: print them whole and succeed.

@@ -1,4 +1,4 @@
-//! The life of a service binary, written once: read the environment, connect (migrating the
+//! The life of a service binary, written once: read its settings ([`ServiceArgs`]), connect (migrating the
 //! database), start the metrics/health listener and the outbox relay, run the service until
 //! SIGINT/SIGTERM, then stop the relay, drain NATS and close the pool.
 //!
@@ -9,9 +9,12 @@ use std::fmt::Display;
 use std::future::Future;
 use std::process::ExitCode;
 
-use crate::observability::{self, ObservabilityOptions};
+use deepnode_domain::note::NoteSigner;
+
+use crate::observability;
 use crate::relay::{self, RelayOptions, RELAY_CHECKPOINT};
-use crate::{tail, telemetry, ServiceContext, Settings, Shutdown};
+use crate::settings::{ServiceArgs, Switch};
+use crate::{tail, telemetry, ServiceContext, Shutdown};
 
 /// What distinguishes one service binary from another.
 pub struct ServiceSpec {
@@ -20,28 +23,50 @@ pub struct ServiceSpec {
     pub binary: &'static str,
     /// Checkpoints besides the relay's whose lag gates `/readyz`.
     pub gated_checkpoints: &'static [&'static str],
+    /// Whether the service signs with the log's key: only then is `DEEPNODE_LOG_KEY` read.
+    pub signs: bool,
 }
 
-/// Runs a service binary's whole life; `service` is the library's `run(ctx, options, shutdown)`.
+/// Runs a service binary's whole life; `service` is the library's `run`, given the context, the
+/// log's signing key (when the service signs and one is set) and the shutdown signal.
 pub async fn run_service<F, Fut, E>(spec: ServiceSpec, service: F) -> ExitCode
 where
-    F: FnOnce(ServiceContext, Shutdown) -> Fut,
+    F: FnOnce(ServiceContext, Option<NoteSigner>, Shutdown) -> Fut,
     Fut: Future<Output = Result<(), E>>,
     E: Display,
 {
-    telemetry::init(spec.binary);
+    let args = match ServiceArgs::from_process(spec.binary) {
+        Ok(args) => args,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version: print them whole and succeed.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let reason = e.to_string();
+            let reason = reason.lines().next().unwrap_or_default();
+            eprintln!("{}: reading the settings: {reason}", spec.binary);
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(spec.binary, args.log_format);
     let started = async {
-        let settings = Settings::from_env().map_err(|e| format!("reading the environment: {e}"))?;
+        let settings = args
+            .settings()
+            .map_err(|e| format!("reading the settings: {e}"))?;
+        let log_key = match spec.signs {
+            true => args.log_key()?,
+            false => None,
+        };
         let mut gated = vec![RELAY_CHECKPOINT];
         gated.extend_from_slice(spec.gated_checkpoints);
-        let observe = ObservabilityOptions::from_env(&gated)
-            .map_err(|e| format!("reading the environment: {e}"))?;
+        let observe = args.observability(&gated);
         let ctx = ServiceContext::connect(&settings, spec.binary, settings.subjects.clone())
             .await
             .map_err(|e| format!("starting: {e}"))?;
-        Ok::<_, String>((ctx, observe, settings))
+        Ok::<_, String>((ctx, observe, settings, log_key))
     };
-    let (mut ctx, observe, settings) = match started.await {
+    let (mut ctx, observe, settings, log_key) = match started.await {
         Ok(started) => started,
         Err(line) => {
             eprintln!("{}: {line}", spec.binary);
@@ -54,7 +79,7 @@ where
     // measured, it cuts the database's transactions per execution by a third more but came with
     // periodic 100-250 ms stalls of the exec p99 at 100/s whose cause is not found yet
     // (docs/BENCHMARKS-system.md).
-    let feeder = if std::env::var("DEEPNODE_LOG_TAIL").as_deref() != Ok("on") {
+    let feeder = if args.log_tail == Switch::Off {
         None
     } else {
         let log_tail = deepnode_store::LogTail::new(tail::TAIL_CAPACITY);
@@ -95,7 +120,7 @@ where
         shutdown.clone(),
     ));
     let (nats, pool) = (ctx.nats.clone(), ctx.store.pool().clone());
-    let result = service(ctx, shutdown.clone()).await;
+    let result = service(ctx, log_key, shutdown.clone()).await;
     shutdown.cancel();
     if let Some(feeder) = feeder {
         feeder.abort();

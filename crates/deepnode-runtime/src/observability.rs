@@ -56,10 +56,6 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Why the listener could not be configured or started.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{METRICS_ADDR_ENV}={value:?} is not host:port (or \"off\")")]
-    Addr { value: String },
-    #[error("{READY_MAX_LAG_ENV}={value:?} is not a non-negative number of events")]
-    MaxLag { value: String },
     #[error("binding the metrics listener on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -90,35 +86,6 @@ impl ObservabilityOptions {
             gate_on: gate_on.iter().map(|s| (*s).to_owned()).collect(),
             refresh: Duration::from_secs(5),
         }
-    }
-
-    /// From `DEEPNODE_METRICS_ADDR` (default [`DEFAULT_METRICS_ADDR`]; `off` disables) and
-    /// `DEEPNODE_READY_MAX_LAG` (default [`DEFAULT_READY_MAX_LAG`]).
-    pub fn from_env(gate_on: &[&str]) -> Result<ObservabilityOptions, Error> {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-        let raw = var(METRICS_ADDR_ENV).unwrap_or_else(|| DEFAULT_METRICS_ADDR.to_owned());
-        let addr = if raw.trim().eq_ignore_ascii_case("off") {
-            None
-        } else {
-            Some(
-                raw.trim()
-                    .parse::<SocketAddr>()
-                    .map_err(|_| Error::Addr { value: raw.clone() })?,
-            )
-        };
-        let max_lag = match var(READY_MAX_LAG_ENV) {
-            None => DEFAULT_READY_MAX_LAG,
-            Some(v) => v
-                .trim()
-                .parse::<i64>()
-                .ok()
-                .filter(|n| *n >= 0)
-                .ok_or(Error::MaxLag { value: v })?,
-        };
-        let mut options = ObservabilityOptions::on(SocketAddr::from(([127, 0, 0, 1], 0)), gate_on);
-        options.addr = addr;
-        options.max_lag = max_lag;
-        Ok(options)
     }
 }
 

@@ -3,10 +3,12 @@
 
 use tracing_subscriber::EnvFilter;
 
+use crate::settings::LogFormat;
+
 /// Installs the global subscriber once; later calls are no-ops (tests start many services).
-pub fn init(service: &str) {
+pub fn init(service: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("DEEPNODE_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    let json = format == LogFormat::Json;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -1,4 +1,4 @@
-//! The `deepnode-reputation` binary: CONTRACT §1's environment in, the reputation service (plus the
+//! The `deepnode-reputation` binary: CONTRACT §1's environment (or the same as flags) in, the reputation service (plus the
 //! outbox relay and the `/metrics`, `/healthz`, `/readyz` listener, ready only while the SQL
 //! projection keeps up) until SIGINT/SIGTERM, then a clean drain and exit 0; a start-up failure exits
 //! 2 with one line (see `deepnode_runtime::host`). All behaviour lives in the library.
@@ -14,17 +14,11 @@ async fn main() -> ExitCode {
     let spec = ServiceSpec {
         binary: "deepnode-reputation",
         gated_checkpoints: &[BOOK_PROJECTION],
+        signs: true,
     };
-    let log_key = match deepnode_runtime::settings::log_key_from_env() {
-        Ok(key) => key,
-        Err(e) => {
-            eprintln!("deepnode-reputation: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    run_service(spec, move |ctx, shutdown| {
+    run_service(spec, |ctx, log_key, shutdown| {
         let mut options = ReputationOptions::from_policy(&ctx.policy);
-        options.log_key = log_key.clone();
+        options.log_key = log_key;
         deepnode_reputation::run(ctx, options, shutdown)
     })
     .await

@@ -1,4 +1,4 @@
-//! The `deepnode-rotation` binary: CONTRACT §1's environment in, the rotation service (plus the outbox
+//! The `deepnode-rotation` binary: CONTRACT §1's environment (or the same as flags) in, the rotation service (plus the outbox
 //! relay and the `/metrics`, `/healthz`, `/readyz` listener) until SIGINT/SIGTERM, then a clean drain
 //! and exit 0; a start-up failure exits 2 with one line (see `deepnode_runtime::host`). All behaviour
 //! lives in the library.
@@ -13,8 +13,9 @@ async fn main() -> ExitCode {
     let spec = ServiceSpec {
         binary: "deepnode-rotation",
         gated_checkpoints: &[],
+        signs: false,
     };
-    run_service(spec, |ctx, shutdown| {
+    run_service(spec, |ctx, _log_key, shutdown| {
         run(ctx, RotationOptions::default(), shutdown)
     })
     .await

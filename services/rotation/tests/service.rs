@@ -185,7 +185,7 @@ impl Harness {
 }
 
 async fn context_traced(db: &TestDb, subjects: Subjects) -> ServiceContext {
-    deepnode_runtime::telemetry::init("rotation-test");
+    deepnode_runtime::telemetry::init("rotation-test", deepnode_runtime::settings::LogFormat::Text);
     context(db, subjects).await
 }
 

@@ -1,4 +1,4 @@
-//! The `deepnode-scheduler` binary: CONTRACT §1's environment in, the scheduler (plus the outbox relay
+//! The `deepnode-scheduler` binary: CONTRACT §1's environment (or the same as flags) in, the scheduler (plus the outbox relay
 //! and the `/metrics`, `/healthz`, `/readyz` listener) until SIGINT/SIGTERM, then a clean drain and exit
 //! 0; a start-up failure exits 2 with one line (see `deepnode_runtime::host`). All behaviour lives in
 //! the library so tests run it in-process.
@@ -13,17 +13,11 @@ async fn main() -> ExitCode {
     let spec = ServiceSpec {
         binary: "deepnode-scheduler",
         gated_checkpoints: &[],
+        signs: true,
     };
-    let log_key = match deepnode_runtime::settings::log_key_from_env() {
-        Ok(key) => key,
-        Err(e) => {
-            eprintln!("deepnode-scheduler: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    run_service(spec, move |ctx, shutdown| {
+    run_service(spec, |ctx, log_key, shutdown| {
         let options = SchedulerOptions {
-            log_key: log_key.clone(),
+            log_key,
             ..SchedulerOptions::default()
         };
         deepnode_scheduler::run(ctx, options, shutdown)

@@ -66,7 +66,7 @@ impl Request {
 
     /// The execution's stream, `exec-<request_id>`.
     pub fn stream(&self) -> StreamId {
-        self.event().stream_id()
+        DomainEvent::execution_stream(&self.request_id)
     }
 }
 

@@ -5,6 +5,7 @@
 //!
 //! Nothing here decides anything about nodes or requests; that is `deepnode-domain`'s job.
 
+pub mod clock;
 pub mod context;
 pub mod host;
 pub mod observability;
@@ -17,6 +18,7 @@ pub mod telemetry;
 /// The JSON form of a stored event (defined in `deepnode_domain::wire`).
 pub use deepnode_domain::wire;
 
+pub use clock::Clock;
 pub use context::{ConnectError, ServiceContext};
 pub use observability::{Observability, ObservabilityOptions};
 pub use settings::{Settings, SettingsError};

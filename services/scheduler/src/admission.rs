@@ -3,7 +3,6 @@
 //! with `retry_after_ms`, `no_eligible_nodes`, `unknown_model`). A refusal records nothing and moves
 //! no node's reputation: it is not an outcome.
 
-use chrono::Utc;
 use deepnode_bus::envelope::Reply;
 use deepnode_domain::ids::{ModelId, RequestId};
 use deepnode_domain::scoring::RouteDecision;
@@ -52,7 +51,7 @@ impl Scheduler {
             if my_turn {
                 let routed = {
                     let _admission = self.admission.lock().unwrap_or_else(|p| p.into_inner());
-                    self.route_now(model_id, request_id, Utc::now())
+                    self.route_now(model_id, request_id, self.options.clock.now())
                         .map(|decision| {
                             let slot = self.live.begin(&decision.primary);
                             (decision, slot)

@@ -230,7 +230,7 @@ impl Scheduler {
         timeout: Duration,
     ) -> JoinHandle<AttemptResult> {
         let node = slot.node();
-        self.live.start_probe_if_due(node, Utc::now());
+        self.live.start_probe_if_due(node, self.options.clock.now());
         let subject = self.ctx.subjects.node_infer(node);
         let mut headers = HeaderMap::new();
         headers.insert(CORRELATION_HEADER, correlation_id);
@@ -295,7 +295,8 @@ impl Scheduler {
         .increment(1);
         let transition = {
             let book = self.book.read();
-            self.live.record_outcome(node, failure, Utc::now(), &book)
+            self.live
+                .record_outcome(node, failure, self.options.clock.now(), &book)
         };
         if transition == Transition::KeptLastHealthy && self.has_ineligible_replica(model) {
             self.ask_for_replacement(model, "the last healthy replica keeps failing")
@@ -606,7 +607,7 @@ async fn execute(
     let ending = match next {
         Next::Done(ending) => ending,
         // Attempt 2: the other replica, if the retry budget allows.
-        Next::Backup(failover) if !s.live.try_retry() => {
+        Next::Backup(failover) if !s.live.try_retry(s.options.clock.instant()) => {
             failover.stop("retry budget exhausted, backup not tried")
         }
         Next::Backup(failover) => {

@@ -71,6 +71,8 @@ pub struct SchedulerOptions {
     /// The log's key (`DEEPNODE_LOG_KEY`), signing each recorded exec reply's receipt; none:
     /// receipts carry no signature.
     pub log_key: Option<deepnode_domain::note::NoteSigner>,
+    /// The time ejections, probes and the retry budget run by (the system's, or a test's).
+    pub clock: deepnode_runtime::Clock,
 }
 
 impl Default for SchedulerOptions {
@@ -87,6 +89,7 @@ impl Default for SchedulerOptions {
             presence_settle: Duration::from_millis(250),
             reconnect_grace: Duration::from_secs(5),
             log_key: None,
+            clock: deepnode_runtime::Clock::system(),
         }
     }
 }
@@ -282,7 +285,10 @@ impl Scheduler {
                 Err(e) => return Reply::err(ErrorBody::internal(e.to_string())),
             },
         };
-        match self.route(&cmd.model_id, &request_id, Utc::now()).await {
+        match self
+            .route(&cmd.model_id, &request_id, self.options.clock.now())
+            .await
+        {
             Ok(decision) => Reply::ok(&route::schedule_reply(&decision)),
             Err(why) => self.refusal(why, &cmd.model_id),
         }

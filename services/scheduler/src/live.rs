@@ -201,8 +201,8 @@ impl Live {
         lock(&self.budget).on_request();
     }
 
-    /// Takes one retry from the budget, if it allows.
-    pub fn try_retry(&self) -> bool {
-        lock(&self.budget).try_retry(Instant::now())
+    /// Takes one retry from the budget at `now`, if it allows.
+    pub fn try_retry(&self, now: Instant) -> bool {
+        lock(&self.budget).try_retry(now)
     }
 }

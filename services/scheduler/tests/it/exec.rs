@@ -381,6 +381,8 @@ async fn two_copies_in_one_queue_group_record_each_request_once() {
 
 #[tokio::test]
 async fn late_and_duplicated_answers_are_classified_once() {
+    // This test's process records the scheduler's metrics from the start.
+    let metrics = deepnode_runtime::observability::metrics_handle();
     let mut h = Harness::new().await;
     pair(&h, "m-late", "late", "good-1").await;
     pair(&h, "m-twice", "twice", "good-2").await;
@@ -423,9 +425,14 @@ async fn late_and_duplicated_answers_are_classified_once() {
         sent("late").late > 0 && sent("twice").duplicates > 0
     })
     .await;
-    // … and, once they have had time to reach the scheduler (no signal says "ignored"), nothing
-    // more was recorded.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // … and once the scheduler has received both and ignored them (it counts each), nothing more
+    // was recorded.
+    let what = "the scheduler to count the late answer and the duplicate";
+    deepnode_testkit::eventually(what, Duration::from_secs(10), || async {
+        let text = metrics.render();
+        crate::observability::sample_sum(&text, "deepnode_exec_late_answers_total", &[]) >= 2.0
+    })
+    .await;
     assert_eq!(h.stream("r-late").await.len(), 6);
     assert_eq!(h.stream("r-twice").await.len(), 4);
     assert_eq!(h.count("AttemptSucceeded", "r-twice").await, 1);
@@ -486,10 +493,10 @@ async fn a_node_failing_every_request_is_ejected_and_the_backup_takes_over() {
 
 /// The outlier tracker's decisions (`NodeEjected`, `NodeRestored`) on `node`'s stream, in log order
 /// as (type, payload, metadata), once there are at least `n` (they follow the execution record
-/// asynchronously) or after 5 s.
+/// asynchronously); panics naming them after 5 s.
 async fn tracker_decisions(h: &Harness, node: &str, n: usize) -> Vec<(String, Value, Value)> {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
+    let what = format!("{n} outlier-tracker decisions on node {node}");
+    deepnode_testkit::until_some(&what, std::time::Duration::from_secs(5), || async {
         let rows: Vec<(String, Value, Value)> = sqlx::query_as(
             "SELECT event_type, payload, metadata FROM events
               WHERE stream_id = $1 AND event_type IN ('NodeEjected', 'NodeRestored')
@@ -499,11 +506,9 @@ async fn tracker_decisions(h: &Harness, node: &str, n: usize) -> Vec<(String, Va
         .fetch_all(h.store.pool())
         .await
         .unwrap();
-        if rows.len() >= n || tokio::time::Instant::now() > deadline {
-            return rows;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+        (rows.len() >= n).then_some(rows)
+    })
+    .await
 }
 
 #[tokio::test]
@@ -516,6 +521,8 @@ async fn a_probe_that_succeeds_restores_an_ejected_node_and_records_it() {
     h.start_sim(vec![sim("good", healthy())]).await;
     let mut policy = test_policy();
     policy.ejection.base_ejection_ms = 300;
+    let clock = deepnode_runtime::Clock::adjustable();
+    h.options.clock = clock.clone();
     h.start_scheduler(policy, "scheduler").await;
     for i in 0..3 {
         h.exec(json!({"request_id": format!("r-{i}"), "model_id": "m-1", "input": i}))
@@ -524,9 +531,11 @@ async fn a_probe_that_succeeds_restores_an_ejected_node_and_records_it() {
     // given `bad` ejected, then repaired: its operator restarts it healthy
     h.sims.remove(0).stop().await;
     h.start_sim(vec![sim("bad", healthy())]).await;
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    // when its 300 ms ejection is over (the scheduler's clock moved, not slept through)
+    assert!(h.schedule(json!({"model_id": "m-1"})).await["filtered"][0]["reason"] == "ejected");
+    clock.advance(std::time::Duration::from_millis(400));
 
-    // when the ejection is over, the next request is its probe, and it succeeds
+    // the next request is its probe, and it succeeds
     let reply = h
         .exec(json!({"request_id": "probe", "model_id": "m-1", "input": 9}))
         .await;

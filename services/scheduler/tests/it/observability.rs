@@ -54,7 +54,7 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 /// Sum of every sample of `name` whose labels contain all of `labels` (`k="v"` pairs).
-fn sample_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn sample_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
@@ -264,16 +264,13 @@ async fn metrics_match_the_executions_table_and_views_answer() {
     // Each m-twice request got a second answer after its attempt had been settled. (The repeated
     // r-1 asks its node too, and may add one: a node slower than the scheduler's log check is
     // abandoned when the check finds the recorded answer, so its answer finds no one waiting.)
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-    let (status, text) = loop {
+    let what = "two late answers counted on /metrics";
+    let (status, text) = deepnode_testkit::until_some(what, Duration::from_secs(5), || async {
         let (status, text) = get(addr, "/metrics").await;
-        if sample_sum(&text, "deepnode_exec_late_answers_total", &[]) >= 2.0
-            || tokio::time::Instant::now() > deadline
-        {
-            break (status, text);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+        (sample_sum(&text, "deepnode_exec_late_answers_total", &[]) >= 2.0)
+            .then_some((status, text))
+    })
+    .await;
     assert_eq!(status, 200);
     let late = sample_sum(&text, "deepnode_exec_late_answers_total", &[]) as i64;
     assert!((2..=3).contains(&late), "late answers counted: {late}");

@@ -74,7 +74,7 @@ pub struct ReputationOptions {
     /// Silence after which a node is declared offline (policy: 2 × 30 s). Also the grace period every
     /// node gets after this service starts (and after it first sees a node) before that can happen.
     pub offline_after: Duration,
-    /// How often liveness and jail releases are checked against the wall clock.
+    /// How often liveness and jail releases are checked (jail ends against `clock`).
     pub tick: Duration,
     /// Longest wait for the live view to reach a position before a message is retried.
     pub view_timeout: Duration,
@@ -90,6 +90,8 @@ pub struct ReputationOptions {
     pub stats: Arc<Stats>,
     /// The key checkpoints are signed with (`DEEPNODE_LOG_KEY`); none: checkpoints are unsigned.
     pub log_key: Option<deepnode_domain::note::NoteSigner>,
+    /// The wall-clock time jail releases run by (the system's, or a test's).
+    pub clock: deepnode_runtime::Clock,
 }
 
 impl ReputationOptions {
@@ -106,6 +108,7 @@ impl ReputationOptions {
             ingest_concurrency: 32,
             stats: Arc::new(Stats::default()),
             log_key: None,
+            clock: deepnode_runtime::Clock::system(),
         }
     }
 }
@@ -137,6 +140,9 @@ pub struct Stats {
     pub came_back: AtomicU64,
     /// Jails this copy released.
     pub jails_released: AtomicU64,
+    /// The log position this copy's view had folded when its latest liveness and jail tick ran:
+    /// once it is at the head, every decision a tick could take on what is logged has been taken.
+    pub ticked_through: AtomicU64,
 }
 
 impl Stats {

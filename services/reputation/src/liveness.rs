@@ -14,7 +14,9 @@
 //! to publish on its own subject is what counts (NATS permissions keep a node to its own subject).
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::Subscriber;
 use chrono::Utc;
@@ -71,16 +73,55 @@ pub(crate) async fn subscribe(shared: &Shared) -> Result<Beats, Error> {
     Ok(beats)
 }
 
+/// When this copy last heard from each eligible node, and which ones have been silent too long.
+/// Pure: the time is an argument.
+#[derive(Debug, Default)]
+struct Hearing {
+    last: HashMap<NodeId, Instant>,
+}
+
+impl Hearing {
+    fn heard(&mut self, node: NodeId, at: Instant) {
+        self.last.insert(node, at);
+    }
+
+    /// The eligible (active or probation) `nodes` silent for at least `limit` at `now`. A node this
+    /// copy has not heard since it started, or since the node became eligible, counts as heard
+    /// `now`: its grace period starts then, however long it was silent before. Nodes no longer
+    /// eligible are forgotten, so they get a fresh grace when they are again.
+    fn silent<'a>(
+        &mut self,
+        nodes: impl IntoIterator<Item = (&'a NodeId, NodeStatus)>,
+        now: Instant,
+        limit: Duration,
+    ) -> Vec<NodeId> {
+        let eligible: Vec<&NodeId> = nodes
+            .into_iter()
+            .filter(|(_, status)| matches!(status, NodeStatus::Active | NodeStatus::Probation))
+            .map(|(id, _)| id)
+            .collect();
+        self.last.retain(|id, _| eligible.contains(&id));
+        eligible
+            .into_iter()
+            .filter(|id| {
+                let heard = *self.last.entry((*id).clone()).or_insert(now);
+                now.duration_since(heard) >= limit
+            })
+            .cloned()
+            .collect()
+    }
+}
+
 /// Handles beats and ticks until the service stops.
 pub(crate) async fn run(shared: Arc<Shared>, mut beats: Beats) -> Result<(), Error> {
-    let mut last_heard: HashMap<NodeId, Instant> = HashMap::new();
+    let mut hearing = Hearing::default();
     let mut tick = tokio::time::interval(shared.options.tick);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = shared.stop.cancelled() => break,
             beat = beats.subscriptions.next() => match beat {
-                Some(beat) => on_beat(&shared, &mut last_heard, &beat.subject).await,
+                Some(beat) => on_beat(&shared, &mut hearing, &beat.subject).await,
                 None => {
                     tracing::warn!("heartbeat subscription ended");
                     break;
@@ -92,7 +133,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut beats: Beats) -> Result<(), Err
                 if let Err(e) = beats.widen(&shared, tokens_in_use(&shared)).await {
                     tracing::warn!(error = %e, "could not subscribe to more heartbeat subjects");
                 }
-                on_tick(&shared, &mut last_heard).await;
+                on_tick(&shared, &mut hearing).await;
             }
         }
     }
@@ -102,7 +143,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut beats: Beats) -> Result<(), Err
     Ok(())
 }
 
-async fn on_beat(shared: &Shared, last_heard: &mut HashMap<NodeId, Instant>, subject: &str) {
+async fn on_beat(shared: &Shared, hearing: &mut Hearing, subject: &str) {
     let Some(node) = shared.ctx.subjects.node_of_heartbeat(subject) else {
         return;
     };
@@ -110,7 +151,7 @@ async fn on_beat(shared: &Shared, last_heard: &mut HashMap<NodeId, Instant>, sub
     let Some(status) = status else {
         return; // not registered (yet): nothing to track
     };
-    last_heard.insert(node.clone(), Instant::now());
+    hearing.heard(node.clone(), Instant::now());
     if status == NodeStatus::Offline {
         back_online(shared, &node).await;
     }
@@ -144,36 +185,34 @@ async fn back_online(shared: &Shared, node: &NodeId) {
     }
 }
 
-async fn on_tick(shared: &Shared, last_heard: &mut HashMap<NodeId, Instant>) {
-    let now = Instant::now();
-    let wall = Utc::now();
-    let mut silent = Vec::new();
-    let mut released = Vec::new();
-    {
+async fn on_tick(shared: &Shared, hearing: &mut Hearing) {
+    let wall = shared.options.clock.now();
+    let (silent, released, position) = {
         let view = shared.view.read();
-        // Forget nodes that are not eligible: when they become eligible again they get a fresh grace.
-        last_heard.retain(|id, _| view.book.node(id).is_some_and(|n| n.status.is_eligible()));
-        for (id, node) in view.book.nodes() {
-            match node.status {
-                NodeStatus::Active | NodeStatus::Probation => {
-                    let heard = *last_heard.entry(id.clone()).or_insert(now);
-                    if now.duration_since(heard) >= shared.options.offline_after {
-                        silent.push(id.clone());
-                    }
-                }
-                NodeStatus::Jailed if node.jailed_until.is_none_or(|until| until <= wall) => {
-                    released.push(id.clone());
-                }
-                _ => {}
-            }
-        }
-    }
+        let nodes = view.book.nodes();
+        let statuses = nodes.iter().map(|(id, node)| (id, node.status));
+        let silent = hearing.silent(statuses, Instant::now(), shared.options.offline_after);
+        let released: Vec<NodeId> = nodes
+            .iter()
+            .filter(|(_, node)| {
+                node.status == NodeStatus::Jailed
+                    && node.jailed_until.is_none_or(|until| until <= wall)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        (silent, released, view.book.last_position())
+    };
     for node in silent {
         go_offline(shared, &node, wall).await;
     }
     for node in released {
         release(shared, &node, wall).await;
     }
+    let position = u64::try_from(position).unwrap_or(0);
+    shared
+        .stats()
+        .ticked_through
+        .fetch_max(position, Ordering::Relaxed);
 }
 
 async fn go_offline(shared: &Shared, node: &NodeId, wall: chrono::DateTime<Utc>) {
@@ -223,5 +262,80 @@ async fn release(shared: &Shared, node: &NodeId, wall: chrono::DateTime<Utc>) {
         }
         Ok(_) => {}
         Err(e) => tracing::warn!(node_id = %node, error = %e, "could not release jail"),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str) -> NodeId {
+        NodeId::parse(id).unwrap()
+    }
+
+    const LIMIT: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_node_silent_for_the_limit_is_silent_and_one_that_beat_is_not() {
+        let (quiet, beating) = (node("quiet"), node("beating"));
+        let nodes = [
+            (&quiet, NodeStatus::Active),
+            (&beating, NodeStatus::Probation),
+        ];
+        let mut hearing = Hearing::default();
+        let t0 = Instant::now();
+        assert!(
+            hearing.silent(nodes, t0, LIMIT).is_empty(),
+            "first seen: grace starts"
+        );
+        hearing.heard(beating.clone(), t0 + Duration::from_secs(50));
+        assert!(hearing
+            .silent(nodes, t0 + Duration::from_secs(59), LIMIT)
+            .is_empty());
+        assert_eq!(
+            hearing.silent(nodes, t0 + LIMIT, LIMIT),
+            vec![quiet.clone()]
+        );
+        assert_eq!(
+            hearing.silent(nodes, t0 + Duration::from_secs(110), LIMIT),
+            [quiet.clone(), beating]
+        );
+    }
+
+    #[test]
+    fn a_copy_that_starts_gives_every_node_a_full_grace_however_long_it_was_silent() {
+        // "quiet" last beat long before this copy started: its silence counts from the start.
+        let quiet = node("quiet");
+        let mut restarted = Hearing::default();
+        let start = Instant::now() + Duration::from_secs(3_600);
+        let nodes = [(&quiet, NodeStatus::Active)];
+        assert!(restarted.silent(nodes, start, LIMIT).is_empty());
+        let just_before = start + LIMIT - Duration::from_millis(1);
+        assert!(restarted.silent(nodes, just_before, LIMIT).is_empty());
+        assert_eq!(restarted.silent(nodes, start + LIMIT, LIMIT), [quiet]);
+    }
+
+    #[test]
+    fn a_node_that_leaves_eligibility_gets_a_fresh_grace_when_it_returns() {
+        let n = node("n");
+        let mut hearing = Hearing::default();
+        let t0 = Instant::now();
+        assert!(hearing
+            .silent([(&n, NodeStatus::Active)], t0, LIMIT)
+            .is_empty());
+        // jailed (or offline) for a long while: not tracked, never "silent"
+        let later = t0 + 10 * LIMIT;
+        assert!(hearing
+            .silent([(&n, NodeStatus::Jailed)], later, LIMIT)
+            .is_empty());
+        // back in probation: a full grace from now, not from t0
+        assert!(hearing
+            .silent([(&n, NodeStatus::Probation)], later, LIMIT)
+            .is_empty());
+        assert_eq!(
+            hearing.silent([(&n, NodeStatus::Probation)], later + LIMIT, LIMIT),
+            [n]
+        );
     }
 }

@@ -78,21 +78,15 @@ pub async fn start(
         shutdown.clone(),
     ));
     // The command subjects are served once a request finds a responder.
-    let client = ctx.nats.clone();
-    let subject = subjects.cmd_node_deregister();
-    for _ in 0..100 {
-        let probe = deepnode_bus::request_bytes(
-            &client,
-            &subject,
-            bytes::Bytes::from_static(b"{}"),
-            Duration::from_millis(500),
-        )
-        .await;
-        if probe.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (client, subject) = (&ctx.nats, subjects.cmd_node_deregister());
+    let what = "the reputation service answering its command subjects";
+    deepnode_testkit::eventually(what, Duration::from_secs(10), || async {
+        let empty = bytes::Bytes::from_static(b"{}");
+        deepnode_bus::request_bytes(client, &subject, empty, Duration::from_millis(500))
+            .await
+            .is_ok()
+    })
+    .await;
     Running {
         ctx,
         shutdown,

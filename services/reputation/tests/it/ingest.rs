@@ -68,13 +68,12 @@ async fn duplicates_append_once_and_bad_reports_are_terminated() {
     let total = |f: fn(&deepnode_reputation::Stats) -> &std::sync::atomic::AtomicU64| {
         Stats::get(f(&sa)) + Stats::get(f(&sb))
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while total(|s| &s.ingested) + total(|s| &s.ingest_duplicates) + total(|s| &s.ingest_terminated)
-        < 5
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = "all five reports handled";
+    deepnode_testkit::eventually(what, Duration::from_secs(20), || async {
+        total(|s| &s.ingested) + total(|s| &s.ingest_duplicates) + total(|s| &s.ingest_terminated)
+            >= 5
+    })
+    .await;
     assert_eq!(total(|s| &s.ingested), 2);
     assert_eq!(total(|s| &s.ingest_duplicates), 1);
     assert_eq!(total(|s| &s.ingest_terminated), 2);

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common;
-use deepnode_testkit::log_until;
+use deepnode_testkit::{eventually, log_until};
 
 use std::time::Duration;
 
@@ -30,7 +30,13 @@ async fn a_failing_node_is_jailed_and_slashed_once_across_two_copies() {
     let subjects = Subjects::random();
     let mut policy = PolicyConfig::default();
     policy.penalty.jail_base_secs = 2;
-    let (oa, ob) = (common::options(), common::options());
+    // Both copies run by one clock, which the test moves past the jail instead of waiting for it.
+    let clock = deepnode_runtime::Clock::adjustable();
+    let options = || deepnode_reputation::ReputationOptions {
+        clock: clock.clone(),
+        ..common::options()
+    };
+    let (oa, ob) = (options(), options());
     let (sa, sb) = (oa.stats.clone(), ob.stats.clone());
     let a = common::start(&db, &subjects, &policy, oa).await;
     let b = common::start(&db, &subjects, &policy, ob).await;
@@ -64,13 +70,11 @@ async fn a_failing_node_is_jailed_and_slashed_once_across_two_copies() {
     }
 
     // then every outcome is assessed, by one copy or the other
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while Stats::get(&sa.outcomes_assessed) + Stats::get(&sb.outcomes_assessed) < 30
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(Stats::get(&sa.outcomes_assessed) + Stats::get(&sb.outcomes_assessed) >= 30);
+    let what = "all 30 outcomes assessed";
+    eventually(what, Duration::from_secs(30), || async {
+        Stats::get(&sa.outcomes_assessed) + Stats::get(&sb.outcomes_assessed) >= 30
+    })
+    .await;
 
     // and the node is slashed once and jailed once, caused by one of the failures
     let log = log_until(
@@ -99,7 +103,8 @@ async fn a_failing_node_is_jailed_and_slashed_once_across_two_copies() {
         assert!(failures.contains(&cause), "caused by a failed attempt");
     }
 
-    // when the (2 s) jail ends, the wall-clock tick releases it to probation, once
+    // when the (2 s) jail ends, the tick releases it to probation, once
+    clock.advance(Duration::from_secs(3));
     let log = log_until(
         &a.ctx.store,
         "the jailed node released",
@@ -116,8 +121,15 @@ async fn a_failing_node_is_jailed_and_slashed_once_across_two_copies() {
         .collect();
     assert_eq!(releases.len(), 1);
     assert_eq!(releases[0].payload["to"], "probation");
-    // give a racing copy time to (wrongly) repeat any decision
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // and once both copies have ticked on a view of the whole log, no copy repeated a decision
+    let head = u64::try_from(log.last().unwrap().global_position).unwrap();
+    let what = "both copies ticked through the log's head";
+    eventually(what, Duration::from_secs(10), || async {
+        [&sa, &sb]
+            .iter()
+            .all(|s| Stats::get(&s.ticked_through) >= head)
+    })
+    .await;
     let log = common::log(&a.ctx.store).await;
     assert_eq!(
         log.iter().filter(|e| e.event_type == "NodeSlashed").count(),

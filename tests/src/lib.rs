@@ -43,6 +43,9 @@ pub struct Cluster {
     pub policy: PolicyConfig,
     /// Counters of the most recently started reputation service.
     pub reputation_stats: Arc<deepnode_reputation::Stats>,
+    /// The clock every scheduler copy runs by (ejections, retry budget): a test moves it ahead
+    /// instead of sleeping through a window.
+    pub clock: deepnode_runtime::Clock,
     running: Vec<Running>,
     /// Scheduler copies started.
     schedulers: u64,
@@ -73,6 +76,7 @@ impl Cluster {
             client,
             policy,
             reputation_stats: Arc::default(),
+            clock: deepnode_runtime::Clock::adjustable(),
             running: Vec::new(),
             schedulers: 0,
         };
@@ -189,6 +193,7 @@ impl Cluster {
         let stop = shutdown.clone();
         let options = SchedulerOptions {
             log_key,
+            clock: self.clock.clone(),
             ..SchedulerOptions::default()
         };
         let task = tokio::spawn(async move {

@@ -132,8 +132,9 @@ async fn fleet_of_eight_end_to_end() {
         .buffer_unordered(32)
         .collect()
         .await;
-    // A fresh second of retry budget, then requests that no replica can answer in 1 ms.
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    // A fresh second of retry budget (the schedulers' clock moved on), then requests that no
+    // replica can answer in 1 ms.
+    cluster.clock.advance(Duration::from_millis(1_100));
     for (id, body) in doomed {
         let mut body = body.clone();
         body["model_id"] = json!("m-all");

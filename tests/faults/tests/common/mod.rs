@@ -900,10 +900,16 @@ async fn check_events_stream(c: &Cluster) -> u64 {
         u64::try_from(head).unwrap(),
         "events stream count != log head"
     );
+    // Only the events up to that head: one appended since (a late decision of a live service) may
+    // not be relayed yet, and publishing it here first would be no duplicate.
     let mut duplicates = 0u64;
     let mut after = 0;
-    loop {
+    while after < head {
         let page = c.store.read_all(after, 500).await.unwrap();
+        let page: Vec<_> = page
+            .into_iter()
+            .filter(|e| e.global_position <= head)
+            .collect();
         let Some(last) = page.last() else { break };
         after = last.global_position;
         let mut acks = Vec::new();
@@ -927,11 +933,8 @@ async fn check_events_stream(c: &Cluster) -> u64 {
             duplicates += 1;
         }
     }
-    assert_eq!(
-        messages().await,
-        u64::try_from(head).unwrap(),
-        "republishing added messages"
-    );
+    // Every one of the `head` ids was already there (a duplicate adds no message).
+    assert_eq!(duplicates, u64::try_from(head).unwrap());
     duplicates
 }
 

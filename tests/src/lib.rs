@@ -1,8 +1,8 @@
 //! Harness for deepnode's cross-service end-to-end tests: a [`Cluster`] is a fresh database
 //! (`TestDb`), a random subject prefix (`Subjects::random()`, so parallel tests and a running
 //! `deepnode up` never share subjects or streams), the outbox relay, and the reputation, rotation and
-//! scheduler services run in-process through their libraries' `run(ctx, options, shutdown)` — the
-//! binaries always use the production prefix, so they cannot be isolated this way.
+//! scheduler services run in-process through their libraries' `run(ctx, options, shutdown)`, as
+//! `deepnode_testkit::Services` (the fault suite runs the shipped binaries instead).
 //!
 //! It deliberately holds no assertions: the tests in `tests/` say what must hold.
 
@@ -15,19 +15,14 @@ use deepnode_domain::config::PolicyConfig;
 use deepnode_reputation::ReputationOptions;
 use deepnode_rotation::RotationOptions;
 use deepnode_runtime::relay::{self, RelayOptions};
-use deepnode_runtime::{ServiceContext, Shutdown};
+use deepnode_runtime::ServiceContext;
 use deepnode_scheduler::SchedulerOptions;
 use deepnode_store::EventStore;
-use deepnode_testkit::{nats_url, TestDb};
-use serde_json::{json, Value};
-use tokio::task::JoinHandle;
+use deepnode_testkit::{answering, nats_url, Services, TestDb};
+use serde_json::Value;
 
-/// One in-process service (or the relay).
-struct Running {
-    name: String,
-    shutdown: Shutdown,
-    task: JoinHandle<anyhow::Result<()>>,
-}
+/// How long a started service may take to answer.
+const READY_LIMIT: Duration = Duration::from_secs(15);
 
 /// A whole deepnode on a private database and subject prefix.
 pub struct Cluster {
@@ -46,7 +41,7 @@ pub struct Cluster {
     /// The clock every scheduler copy runs by (ejections, retry budget): a test moves it ahead
     /// instead of sleeping through a window.
     pub clock: deepnode_runtime::Clock,
-    running: Vec<Running>,
+    services: Services,
     /// Scheduler copies started.
     schedulers: u64,
 }
@@ -77,26 +72,17 @@ impl Cluster {
             policy,
             reputation_stats: Arc::default(),
             clock: deepnode_runtime::Clock::adjustable(),
-            running: Vec::new(),
+            services: Services::default(),
             schedulers: 0,
         };
         let ctx = cluster.context("relay").await?;
-        let shutdown = Shutdown::new();
         let options = RelayOptions {
             lease_retry: Duration::from_millis(100),
             poll: Duration::from_millis(50),
             ..RelayOptions::default()
         };
-        let stop = shutdown.clone();
-        let task = tokio::spawn(async move {
+        cluster.services.start("relay", |stop| {
             relay::run(ctx.store, ctx.js, ctx.subjects, options, stop)
-                .await
-                .map_err(anyhow::Error::from)
-        });
-        cluster.running.push(Running {
-            name: "relay".into(),
-            shutdown,
-            task,
         });
         Ok(cluster)
     }
@@ -107,18 +93,18 @@ impl Cluster {
         let nats = async_nats::connect(nats_url())
             .await
             .context("connecting to NATS")?;
-        let js = async_nats::jetstream::new(nats.clone());
-        deepnode_bus::jetstream::ensure_streams(&js, &self.subjects)
+        let store = self.db.store().await;
+        let ctx = ServiceContext::new(
+            store,
+            nats,
+            self.subjects.clone(),
+            self.policy.clone(),
+            producer,
+        );
+        deepnode_bus::jetstream::ensure_streams(&ctx.js, &ctx.subjects)
             .await
             .context("creating the JetStream streams")?;
-        Ok(ServiceContext {
-            store: self.db.store().await,
-            nats,
-            js,
-            subjects: self.subjects.clone(),
-            policy: Arc::new(self.policy.clone()),
-            producer: producer.to_owned(),
-        })
+        Ok(ctx)
     }
 
     /// Starts a reputation service (fast ticks, offline detection effectively off) and waits
@@ -141,16 +127,16 @@ impl Cluster {
             ..ReputationOptions::from_policy(&self.policy)
         };
         self.reputation_stats = options.stats.clone();
-        let shutdown = Shutdown::new();
-        let stop = shutdown.clone();
-        let task = tokio::spawn(async move {
+        self.services.start("reputation", |stop| {
             deepnode_reputation::run(ctx, options, stop)
-                .await
-                .map_err(anyhow::Error::from)
         });
-        self.push("reputation", shutdown, task);
-        self.wait_answering(&self.subjects.cmd_node_deregister())
-            .await
+        answering(
+            &self.client,
+            &self.subjects.cmd_node_deregister(),
+            READY_LIMIT,
+        )
+        .await;
+        Ok(())
     }
 
     /// Starts a rotation service without periodic rounds and waits until it answers.
@@ -160,15 +146,11 @@ impl Cluster {
             periodic: false,
             ..RotationOptions::default()
         };
-        let shutdown = Shutdown::new();
-        let stop = shutdown.clone();
-        let task = tokio::spawn(async move {
+        self.services.start("rotation", |stop| {
             deepnode_rotation::run(ctx, options, stop)
-                .await
-                .map_err(anyhow::Error::from)
         });
-        self.push("rotation", shutdown, task);
-        self.wait_answering(&self.subjects.cmd_model_deploy()).await
+        answering(&self.client, &self.subjects.cmd_model_deploy(), READY_LIMIT).await;
+        Ok(())
     }
 
     /// Starts one more scheduler copy (queue group) and waits until a schedule request is answered.
@@ -189,19 +171,13 @@ impl Cluster {
             .client
             .subscribe(self.subjects.scheduler_presence())
             .await?;
-        let shutdown = Shutdown::new();
-        let stop = shutdown.clone();
         let options = SchedulerOptions {
             log_key,
             clock: self.clock.clone(),
             ..SchedulerOptions::default()
         };
-        let task = tokio::spawn(async move {
-            deepnode_scheduler::run(ctx, options, stop)
-                .await
-                .map_err(anyhow::Error::from)
-        });
-        self.push(producer, shutdown, task);
+        self.services
+            .start(producer, |stop| deepnode_scheduler::run(ctx, options, stop));
         self.schedulers += 1;
         let copies = self.schedulers;
         let mut counted: std::collections::HashMap<String, u64> = Default::default();
@@ -220,32 +196,6 @@ impl Cluster {
             .await
             .with_context(|| format!("{copies} scheduler copies never all counted each other"))??;
         Ok(())
-    }
-
-    fn push(&mut self, name: &str, shutdown: Shutdown, task: JoinHandle<anyhow::Result<()>>) {
-        self.running.push(Running {
-            name: name.to_owned(),
-            shutdown,
-            task,
-        });
-    }
-
-    /// Waits until something answers on `subject` (an empty command is refused, appending nothing).
-    async fn wait_answering(&self, subject: &str) -> anyhow::Result<()> {
-        for _ in 0..300 {
-            let probe = rpc::request_json(
-                &self.client,
-                subject,
-                &json!({}),
-                Duration::from_millis(300),
-            )
-            .await;
-            if probe.is_ok() {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        bail!("nothing answers on {subject}")
     }
 
     /// Sends a command and returns its JSON reply.
@@ -288,27 +238,13 @@ impl Cluster {
 
     /// The names of service tasks that have ended (should be none while a test runs).
     pub fn ended(&self) -> Vec<&str> {
-        self.running
-            .iter()
-            .filter(|r| r.task.is_finished())
-            .map(|r| r.name.as_str())
-            .collect()
+        self.services.ended()
     }
 
     /// Stops every service and the relay (last started first), reports any that failed, then
     /// deletes this prefix's JetStream streams (best effort: the prefix is random).
     pub async fn stop(&mut self) -> anyhow::Result<()> {
-        let mut failures = Vec::new();
-        while let Some(running) = self.running.pop() {
-            running.shutdown.cancel();
-            let ended = tokio::time::timeout(Duration::from_secs(30), running.task).await;
-            match ended {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => failures.push(format!("{}: {e:#}", running.name)),
-                Ok(Err(e)) => failures.push(format!("{}: task failed: {e}", running.name)),
-                Err(_) => failures.push(format!("{}: did not stop within 30 s", running.name)),
-            }
-        }
+        let stopped = self.services.stop().await;
         let js = async_nats::jetstream::new(self.client.clone());
         for stream in [
             self.subjects.events_stream(),
@@ -317,10 +253,6 @@ impl Cluster {
         ] {
             let _ = js.delete_stream(&stream).await;
         }
-        if failures.is_empty() {
-            Ok(())
-        } else {
-            bail!("{}", failures.join("; "))
-        }
+        stopped.map_err(anyhow::Error::msg)
     }
 }

@@ -43,16 +43,28 @@ impl ServiceContext {
     ) -> Result<ServiceContext, ConnectError> {
         let store = EventStore::connect(&settings.database_url, 16).await?;
         let nats = deepnode_bus::connect::connect(&settings.nats_url, producer).await?;
-        let js = jetstream::new(nats.clone());
-        deepnode_bus::jetstream::ensure_streams(&js, &subjects).await?;
-        Ok(ServiceContext {
+        let ctx = ServiceContext::new(store, nats, subjects, settings.policy.clone(), producer);
+        deepnode_bus::jetstream::ensure_streams(&ctx.js, &ctx.subjects).await?;
+        Ok(ctx)
+    }
+
+    /// A context over connections made elsewhere (tests, a service on its own credentials); the
+    /// JetStream streams are not ensured.
+    pub fn new(
+        store: EventStore,
+        nats: async_nats::Client,
+        subjects: Subjects,
+        policy: PolicyConfig,
+        producer: &str,
+    ) -> ServiceContext {
+        ServiceContext {
             store,
+            js: jetstream::new(nats.clone()),
             nats,
-            js,
             subjects,
-            policy: Arc::new(settings.policy.clone()),
+            policy: Arc::new(policy),
             producer: producer.to_owned(),
-        })
+        }
     }
 
     /// The service's live view of the log: `state` folded by `fold` from position 0, then every

@@ -1,7 +1,7 @@
 //! Test support shared by every crate's integration tests: a fresh, migrated PostgreSQL database per
-//! test (dropped again when the test ends), unique NATS subject prefixes, event builders, and the
+//! test (dropped again when the test ends), unique NATS subject prefixes, event builders, the
 //! waits every test uses ([`eventually`], [`log_until`]): a polled condition with a deadline, never
-//! a fixed sleep.
+//! a fixed sleep — and the services a test runs in-process ([`Services`], ready when [`answering`]).
 //!
 //! Tests run against the real servers named by `DATABASE_URL` and `NATS_URL`; nothing here mocks them.
 //! Each test owns its database, so tests run in parallel and never see each other's rows.
@@ -17,6 +17,9 @@ use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 use uuid::Uuid;
+
+mod services;
+pub use services::{answering, Services};
 
 /// The server tests use: `DATABASE_URL` (its database name is replaced per test).
 pub fn base_database_url() -> String {

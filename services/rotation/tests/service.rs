@@ -22,9 +22,9 @@ use deepnode_domain::log::{ExpectedVersion, NewEvent, RecordedEvent, StreamId};
 use deepnode_rotation::{
     run, run_round, start_view, RotationOptions, RotationView, RoundOutcome, Trigger,
 };
-use deepnode_runtime::{ServiceContext, Settings, Shutdown};
+use deepnode_runtime::{ServiceContext, Settings};
 use deepnode_store::FollowerHandle;
-use deepnode_testkit::{eventually, log_until, nats_url, TestDb};
+use deepnode_testkit::{answering, log_until, nats_url, Services, TestDb};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -33,8 +33,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 struct Harness {
     db: TestDb,
     ctx: ServiceContext,
-    shutdown: Shutdown,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    services: Services,
 }
 
 impl Harness {
@@ -45,37 +44,27 @@ impl Harness {
         Harness {
             db,
             ctx,
-            shutdown: Shutdown::new(),
-            tasks: Vec::new(),
+            services: Services::default(),
         }
     }
 
     /// Starts one copy of the service (its own connections) and waits until it answers.
     async fn start(&mut self, options: RotationOptions) {
         let ctx = context_traced(&self.db, self.ctx.subjects.clone()).await;
-        let shutdown = self.shutdown.clone();
-        self.tasks.push(tokio::spawn(async move {
-            run(ctx, options, shutdown).await.expect("service runs");
-        }));
+        self.services
+            .start("rotation", |stop| run(ctx, options, stop));
         // Ready when the deploy subject answers (a bad request appends nothing).
-        let (nats, subject) = (&self.ctx.nats, self.ctx.subjects.cmd_model_deploy());
-        let empty = json!({});
-        eventually("the service to answer", TIMEOUT, || async {
-            deepnode_bus::request_json(nats, &subject, &empty, Duration::from_millis(500))
-                .await
-                .is_ok()
-        })
+        answering(
+            &self.ctx.nats,
+            &self.ctx.subjects.cmd_model_deploy(),
+            TIMEOUT,
+        )
         .await;
     }
 
-    async fn stop(self) {
-        self.shutdown.cancel();
-        for t in self.tasks {
-            tokio::time::timeout(TIMEOUT, t)
-                .await
-                .expect("service stops in time")
-                .expect("service task");
-        }
+    async fn stop(mut self) {
+        let stopped = self.services.stop().await;
+        stopped.expect("every rotation copy stops cleanly");
     }
 
     async fn deploy(&self, body: Value) -> Value {

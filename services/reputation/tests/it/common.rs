@@ -2,36 +2,29 @@
 //! per-test database and a random subject prefix, and offers small helpers to wait on the log.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream;
 use deepnode_bus::Subjects;
 use deepnode_domain::config::PolicyConfig;
 use deepnode_reputation::ReputationOptions;
 use deepnode_runtime::relay::{self, RelayOptions};
 use deepnode_runtime::{ServiceContext, Shutdown};
 use deepnode_store::{EventStore, RecordedEvent};
-use deepnode_testkit::{nats_url, TestDb};
+use deepnode_testkit::{answering, nats_url, Services, TestDb};
 use serde_json::Value;
 use tokio::task::JoinHandle;
 
 /// One running copy of the service.
 pub struct Running {
     pub ctx: ServiceContext,
-    pub shutdown: Shutdown,
-    pub task: JoinHandle<Result<(), deepnode_reputation::Error>>,
+    service: Services,
 }
 
 impl Running {
     /// Stops the copy and asserts it stopped cleanly.
-    pub async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(20), self.task)
-            .await
-            .expect("service stops in time")
-            .unwrap()
-            .unwrap();
+    pub async fn stop(mut self) {
+        let stopped = self.service.stop().await;
+        stopped.expect("the reputation copy stops cleanly");
     }
 }
 
@@ -39,18 +32,17 @@ impl Running {
 pub async fn context(db: &TestDb, subjects: &Subjects, policy: &PolicyConfig) -> ServiceContext {
     let store = db.store().await;
     let nats = async_nats::connect(nats_url()).await.unwrap();
-    let js = jetstream::new(nats.clone());
-    deepnode_bus::jetstream::ensure_streams(&js, subjects)
-        .await
-        .unwrap();
-    ServiceContext {
+    let ctx = ServiceContext::new(
         store,
         nats,
-        js,
-        subjects: subjects.clone(),
-        policy: Arc::new(policy.clone()),
-        producer: "reputation-test".to_owned(),
-    }
+        subjects.clone(),
+        policy.clone(),
+        "reputation-test",
+    );
+    deepnode_bus::jetstream::ensure_streams(&ctx.js, subjects)
+        .await
+        .unwrap();
+    ctx
 }
 
 /// Fast options for tests (offline detection effectively off unless a test shortens it).
@@ -71,27 +63,19 @@ pub async fn start(
     options: ReputationOptions,
 ) -> Running {
     let ctx = context(db, subjects, policy).await;
-    let shutdown = Shutdown::new();
-    let task = tokio::spawn(deepnode_reputation::run(
-        ctx.clone(),
-        options,
-        shutdown.clone(),
-    ));
+    let mut service = Services::default();
+    let running = ctx.clone();
+    service.start("reputation", |stop| {
+        deepnode_reputation::run(running, options, stop)
+    });
     // The command subjects are served once a request finds a responder.
-    let (client, subject) = (&ctx.nats, subjects.cmd_node_deregister());
-    let what = "the reputation service answering its command subjects";
-    deepnode_testkit::eventually(what, Duration::from_secs(10), || async {
-        let empty = bytes::Bytes::from_static(b"{}");
-        deepnode_bus::request_bytes(client, &subject, empty, Duration::from_millis(500))
-            .await
-            .is_ok()
-    })
+    answering(
+        &ctx.nats,
+        &subjects.cmd_node_deregister(),
+        Duration::from_secs(10),
+    )
     .await;
-    Running {
-        ctx,
-        shutdown,
-        task,
-    }
+    Running { ctx, service }
 }
 
 /// Starts the log → bus relay; stop it with the returned signal.

@@ -4,7 +4,6 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,14 +17,13 @@ use deepnode_domain::events::{
 use deepnode_domain::fixed::Bps;
 use deepnode_domain::ids::{ModelId, NodeId, RequestId};
 use deepnode_domain::log::ExpectedVersion;
-use deepnode_runtime::{ServiceContext, Shutdown};
-use deepnode_scheduler::{run, Error, SchedulerOptions};
+use deepnode_runtime::ServiceContext;
+use deepnode_scheduler::{run, SchedulerOptions};
 use deepnode_sim::{Sim, SimConfig, SimHandle, SimNode};
 use deepnode_store::EventStore;
-use deepnode_testkit::{nats_url, TestDb};
+use deepnode_testkit::{nats_url, Services, TestDb};
 use futures::StreamExt;
 use serde_json::Value;
-use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 pub fn node(id: &str) -> NodeId {
@@ -49,7 +47,7 @@ pub struct Harness {
     pub client: async_nats::Client,
     pub subjects: Subjects,
     pub sims: Vec<SimHandle>,
-    schedulers: Vec<(Shutdown, JoinHandle<Result<(), Error>>)>,
+    schedulers: Services,
 }
 
 impl Harness {
@@ -72,7 +70,7 @@ impl Harness {
             client,
             subjects: Subjects::random(),
             sims: Vec::new(),
-            schedulers: Vec::new(),
+            schedulers: Services::default(),
         }
     }
 
@@ -160,14 +158,7 @@ impl Harness {
         producer: &str,
     ) {
         let nats = async_nats::connect(nats_url()).await.unwrap();
-        let ctx = ServiceContext {
-            store,
-            js: async_nats::jetstream::new(nats.clone()),
-            nats,
-            subjects: self.subjects.clone(),
-            policy: Arc::new(policy),
-            producer: producer.to_owned(),
-        };
+        let ctx = ServiceContext::new(store, nats, self.subjects.clone(), policy, producer);
         // Every copy says on the presence subject how many copies it counts, after it has
         // subscribed to its command subjects: when each says all of them, all serve and each
         // knows its share of the nodes' capacity.
@@ -176,9 +167,9 @@ impl Harness {
             .subscribe(self.subjects.scheduler_presence())
             .await
             .unwrap();
-        let shutdown = Shutdown::new();
-        let task = tokio::spawn(run(ctx, self.options.clone(), shutdown.clone()));
-        self.schedulers.push((shutdown, task));
+        let options = self.options.clone();
+        self.schedulers
+            .start(producer, |stop| run(ctx, options, stop));
         let copies = self.schedulers.len() as u64;
         let mut counted: HashMap<String, u64> = HashMap::new();
         let all_counted = async {
@@ -252,10 +243,8 @@ impl Harness {
     }
 
     pub async fn stop(mut self) {
-        for (shutdown, task) in self.schedulers.drain(..) {
-            shutdown.cancel();
-            task.await.unwrap().expect("scheduler stops cleanly");
-        }
+        let stopped = self.schedulers.stop().await;
+        stopped.expect("every scheduler copy stops cleanly");
         for sim in self.sims.drain(..) {
             sim.stop().await;
         }

@@ -12,7 +12,6 @@ use crate::common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::{node, test_policy, Harness};
@@ -81,14 +80,7 @@ fn context(
     subjects: Subjects,
     policy: PolicyConfig,
 ) -> ServiceContext {
-    ServiceContext {
-        store,
-        js: async_nats::jetstream::new(nats.clone()),
-        nats,
-        subjects,
-        policy: Arc::new(policy),
-        producer: "observability-test".to_owned(),
-    }
+    ServiceContext::new(store, nats, subjects, policy, "observability-test")
 }
 
 async fn start_listener(ctx: &ServiceContext, gate_on: &[&str], shutdown: &Shutdown) -> SocketAddr {

@@ -70,14 +70,13 @@ async fn the_services_and_nodes_run_under_the_shipped_nats_conf() {
     for user in ["reputation", "rotation", "scheduler"] {
         let (nats, errs) = connect_as(&server, user).await;
         errors.push((user, errs));
-        let ctx = ServiceContext {
-            store: db.store().await,
-            js: deepnode_bus::async_nats::jetstream::new(nats.clone()),
+        let ctx = ServiceContext::new(
+            db.store().await,
             nats,
-            subjects: subjects.clone(),
-            policy: Arc::new(PolicyConfig::default()),
-            producer: user.to_owned(),
-        };
+            subjects.clone(),
+            PolicyConfig::default(),
+            user,
+        );
         let stop = shutdown.clone();
         tasks.push(tokio::spawn(async move {
             match user {

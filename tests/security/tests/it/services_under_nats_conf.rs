@@ -14,10 +14,11 @@ use deepnode_bus::async_nats::{Client, ConnectOptions, Event};
 use deepnode_bus::{rpc, Subjects};
 use deepnode_domain::config::PolicyConfig;
 use deepnode_domain::ids::NodeId;
-use deepnode_runtime::{ServiceContext, Shutdown};
+use deepnode_runtime::ServiceContext;
 use deepnode_security_tests::NatsServer;
 use deepnode_sim::{Behaviour, Latency, Sim, SimConfig, SimNode};
-use deepnode_testkit::TestDb;
+use deepnode_testkit::{answering, Services, TestDb};
+use futures::StreamExt;
 use serde_json::{json, Value};
 
 use super::nats_permissions::{conf, PASSWORDS};
@@ -64,12 +65,13 @@ async fn the_services_and_nodes_run_under_the_shipped_nats_conf() {
         .unwrap();
 
     // The three services, each on its own credential.
-    let shutdown = Shutdown::new();
+    let mut services = Services::default();
     let mut errors = Vec::new();
-    let mut tasks = Vec::new();
+    let mut connections = Vec::new();
     for user in ["reputation", "rotation", "scheduler"] {
         let (nats, errs) = connect_as(&server, user).await;
         errors.push((user, errs));
+        connections.push(nats.clone());
         let ctx = ServiceContext::new(
             db.store().await,
             nats,
@@ -77,43 +79,38 @@ async fn the_services_and_nodes_run_under_the_shipped_nats_conf() {
             PolicyConfig::default(),
             user,
         );
-        let stop = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
+        services.start(user, |stop| async move {
             match user {
                 "reputation" => {
                     let options = deepnode_reputation::ReputationOptions::from_policy(&ctx.policy);
-                    deepnode_reputation::run(ctx, options, stop).await.unwrap();
+                    deepnode_reputation::run(ctx, options, stop)
+                        .await
+                        .map_err(|e| e.to_string())
                 }
                 "rotation" => {
                     let options = deepnode_rotation::RotationOptions {
                         periodic: false,
                         ..Default::default()
                     };
-                    deepnode_rotation::run(ctx, options, stop).await.unwrap();
+                    deepnode_rotation::run(ctx, options, stop)
+                        .await
+                        .map_err(|e| e.to_string())
                 }
                 _ => {
                     let options = deepnode_scheduler::SchedulerOptions::default();
-                    deepnode_scheduler::run(ctx, options, stop).await.unwrap();
+                    deepnode_scheduler::run(ctx, options, stop)
+                        .await
+                        .map_err(|e| e.to_string())
                 }
             }
-        }));
+        });
     }
     for subject in [
         subjects.cmd_node_register(),
         subjects.cmd_model_deploy(),
         subjects.cmd_schedule(),
     ] {
-        let mut answered = false;
-        for _ in 0..100 {
-            let probe =
-                rpc::request_json(&admin, &subject, &json!({}), Duration::from_millis(300)).await;
-            if probe.is_ok() {
-                answered = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(answered, "nothing answers on {subject}");
+        answering(&admin, &subject, Duration::from_secs(10)).await;
     }
 
     // The operator registers the nodes; each node runs on its own credential and beats.
@@ -128,6 +125,7 @@ async fn the_services_and_nodes_run_under_the_shipped_nats_conf() {
         assert_eq!(reply["ok"], true, "{reply}");
         let (nats, errs) = connect_as(&server, &format!("node-{id}")).await;
         errors.push((if id == "n1" { "node-n1" } else { "node-n2" }, errs));
+        connections.push(nats.clone());
         let node = SimNode::new(NodeId::parse(id).unwrap(), "text")
             .with_behaviour(Behaviour::healthy(Latency::fixed_ms(1)));
         let config = SimConfig {
@@ -169,8 +167,24 @@ async fn the_services_and_nodes_run_under_the_shipped_nats_conf() {
     .unwrap();
     assert_eq!(recorded, 20);
 
-    // Nobody was refused anything: no permissions violation on any connection.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Nobody was refused anything: each node beats once more after the requests, then every
+    // connection's round trip to the server completes (the server answers a flush after any error
+    // for what came before it), and no connection was told of a permissions violation.
+    let mut beats = admin
+        .subscribe(subjects.heartbeat_wildcard())
+        .await
+        .unwrap();
+    let mut beaten = std::collections::BTreeSet::new();
+    while beaten.len() < 2 {
+        let beat = tokio::time::timeout(Duration::from_secs(5), beats.next())
+            .await
+            .expect("both nodes beat within 5 s")
+            .unwrap();
+        beaten.insert(beat.subject.to_string());
+    }
+    for nats in &connections {
+        nats.flush().await.unwrap();
+    }
     for (user, errs) in &errors {
         let errs = errs.lock().unwrap();
         assert!(errs.is_empty(), "{user} was refused: {errs:?}");
@@ -179,11 +193,5 @@ async fn the_services_and_nodes_run_under_the_shipped_nats_conf() {
     for sim in sims {
         sim.stop().await;
     }
-    shutdown.cancel();
-    for task in tasks {
-        tokio::time::timeout(Duration::from_secs(10), task)
-            .await
-            .expect("services stop")
-            .unwrap();
-    }
+    services.stop().await.unwrap();
 }

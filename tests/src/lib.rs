@@ -41,6 +41,8 @@ pub struct Cluster {
     /// The clock every scheduler copy runs by (ejections, retry budget): a test moves it ahead
     /// instead of sleeping through a window.
     pub clock: deepnode_runtime::Clock,
+    /// The durable outcome consumer of the reputation service, once one runs.
+    outcome_consumer: Option<String>,
     services: Services,
     /// Scheduler copies started.
     schedulers: u64,
@@ -72,6 +74,7 @@ impl Cluster {
             policy,
             reputation_stats: Arc::default(),
             clock: deepnode_runtime::Clock::adjustable(),
+            outcome_consumer: None,
             services: Services::default(),
             schedulers: 0,
         };
@@ -127,6 +130,7 @@ impl Cluster {
             ..ReputationOptions::from_policy(&self.policy)
         };
         self.reputation_stats = options.stats.clone();
+        self.outcome_consumer = Some(options.outcome_consumer.clone());
         self.services.start("reputation", |stop| {
             deepnode_reputation::run(ctx, options, stop)
         });
@@ -210,30 +214,60 @@ impl Cluster {
         Ok(self.store.head_position().await?)
     }
 
-    /// Waits until the SQL projection's checkpoint has reached the log's head and the head has not
-    /// moved for `quiet` (nothing is being appended any more).
-    pub async fn settle(&self, quiet: Duration, timeout: Duration) -> anyhow::Result<i64> {
+    /// Waits until nothing more follows from what is logged, and returns the head it settled at:
+    /// the relay has published up to the head, the reputation service's (if one runs) outcome consumer has
+    /// nothing pending or unacknowledged (a penalty is appended before its outcome is acked), its
+    /// liveness tick and the SQL projection have folded the head — and the head did not move
+    /// while all of that was checked. (A rotation round a scheduler asks for on its own is not
+    /// covered: no test here relies on one during a settle.)
+    pub async fn settle(&self, timeout: Duration) -> anyhow::Result<i64> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut stable_since = tokio::time::Instant::now();
-        let mut last_head = -1;
         loop {
             let head = self.head().await?;
-            let checkpoint = self
-                .store
-                .checkpoint(deepnode_projections::BOOK_PROJECTION)
-                .await?;
-            if head != last_head {
-                last_head = head;
-                stable_since = tokio::time::Instant::now();
-            }
-            if checkpoint == head && stable_since.elapsed() >= quiet {
+            let behind = self.behind(head).await?;
+            if behind.is_empty() && self.head().await? == head {
                 return Ok(head);
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("projection at {checkpoint}, log head at {head}: not settled in time");
+                bail!("not settled at head {head} in time: {}", behind.join(", "));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// What has not yet caught up with `head` (see [`Cluster::settle`]).
+    async fn behind(&self, head: i64) -> anyhow::Result<Vec<String>> {
+        let mut behind = Vec::new();
+        for name in [
+            relay::RELAY_CHECKPOINT,
+            deepnode_projections::BOOK_PROJECTION,
+        ] {
+            let at = self.store.checkpoint(name).await?;
+            if at < head {
+                behind.push(format!("{name} at {at}"));
+            }
+        }
+        let Some(outcome_consumer) = &self.outcome_consumer else {
+            return Ok(behind);
+        };
+        let ticked = deepnode_reputation::Stats::get(&self.reputation_stats.ticked_through);
+        if ticked < head.unsigned_abs() {
+            behind.push(format!("the reputation tick at {ticked}"));
+        }
+        let js = async_nats::jetstream::new(self.client.clone());
+        let stream = js.get_stream(self.subjects.events_stream()).await?;
+        let mut consumer = stream
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(outcome_consumer)
+            .await
+            .map_err(|e| anyhow::anyhow!("the outcome consumer: {e}"))?;
+        let info = consumer.info().await?;
+        if info.num_pending > 0 || info.num_ack_pending > 0 {
+            behind.push(format!(
+                "the outcome consumer ({} pending, {} unacknowledged)",
+                info.num_pending, info.num_ack_pending
+            ));
+        }
+        Ok(behind)
     }
 
     /// The names of service tasks that have ended (should be none while a test runs).

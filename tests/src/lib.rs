@@ -18,7 +18,7 @@ use deepnode_runtime::relay::{self, RelayOptions};
 use deepnode_runtime::ServiceContext;
 use deepnode_scheduler::SchedulerOptions;
 use deepnode_store::EventStore;
-use deepnode_testkit::{answering, nats_url, Services, TestDb};
+use deepnode_testkit::{answering, copies_counted, nats_url, Services, TestDb};
 use serde_json::Value;
 
 /// How long a started service may take to answer.
@@ -183,22 +183,7 @@ impl Cluster {
         self.services
             .start(producer, |stop| deepnode_scheduler::run(ctx, options, stop));
         self.schedulers += 1;
-        let copies = self.schedulers;
-        let mut counted: std::collections::HashMap<String, u64> = Default::default();
-        let all_counted = async {
-            while let Some(message) = futures::StreamExt::next(&mut presence).await {
-                let said: Value = serde_json::from_slice(&message.payload)?;
-                let copy = said["copy"].as_str().unwrap_or_default().to_owned();
-                counted.insert(copy, said["copies"].as_u64().unwrap_or(0));
-                if counted.values().filter(|n| **n == copies).count() as u64 == copies {
-                    return anyhow::Ok(());
-                }
-            }
-            bail!("the presence subscription ended")
-        };
-        tokio::time::timeout(Duration::from_secs(30), all_counted)
-            .await
-            .with_context(|| format!("{copies} scheduler copies never all counted each other"))??;
+        copies_counted(&mut presence, self.schedulers, Duration::from_secs(30)).await;
         Ok(())
     }
 

@@ -1,7 +1,8 @@
 //! Test support shared by every crate's integration tests: a fresh, migrated PostgreSQL database per
 //! test (dropped again when the test ends), unique NATS subject prefixes, event builders, the
 //! waits every test uses ([`eventually`], [`log_until`]): a polled condition with a deadline, never
-//! a fixed sleep — and the services a test runs in-process ([`Services`], ready when [`answering`]).
+//! a fixed sleep — the facts a test starts from ([`given`]) and the services it runs in-process
+//! ([`Services`], ready when [`answering`]).
 //!
 //! Tests run against the real servers named by `DATABASE_URL` and `NATS_URL`; nothing here mocks them.
 //! Each test owns its database, so tests run in parallel and never see each other's rows.
@@ -18,8 +19,10 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 use uuid::Uuid;
 
+mod given;
 mod services;
-pub use services::{answering, Services};
+pub use given::{given, node_id, Given};
+pub use services::{answering, copies_counted, Services};
 
 /// The server tests use: `DATABASE_URL` (its database name is replaced per test).
 pub fn base_database_url() -> String {

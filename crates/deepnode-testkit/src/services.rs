@@ -1,9 +1,12 @@
 //! Services a test runs in-process, and how a test knows one is ready: one way for every harness.
 
+use std::collections::HashMap;
 use std::fmt::Display;
 use std::future::Future;
 use std::time::Duration;
 
+use futures::StreamExt;
+use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -96,4 +99,26 @@ pub async fn answering(client: &async_nats::Client, subject: &str, limit: Durati
         )
     })
     .await;
+}
+
+/// Waits until `copies` scheduler copies each say on the presence subject (`presence`, subscribed
+/// before the newest copy started) that they count all `copies`: then every copy has subscribed
+/// to its command subjects and knows its share of the nodes' capacity. Panics after `limit`.
+pub async fn copies_counted(presence: &mut async_nats::Subscriber, copies: u64, limit: Duration) {
+    let mut counted: HashMap<String, u64> = HashMap::new();
+    let all_counted = async {
+        while let Some(message) = presence.next().await {
+            let said: Value = serde_json::from_slice(&message.payload)
+                .unwrap_or_else(|e| panic!("a presence announcement that is not JSON: {e}"));
+            let copy = said["copy"].as_str().unwrap_or_default().to_owned();
+            counted.insert(copy, said["copies"].as_u64().unwrap_or(0));
+            if counted.values().filter(|n| **n == copies).count() as u64 == copies {
+                return;
+            }
+        }
+        panic!("the presence subscription ended");
+    };
+    tokio::time::timeout(limit, all_counted)
+        .await
+        .unwrap_or_else(|_| panic!("{copies} scheduler copies never all counted each other"));
 }

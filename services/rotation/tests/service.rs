@@ -14,19 +14,18 @@ use deepnode_bus::subjects::Subjects;
 use deepnode_domain::book::NodeBook;
 use deepnode_domain::config::PolicyConfig;
 use deepnode_domain::events::{
-    AttemptFailed, AttemptSucceeded, DomainEvent, Failure, Metadata, NodeRegistered, NodeStatus,
+    AttemptFailed, AttemptSucceeded, DomainEvent, Failure, NodeRegistered, NodeStatus,
     NodeStatusChanged,
 };
 use deepnode_domain::ids::{ModelId, NodeId, RequestId};
-use deepnode_domain::log::{ExpectedVersion, NewEvent, RecordedEvent, StreamId};
+use deepnode_domain::log::{RecordedEvent, StreamId};
 use deepnode_rotation::{
     run, run_round, start_view, RotationOptions, RotationView, RoundOutcome, Trigger,
 };
 use deepnode_runtime::{ServiceContext, Settings};
 use deepnode_store::FollowerHandle;
-use deepnode_testkit::{answering, log_until, nats_url, Services, TestDb};
+use deepnode_testkit::{answering, given, log_until, nats_url, Given, Services, TestDb};
 use serde_json::{json, Value};
-use uuid::Uuid;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -78,13 +77,9 @@ impl Harness {
         .expect("deploy answers")
     }
 
-    async fn append(&self, stream: &str, events: Vec<NewEvent>) {
-        let stream = StreamId::parse(stream).unwrap();
-        self.ctx
-            .store
-            .append(&stream, ExpectedVersion::Any, events)
-            .await
-            .expect("append");
+    /// Seeds the log: see [`deepnode_testkit::given`].
+    fn given(&self) -> Given<'_> {
+        given(&self.ctx.store)
     }
 
     /// Registers a node `age` ago, gives it `ok` successes and `bad` errors (the latest a minute
@@ -100,14 +95,13 @@ impl Harness {
     ) {
         let node = NodeId::parse(id).unwrap();
         let now = Utc::now();
-        let meta = Metadata::new("test", "seed");
         let registered = DomainEvent::NodeRegistered(NodeRegistered {
             node_id: node.clone(),
             domain: domain.to_owned(),
             stake: 10.0,
             capacity: 8,
         });
-        let mut events = vec![registered.to_new_event(Uuid::new_v4(), meta.clone(), now - age)];
+        let mut events = vec![(registered, now - age)];
         if active {
             let promoted = DomainEvent::NodeStatusChanged(NodeStatusChanged {
                 node_id: node.clone(),
@@ -116,9 +110,10 @@ impl Harness {
                 reason: "seeded".into(),
                 until: None,
             });
-            events.push(promoted.to_new_event(Uuid::new_v4(), meta.clone(), now - age / 2));
+            events.push((promoted, now - age / 2));
         }
-        self.append(&format!("node-{id}"), events).await;
+        let stream = StreamId::parse(&format!("node-{id}")).unwrap();
+        self.given().recorded(&stream, events).await;
         let total = ok + bad;
         if total == 0 {
             return;
@@ -147,9 +142,10 @@ impl Harness {
             let at = now
                 - chrono::Duration::seconds(60)
                 - chrono::Duration::milliseconds(i64::from(total - i));
-            attempts.push(event.to_new_event(Uuid::new_v4(), meta.clone(), at));
+            attempts.push((event, at));
         }
-        self.append(&format!("exec-seed-{id}"), attempts).await;
+        let stream = StreamId::parse(&format!("exec-seed-{id}")).unwrap();
+        self.given().recorded(&stream, attempts).await;
     }
 
     /// An established node: 3 days old, active, `ok`/`bad` outcomes.
@@ -309,17 +305,8 @@ async fn too_few_eligible_nodes_is_no_eligible_nodes_and_nothing_is_appended() {
         reason: "seeded".into(),
         until: None,
     });
-    let meta = Metadata::new("test", "seed");
-    h.append(
-        "node-j1",
-        vec![jailed.to_new_event(Uuid::new_v4(), meta.clone(), Utc::now())],
-    )
-    .await;
-    h.append(
-        "node-j2",
-        vec![j2_offline.to_new_event(Uuid::new_v4(), meta, Utc::now())],
-    )
-    .await;
+    h.given().event(jailed).await;
+    h.given().event(j2_offline).await;
     h.start(manual()).await;
     let head = h.head().await;
 

@@ -69,9 +69,9 @@ where
 async fn main() {
     let mut h = Harness::new().await;
     for id in ["a", "b"] {
-        h.register(id, 1_000_000).await;
+        h.given().node(id, 1_000_000).await;
     }
-    h.deploy("m-1", &["a", "b"]).await;
+    h.given().deployment("m-1", &["a", "b"]).await;
     let mut nodes = vec![
         SimNode::new(node("a"), "text").with_behaviour(Behaviour::healthy(Latency::fixed_ms(0))),
         SimNode::new(node("b"), "text").with_behaviour(Behaviour::healthy(Latency::fixed_ms(0))),
@@ -79,9 +79,11 @@ async fn main() {
     // Failover fixtures: models whose boosted primary never answers.
     for k in 0..FAILOVER_MODELS {
         let (bad, good) = (format!("dead-{k}"), format!("spare-{k}"));
-        h.register(&bad, 1_000).await;
-        h.register(&good, 1_000).await;
-        h.deploy(&format!("f-{k}"), &[&bad, &good]).await;
+        h.given().node(&bad, 1_000).await;
+        h.given().node(&good, 1_000).await;
+        h.given()
+            .deployment(&format!("f-{k}"), &[&bad, &good])
+            .await;
         h.boost(&bad, 5).await;
         nodes.push(SimNode::new(node(&bad), "text").with_behaviour(Behaviour::always_timeout()));
         nodes.push(

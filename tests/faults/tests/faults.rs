@@ -11,16 +11,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use common::*;
-use deepnode_domain::events::{
-    DeploymentAssigned, DomainEvent, Metadata, ModelDeployed, NodeRegistered, Tier,
-};
-use deepnode_domain::ids::{ModelId, NodeId};
-use deepnode_domain::log::ExpectedVersion;
 use deepnode_sim::{Behaviour, Latency, SimNode};
+use deepnode_testkit::{given, node_id as node};
 use serde_json::json;
-use uuid::Uuid;
 
 const PACE: Duration = Duration::from_millis(40);
 const WORKERS: usize = 4;
@@ -388,23 +382,6 @@ async fn attempts_caught_in_a_nats_outage_are_not_held_against_nodes() {
     drop(c);
 }
 
-fn node(id: &str) -> NodeId {
-    NodeId::parse(id).unwrap()
-}
-
-async fn seed(c: &Cluster, event: DomainEvent) {
-    let stream = event.stream_id();
-    let new = event.to_new_event(
-        Uuid::new_v4(),
-        Metadata::new("fault-test", "seed"),
-        Utc::now(),
-    );
-    c.store
-        .append(&stream, ExpectedVersion::Any, vec![new])
-        .await
-        .unwrap();
-}
-
 /// 6. Nodes that hang forever, answer twice, answer after their timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misbehaving_nodes_classified_once() {
@@ -422,17 +399,9 @@ async fn misbehaving_nodes_classified_once() {
         }),
         SimNode::new(node("n-good"), "text").with_behaviour(healthy),
     ];
+    let given = given(&c.store);
     for n in &nodes {
-        seed(
-            &c,
-            DomainEvent::NodeRegistered(NodeRegistered {
-                node_id: n.node_id.clone(),
-                domain: "text".into(),
-                stake: 100.0,
-                capacity: 64,
-            }),
-        )
-        .await;
+        given.node(n.node_id.as_str(), 64).await;
     }
     let models: [(&str, &[&str]); 4] = [
         ("m-hang", &["n-hang"]),
@@ -441,29 +410,7 @@ async fn misbehaving_nodes_classified_once() {
         ("m-mix", &["n-hang", "n-late", "n-good"]),
     ];
     for (model, on) in models {
-        let model_id = ModelId::parse(model).unwrap();
-        seed(
-            &c,
-            DomainEvent::ModelDeployed(ModelDeployed {
-                model_id: model_id.clone(),
-                domain: "text".into(),
-                replicas: u32::try_from(on.len()).unwrap(),
-            }),
-        )
-        .await;
-        for (i, n) in on.iter().enumerate() {
-            let tier = if i == 0 { Tier::Top } else { Tier::Lower };
-            seed(
-                &c,
-                DomainEvent::DeploymentAssigned(DeploymentAssigned {
-                    model_id: model_id.clone(),
-                    node_id: node(n),
-                    tier,
-                    reason: "fault test".into(),
-                }),
-            )
-            .await;
-        }
+        given.deployment(model, on).await;
     }
     let sim = c.start_nodes(nodes).await;
     let sched = c.spawn("scheduler");

@@ -12,10 +12,10 @@ use serde_json::{json, Value};
 async fn a_domain_named_in_the_policy_file_weighs_stake() {
     let mut h = Harness::new().await;
     for (id, boost) in [("n-1", 0), ("n-2", 6)] {
-        h.register(id, 8).await;
+        h.given().node(id, 8).await;
         h.boost(id, boost).await;
     }
-    h.deploy("m-1", &["n-1", "n-2"]).await;
+    h.given().deployment("m-1", &["n-1", "n-2"]).await;
     // given a policy file that enables stake for the nodes' domain
     let policy = PolicyConfig::from_toml_str("[routing]\nstake_domains = [\"text\"]\n").unwrap();
     h.start_scheduler(policy, "scheduler").await;
@@ -49,13 +49,13 @@ async fn a_domain_named_in_the_policy_file_weighs_stake() {
 async fn schedule_reply_factors_reproduce_each_score() {
     let mut h = Harness::new().await;
     for (id, boost) in [("n-1", 0), ("n-2", 4), ("n-3", 12)] {
-        h.register(id, 8).await;
+        h.given().node(id, 8).await;
         h.boost(id, boost).await;
     }
-    h.deploy("m-1", &["n-1", "n-2", "n-3"]).await;
-    h.register("off", 8).await;
+    h.given().deployment("m-1", &["n-1", "n-2", "n-3"]).await;
+    h.given().node("off", 8).await;
     h.deregister("off").await;
-    h.deploy("m-off", &["off"]).await;
+    h.given().deployment("m-off", &["off"]).await;
     h.start_scheduler(PolicyConfig::default(), "scheduler")
         .await;
 
@@ -123,9 +123,9 @@ async fn schedule_reply_factors_reproduce_each_score() {
 #[tokio::test]
 async fn bad_input_gets_the_right_code_appends_nothing_and_the_service_stays_up() {
     let mut h = Harness::new().await;
-    h.register("a", 8).await;
-    h.register("b", 8).await;
-    h.deploy("m-1", &["a", "b"]).await;
+    h.given().node("a", 8).await;
+    h.given().node("b", 8).await;
+    h.given().deployment("m-1", &["a", "b"]).await;
     h.start_scheduler(test_policy(), "scheduler").await;
     let head = h.head().await;
 

@@ -3,32 +3,22 @@
 //! simulated nodes, and scheduler copies run in-process.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chrono::Utc;
 use deepnode_bus::{rpc, Subjects};
 use deepnode_domain::config::PolicyConfig;
-use deepnode_domain::events::{
-    AttemptSucceeded, DeploymentAssigned, DomainEvent, Metadata, ModelDeployed, NodeDeregistered,
-    NodeRegistered, Tier,
-};
+use deepnode_domain::events::{AttemptSucceeded, DomainEvent, NodeDeregistered};
 use deepnode_domain::fixed::Bps;
-use deepnode_domain::ids::{ModelId, NodeId, RequestId};
-use deepnode_domain::log::ExpectedVersion;
+use deepnode_domain::ids::RequestId;
 use deepnode_runtime::ServiceContext;
 use deepnode_scheduler::{run, SchedulerOptions};
 use deepnode_sim::{Sim, SimConfig, SimHandle, SimNode};
 use deepnode_store::EventStore;
-use deepnode_testkit::{nats_url, Services, TestDb};
-use futures::StreamExt;
+use deepnode_testkit::{copies_counted, given, nats_url, Given, Services, TestDb};
 use serde_json::Value;
-use uuid::Uuid;
 
-pub fn node(id: &str) -> NodeId {
-    NodeId::parse(id).unwrap()
-}
+pub use deepnode_testkit::node_id as node;
 
 /// The policy tests run with: the lower-ranked replica never takes primary traffic, so the
 /// better-ranked node is always attempt 1 and tests can choose it.
@@ -74,61 +64,30 @@ impl Harness {
         }
     }
 
-    async fn append(&self, event: DomainEvent) {
-        let stream = event.stream_id();
-        let new = event.to_new_event(Uuid::new_v4(), Metadata::new("test", "seed"), Utc::now());
-        self.store
-            .append(&stream, ExpectedVersion::Any, vec![new])
-            .await
-            .expect("seed append");
-    }
-
-    pub async fn register(&self, id: &str, capacity: u32) {
-        self.append(DomainEvent::NodeRegistered(NodeRegistered {
-            node_id: node(id),
-            domain: "text".into(),
-            stake: 100.0,
-            capacity,
-        }))
-        .await;
+    /// Seeds the log: see [`deepnode_testkit::given`].
+    pub fn given(&self) -> Given<'_> {
+        given(&self.store)
     }
 
     pub async fn deregister(&self, id: &str) {
-        self.append(DomainEvent::NodeDeregistered(NodeDeregistered {
-            node_id: node(id),
-            reason: "test".into(),
-        }))
-        .await;
-    }
-
-    pub async fn deploy(&self, model: &str, nodes: &[&str]) {
-        let model_id = ModelId::parse(model).unwrap();
-        self.append(DomainEvent::ModelDeployed(ModelDeployed {
-            model_id: model_id.clone(),
-            domain: "text".into(),
-            replicas: u32::try_from(nodes.len()).unwrap(),
-        }))
-        .await;
-        for (i, n) in nodes.iter().enumerate() {
-            self.append(DomainEvent::DeploymentAssigned(DeploymentAssigned {
-                model_id: model_id.clone(),
-                node_id: node(n),
-                tier: if i == 0 { Tier::Top } else { Tier::Lower },
+        self.given()
+            .event(DomainEvent::NodeDeregistered(NodeDeregistered {
+                node_id: node(id),
                 reason: "test".into(),
             }))
             .await;
-        }
     }
 
     /// Raises a node's reputation with `k` recorded successes (so it ranks first).
     pub async fn boost(&self, id: &str, k: usize) {
         for i in 0..k {
-            self.append(DomainEvent::AttemptSucceeded(AttemptSucceeded {
-                request_id: RequestId::parse(&format!("seed-{id}-{i}")).unwrap(),
-                node_id: node(id),
-                latency_ms: 1,
-            }))
-            .await;
+            self.given()
+                .event(DomainEvent::AttemptSucceeded(AttemptSucceeded {
+                    request_id: RequestId::parse(&format!("seed-{id}-{i}")).unwrap(),
+                    node_id: node(id),
+                    latency_ms: 1,
+                }))
+                .await;
         }
     }
 
@@ -171,20 +130,7 @@ impl Harness {
         self.schedulers
             .start(producer, |stop| run(ctx, options, stop));
         let copies = self.schedulers.len() as u64;
-        let mut counted: HashMap<String, u64> = HashMap::new();
-        let all_counted = async {
-            while let Some(msg) = presence.next().await {
-                let said: Value = serde_json::from_slice(&msg.payload).unwrap();
-                let copy = said["copy"].as_str().unwrap().to_owned();
-                counted.insert(copy, said["copies"].as_u64().unwrap());
-                if counted.values().filter(|n| **n == copies).count() as u64 == copies {
-                    return;
-                }
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(30), all_counted)
-            .await
-            .unwrap_or_else(|_| panic!("{copies} scheduler copies never all counted each other"));
+        copies_counted(&mut presence, copies, Duration::from_secs(30)).await;
     }
 
     pub async fn request(&self, subject: &str, payload: Vec<u8>) -> Value {

@@ -43,9 +43,9 @@ fn att(node: &str, role: &str, outcome: &str) -> (String, String, String) {
 
 /// Two replicas of `model`: `first` ranks first (boosted), `second` is the backup.
 async fn pair(h: &Harness, model: &str, first: &str, second: &str) {
-    h.register(first, 64).await;
-    h.register(second, 64).await;
-    h.deploy(model, &[first, second]).await;
+    h.given().node(first, 64).await;
+    h.given().node(second, 64).await;
+    h.given().deployment(model, &[first, second]).await;
     h.boost(first, 5).await;
 }
 
@@ -320,9 +320,9 @@ async fn two_copies_in_one_queue_group_record_each_request_once() {
     let mut h = Harness::new().await;
     // Room for the whole burst: at capacity a request waits for a slot (tested elsewhere), and
     // this test is about deduplication, not admission.
-    h.register("a", 1_024).await;
-    h.register("b", 1_024).await;
-    h.deploy("m-1", &["a", "b"]).await;
+    h.given().node("a", 1_024).await;
+    h.given().node("b", 1_024).await;
+    h.given().deployment("m-1", &["a", "b"]).await;
     h.boost("a", 5).await;
     h.start_sim(vec![sim("a", healthy()), sim("b", healthy())])
         .await;
@@ -632,9 +632,9 @@ async fn an_execution_left_open_by_an_older_build_is_closed_uncharged() {
 #[tokio::test]
 async fn a_request_for_a_full_model_waits_for_a_slot_within_its_deadline() {
     let mut h = Harness::new().await;
-    h.register("a", 1).await;
-    h.register("b", 1).await;
-    h.deploy("m-1", &["a", "b"]).await;
+    h.given().node("a", 1).await;
+    h.given().node("b", 1).await;
+    h.given().deployment("m-1", &["a", "b"]).await;
     let slow = || Behaviour::healthy(Latency::fixed_ms(400));
     h.start_sim(vec![sim("a", slow()), sim("b", slow())]).await;
     h.start_scheduler(test_policy(), "scheduler").await;
@@ -730,7 +730,7 @@ async fn burst_on_six_nodes(copies: usize) -> Vec<(String, u32)> {
     let mut h = Harness::new().await;
     let ids = ["a", "b", "c", "d", "e", "f"];
     for id in ids {
-        h.register(id, 8).await;
+        h.given().node(id, 8).await;
     }
     for (model, replicas) in [
         ("m-1", ["a", "b"]),
@@ -738,7 +738,7 @@ async fn burst_on_six_nodes(copies: usize) -> Vec<(String, u32)> {
         ("m-3", ["e", "f"]),
         ("m-4", ["a", "d"]),
     ] {
-        h.deploy(model, &replicas).await;
+        h.given().deployment(model, &replicas).await;
     }
     let peaks = slow_nodes(&h, &ids, Duration::from_millis(50)).await;
     for copy in 0..copies {
@@ -803,9 +803,9 @@ async fn with_two_scheduler_copies_no_node_holds_more_than_its_capacity() {
 /// Model `m-1` on nodes `a` and `b`, capacity 1 each, answering in 300 ms (no scheduler yet).
 async fn two_single_slot_nodes() -> Harness {
     let h = Harness::new().await;
-    h.register("a", 1).await;
-    h.register("b", 1).await;
-    h.deploy("m-1", &["a", "b"]).await;
+    h.given().node("a", 1).await;
+    h.given().node("b", 1).await;
+    h.given().deployment("m-1", &["a", "b"]).await;
     slow_nodes(&h, &["a", "b"], Duration::from_millis(300)).await;
     h
 }
@@ -907,8 +907,8 @@ async fn under_contention_critical_requests_start_first_and_sheddable_ones_are_r
 async fn a_caller_flooding_a_full_model_does_not_starve_another_caller_of_its_class() {
     // given one model on one node of capacity 1 answering in 20 ms
     let mut h = Harness::new().await;
-    h.register("a", 1).await;
-    h.deploy("m-1", &["a"]).await;
+    h.given().node("a", 1).await;
+    h.given().deployment("m-1", &["a"]).await;
     slow_nodes(&h, &["a"], Duration::from_millis(20)).await;
     h.start_scheduler(test_policy(), "scheduler").await;
     let (flooder, other) = (h.caller().await, h.caller().await);

@@ -187,9 +187,9 @@ async fn metrics_match_the_executions_table_and_views_answer() {
         ("m-bad", "e", "f"),
         ("m-twice", "t1", "t2"),
     ] {
-        h.register(first, 64).await;
-        h.register(second, 64).await;
-        h.deploy(model, &[first, second]).await;
+        h.given().node(first, 64).await;
+        h.given().node(second, 64).await;
+        h.given().deployment(model, &[first, second]).await;
         h.boost(first, 5).await;
     }
     let healthy = || Behaviour::healthy(Latency::fixed_ms(0));
@@ -321,9 +321,9 @@ async fn metrics_match_the_executions_table_and_views_answer() {
     assert!(metric("deepnode_store_append_batch_events_count", &[]) > 0);
 
     // The correlation id travels: request header → node infer header → every event's metadata.
-    h.register("g", 64).await;
-    h.register("k", 64).await;
-    h.deploy("m-corr", &["g", "k"]).await;
+    h.given().node("g", 64).await;
+    h.given().node("k", 64).await;
+    h.given().deployment("m-corr", &["g", "k"]).await;
     h.boost("g", 5).await;
     // The scheduler folds the log asynchronously: wait until it ranks both new replicas.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);

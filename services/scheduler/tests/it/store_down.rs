@@ -16,9 +16,9 @@ use sqlx::{ConnectOptions, Connection};
 #[tokio::test]
 async fn an_unreachable_store_is_unavailable() {
     let mut h = Harness::new().await;
-    h.register("a", 8).await;
-    h.register("b", 8).await;
-    h.deploy("m-1", &["a", "b"]).await;
+    h.given().node("a", 8).await;
+    h.given().node("b", 8).await;
+    h.given().deployment("m-1", &["a", "b"]).await;
     h.start_sim(vec![
         SimNode::new(node("a"), "text").with_behaviour(Behaviour::healthy(Latency::fixed_ms(0))),
         SimNode::new(node("b"), "text").with_behaviour(Behaviour::healthy(Latency::fixed_ms(0))),

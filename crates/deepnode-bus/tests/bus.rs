@@ -349,9 +349,16 @@ async fn a_queue_group_of_two_handles_each_request_once() {
             .await
         }));
     }
-    // Both subscriptions must be live before counting (a probe may hit either).
+    // Both subscriptions must be live before counting: probe until each copy has answered one.
     wait_for_responder(&client, &subject).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut probes = 0;
+    while counts.iter().any(|c| c.load(Ordering::SeqCst) == 0) {
+        probes += 1;
+        assert!(probes <= 1_000, "one copy never answered a probe");
+        request_json(&client, &subject, &json!({}), T)
+            .await
+            .unwrap();
+    }
     let before = counts[0].load(Ordering::SeqCst) + counts[1].load(Ordering::SeqCst);
 
     let n = 200;

@@ -103,6 +103,18 @@ impl Harness {
         self.sims.push(sim);
     }
 
+    /// Watches the infer requests sent to `ids` (a second subscriber, flushed before this returns,
+    /// that never answers): [`Dispatches::wait`] says when nodes hold requests.
+    pub async fn dispatches_to(&self, ids: &[&str]) -> Dispatches {
+        let mut requests = Vec::new();
+        for id in ids {
+            let subject = self.subjects.node_infer(&node(id));
+            requests.push(self.client.subscribe(subject).await.unwrap());
+        }
+        self.client.flush().await.unwrap();
+        Dispatches(futures::stream::select_all(requests))
+    }
+
     /// Starts one scheduler copy in-process and waits until it answers.
     pub async fn start_scheduler(&mut self, policy: PolicyConfig, producer: &str) {
         let store = self.db.store().await;
@@ -207,4 +219,20 @@ async fn request_on(client: &async_nats::Client, subject: &str, payload: Vec<u8>
     .await
     .expect("scheduler answers");
     serde_json::from_slice(&reply).expect("reply is JSON")
+}
+
+/// See [`Harness::dispatches_to`].
+pub struct Dispatches(futures::stream::SelectAll<async_nats::Subscriber>);
+
+impl Dispatches {
+    /// Waits until `n` more requests have been sent to the watched nodes; panics after 10 s.
+    pub async fn wait(&mut self, n: usize) {
+        for seen in 0..n {
+            let next = futures::StreamExt::next(&mut self.0);
+            tokio::time::timeout(Duration::from_secs(10), next)
+                .await
+                .unwrap_or_else(|_| panic!("{seen} of {n} requests reached a node in 10 s"))
+                .expect("the infer subscription ended");
+        }
+    }
 }

@@ -640,12 +640,13 @@ async fn a_request_for_a_full_model_waits_for_a_slot_within_its_deadline() {
     h.start_scheduler(test_policy(), "scheduler").await;
 
     // given both replicas busy with one request each
+    let mut dispatched = h.dispatches_to(&["a", "b"]).await;
     let busy: Vec<_> = (0..2)
         .map(|i| h.exec(json!({"request_id": format!("busy-{i}"), "model_id": "m-1", "input": i})))
         .collect();
     // when two more arrive: one willing to wait 5 s, one only 100 ms
     let waiting = async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        dispatched.wait(2).await;
         tokio::join!(
             h.exec(json!({"request_id": "patient", "model_id": "m-1", "input": 8})),
             h.exec(
@@ -867,11 +868,12 @@ async fn under_contention_critical_requests_start_first_and_sheddable_ones_are_r
             (reply, sent.elapsed())
         }
     };
+    let mut dispatched = harness.dispatches_to(&["a", "b"]).await;
     let busy = futures::future::join_all([exec("busy-1", "standard"), exec("busy-2", "standard")]);
 
     // when, while they run, two standard, two critical and one sheddable request arrive
     let contended = async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        dispatched.wait(2).await;
         tokio::join!(
             exec("std-1", "standard"),
             exec("std-2", "standard"),
@@ -955,12 +957,13 @@ async fn a_refused_request_id_says_a_retry_may_run_it_and_a_retry_does() {
     // given both slots of the model busy
     let mut h = two_single_slot_nodes().await;
     h.start_scheduler(test_policy(), "scheduler").await;
+    let mut dispatched = h.dispatches_to(&["a", "b"]).await;
     let busy: Vec<_> = (0..2)
         .map(|i| h.exec(json!({"request_id": format!("busy-{i}"), "model_id": "m-1", "input": i})))
         .collect();
     // when the same request id arrives twice at once, as a sheddable request (refused, not queued)
     let refused = async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        dispatched.wait(2).await;
         let body =
             json!({"request_id": "dup", "model_id": "m-1", "input": 1, "priority": "sheddable"});
         tokio::join!(h.exec(body.clone()), h.exec(body))

@@ -54,15 +54,8 @@ impl Default for PlacementPolicy {
     }
 }
 
-/// Which slot a replica fills.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Tier {
-    /// The top tier of the reputation ranking (the primary slot).
-    Top,
-    /// The growth tier (backup slots).
-    Lower,
-}
+/// Which slot a replica fills: the tier the log records ([`crate::events::Tier`]).
+pub use crate::events::Tier;
 
 /// One node as placement and rotation see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

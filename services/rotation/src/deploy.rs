@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::snapshot::{event_tier, placement_input};
+use crate::snapshot::placement_input;
 use crate::view::RotationView;
 use crate::{Error, RotationOptions, ID_NAMESPACE};
 
@@ -226,7 +226,7 @@ async fn deploy(
     .to_new_event(deployed_id, metadata.clone(), now)];
     let mut assignments = Vec::new();
     for (i, a) in placement.assignments.iter().enumerate() {
-        let tier = event_tier(a.tier);
+        let tier = a.tier;
         let reason = if i == 0 {
             "placement: best score in the top tier"
         } else {

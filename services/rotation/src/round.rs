@@ -31,7 +31,7 @@ use deepnode_store::FollowerHandle;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::snapshot::{event_tier, rotation_input};
+use crate::snapshot::rotation_input;
 use crate::view::{RotationView, ROTATION_STREAM};
 use crate::{Error, RotationOptions, ID_NAMESPACE};
 
@@ -247,7 +247,7 @@ async fn apply(
         let assigned = DomainEvent::DeploymentAssigned(DeploymentAssigned {
             model_id: m.model_id.clone(),
             node_id: m.assign.clone(),
-            tier: event_tier(m.tier),
+            tier: m.tier,
             reason: move_reason(m),
         });
         let revoked = DomainEvent::DeploymentRevoked(DeploymentRevoked {

@@ -6,28 +6,11 @@
 
 use chrono::{DateTime, Utc};
 use deepnode_domain::config::PolicyConfig;
-use deepnode_domain::events::Tier as EventTier;
 use deepnode_domain::ids::ModelId;
-use deepnode_domain::placement::{stake_micros, PlacementInput, PlacementNode, Tier};
+use deepnode_domain::placement::{stake_micros, PlacementInput, PlacementNode};
 use deepnode_domain::rotation::{Departure, Deployment, ModelSpec, RotationInput};
 
 use crate::view::RotationView;
-
-/// The event tier for a placement tier.
-pub fn event_tier(tier: Tier) -> EventTier {
-    match tier {
-        Tier::Top => EventTier::Top,
-        Tier::Lower => EventTier::Lower,
-    }
-}
-
-/// The placement tier for an event tier.
-pub fn placement_tier(tier: EventTier) -> Tier {
-    match tier {
-        EventTier::Top => Tier::Top,
-        EventTier::Lower => Tier::Lower,
-    }
-}
 
 /// Median stake (micro-units) of the nodes of `domain`, 0 when it has none.
 pub fn median_stake(view: &RotationView, domain: &str) -> u64 {
@@ -103,7 +86,7 @@ pub fn rotation_input(
             replicas.iter().map(move |(node, d)| Deployment {
                 model_id: model.clone(),
                 node_id: node.clone(),
-                tier: placement_tier(d.tier),
+                tier: d.tier,
                 assigned_epoch: view
                     .assigned_epoch
                     .get(&(model.clone(), node.clone()))

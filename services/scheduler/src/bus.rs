@@ -8,7 +8,7 @@
 //! the next attempt's start or end (no polling), so the grace may start a little late: it errs on
 //! the side of the nodes.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -22,11 +22,19 @@ use deepnode_domain::execution::Bus;
 #[derive(Debug)]
 pub struct BusWatch {
     client: Client,
-    /// The connection count last seen.
-    seen: AtomicU64,
-    /// When a new connection (a reconnect) was last noticed.
-    reconnected: Mutex<Option<Instant>>,
+    /// What the attempts have seen so far, read and changed under one lock: an attempt that sees
+    /// a new connection count also sees when it was noticed (two separate cells let an attempt
+    /// read the new count before the time was stored, and judge a failure inside the grace).
+    seen: Mutex<Seen>,
     grace: Duration,
+}
+
+#[derive(Debug)]
+struct Seen {
+    /// The connection count last seen.
+    connects: u64,
+    /// When a new connection (a reconnect) was last noticed.
+    reconnected: Option<Instant>,
 }
 
 /// The connection count and time at the start of an attempt.
@@ -39,27 +47,29 @@ pub struct Epoch {
 impl BusWatch {
     /// Watches `client`; failures within `grace` of a reconnect are unjudged.
     pub fn new(client: Client, grace: Duration) -> BusWatch {
-        let seen = client.statistics().connects.load(Ordering::Relaxed);
+        let connects = client.statistics().connects.load(Ordering::Relaxed);
         BusWatch {
             client,
-            seen: AtomicU64::new(seen),
-            reconnected: Mutex::new(None),
+            seen: Mutex::new(Seen {
+                connects,
+                reconnected: None,
+            }),
             grace,
         }
     }
 
     /// Notes the start of an attempt.
     pub fn begin(&self) -> Epoch {
+        let (connects, _) = self.observe();
         Epoch {
-            connects: self.observe(),
+            connects,
             at: Instant::now(),
         }
     }
 
     /// What the bus did since `epoch` began.
     pub fn since(&self, epoch: Epoch) -> Bus {
-        let connects = self.observe();
-        let reconnected = *self.reconnected.lock().unwrap_or_else(|p| p.into_inner());
+        let (connects, reconnected) = self.observe();
         let recent =
             reconnected.is_some_and(|at| epoch.at.saturating_duration_since(at) < self.grace);
         if connects != epoch.connects
@@ -72,15 +82,21 @@ impl BusWatch {
         }
     }
 
-    fn observe(&self) -> u64 {
+    /// The connection count now and when the latest reconnect was noticed.
+    fn observe(&self) -> (u64, Option<Instant>) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let connects = self.client.statistics().connects.load(Ordering::Relaxed);
-        if self.seen.swap(connects, Ordering::Relaxed) != connects {
-            *self.reconnected.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-            tracing::warn!(
-                connects,
-                "our NATS connection was re-established: attempts without an answer are not held against nodes for a while"
-            );
+        if seen.connects == connects {
+            return (connects, seen.reconnected);
         }
-        connects
+        seen.connects = connects;
+        let noticed = Instant::now();
+        seen.reconnected = Some(noticed);
+        drop(seen);
+        tracing::warn!(
+            connects,
+            "our NATS connection was re-established: attempts without an answer are not held against nodes for a while"
+        );
+        (connects, Some(noticed))
     }
 }

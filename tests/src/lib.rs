@@ -6,6 +6,7 @@
 //!
 //! It deliberately holds no assertions: the tests in `tests/` say what must hold.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -200,16 +201,16 @@ impl Cluster {
     }
 
     /// Waits until nothing more follows from what is logged, and returns the head it settled at:
-    /// the relay has published up to the head, the reputation service's (if one runs) outcome consumer has
-    /// nothing pending or unacknowledged (a penalty is appended before its outcome is acked), its
-    /// liveness tick and the SQL projection have folded the head — and the head did not move
-    /// while all of that was checked. (A rotation round a scheduler asks for on its own is not
-    /// covered: no test here relies on one during a settle.)
+    /// the relay has published up to the head and the SQL projection folded it (the store's
+    /// `lags`), and, if a reputation service runs, its outcome consumer has nothing pending or
+    /// unacknowledged (a penalty is appended before its outcome is acked) and its liveness tick has
+    /// folded the head — and the head did not move while all of that was checked. (A rotation round
+    /// a scheduler asks for on its own is not covered: no test here relies on one during a settle.)
     pub async fn settle(&self, timeout: Duration) -> anyhow::Result<i64> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let head = self.head().await?;
-            let behind = self.behind(head).await?;
+            let (head, lags) = self.store.lags().await?;
+            let behind = self.behind(head, &lags).await?;
             if behind.is_empty() && self.head().await? == head {
                 return Ok(head);
             }
@@ -220,16 +221,18 @@ impl Cluster {
         }
     }
 
-    /// What has not yet caught up with `head` (see [`Cluster::settle`]).
-    async fn behind(&self, head: i64) -> anyhow::Result<Vec<String>> {
+    /// What has not yet caught up with `head`, given how far each stored position trails it (see
+    /// [`Cluster::settle`]).
+    async fn behind(&self, head: i64, lags: &BTreeMap<String, i64>) -> anyhow::Result<Vec<String>> {
         let mut behind = Vec::new();
         for name in [
             relay::RELAY_CHECKPOINT,
             deepnode_projections::BOOK_PROJECTION,
         ] {
-            let at = self.store.checkpoint(name).await?;
-            if at < head {
-                behind.push(format!("{name} at {at}"));
+            // A position not stored yet trails by the whole log.
+            let lag = lags.get(name).copied().unwrap_or(head);
+            if lag > 0 {
+                behind.push(format!("{name} {lag} behind"));
             }
         }
         let Some(outcome_consumer) = &self.outcome_consumer else {

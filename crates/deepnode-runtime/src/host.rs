@@ -16,6 +16,16 @@ use crate::relay::{self, RelayOptions, RELAY_CHECKPOINT};
 use crate::settings::{ServiceArgs, Switch};
 use crate::{tail, telemetry, ServiceContext, Shutdown};
 
+/// How often the process's shared log reader reads without a notification (the safety net for a
+/// lost one).
+const SHARED_READER_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Events the shared reader's tail keeps for the process's slower readers (the projection writes
+/// between reads): five of its reads at 1,000 executions a second, two or three at saturation; a
+/// reader further behind reads the database. Each held event is a few KiB of decoded JSON: 4,096
+/// of them added ~25 MiB to every service (docs/BENCHMARKS-system.md, "One reader per process").
+const SHARED_READER_CAPACITY: usize = 1_024;
+
 /// What distinguishes one service binary from another.
 pub struct ServiceSpec {
     /// The binary's name (e.g. `deepnode-scheduler`): prefixed to its error lines, and the
@@ -80,6 +90,24 @@ where
     // periodic 100-250 ms stalls of the exec p99 at 100/s whose cause is not found yet
     // (docs/BENCHMARKS-system.md).
     let feeder = if args.log_tail == Switch::Off {
+        // The default: one reader of the log for the whole process (its view, projection and
+        // relay share each read, and one LISTEN connection), lingering like the views do.
+        match ctx
+            .store
+            .clone()
+            .with_shared_reader(
+                ServiceContext::VIEW_LINGER,
+                SHARED_READER_POLL,
+                SHARED_READER_CAPACITY,
+            )
+            .await
+        {
+            Ok(store) => ctx.store = store,
+            Err(e) => {
+                eprintln!("{}: starting the log reader: {e}", spec.binary);
+                return ExitCode::from(2);
+            }
+        }
         None
     } else {
         let log_tail = deepnode_store::LogTail::new(tail::TAIL_CAPACITY);

@@ -106,8 +106,8 @@ async fn publish_while_leased(
         .checkpoint(RELAY_CHECKPOINT)
         .await
         .map_err(|e| e.to_string())?;
-    // The relay is the one reader that must read the log itself: it feeds the bus (and so every
-    // process's tail).
+    // The relay feeds the bus (and so every bus-fed tail), so it follows only what was read from
+    // the database: its own reads, or the process's shared reader's.
     let mut subscription = store
         .subscribe_database(from, options.poll)
         .linger(options.linger, Urgency::default());

@@ -85,6 +85,27 @@ impl EventStore {
         self
     }
 
+    /// This store with one reader of the log for the whole process: a task follows the log from its
+    /// head now (LISTEN/NOTIFY, lingering `linger` after a commit notifies, polling every `poll`)
+    /// and puts what it reads in a [`LogTail`] of `capacity` events, which every subscription of
+    /// this store — followers, the projection runner, the relay — then follows. Each commit interval
+    /// costs the process one listening connection's wake-up, one read and one decode, however many
+    /// readers it has; a reader's [`Urgency`] (a `wait_for`) makes the shared reader read at once.
+    /// A reader behind the tail's window catches up from the database itself.
+    pub async fn with_shared_reader(
+        mut self,
+        linger: Duration,
+        poll: Duration,
+        capacity: usize,
+    ) -> Result<EventStore, Error> {
+        let head = self.head_position().await?;
+        let urgency = Urgency::default();
+        let subscription =
+            Subscription::new(self.pool.clone(), head, poll).linger(linger, urgency.clone());
+        self.tail = Some(LogTail::read_by(capacity, subscription, urgency));
+        Ok(self)
+    }
+
     /// The process's [`LogTail`], if it has one.
     pub fn tail(&self) -> Option<&LogTail> {
         self.tail.as_ref()
@@ -179,10 +200,16 @@ impl EventStore {
         }
     }
 
-    /// Like [`EventStore::subscribe_all`], but always from the database, never a tail: for the
-    /// relay, the one reader that feeds the bus (and so every tail) from the log.
+    /// Like [`EventStore::subscribe_all`], but only ever what was read from the database — by this
+    /// subscription, or by the process's shared reader ([`EventStore::with_shared_reader`]) — never
+    /// a tail fed from the bus: for the relay, the one reader that feeds the bus from the log.
     pub fn subscribe_database(&self, after: i64, poll: Duration) -> Subscription {
-        Subscription::new(self.pool.clone(), after, poll)
+        match &self.tail {
+            Some(tail) if tail.reader_urgency().is_some() => {
+                Subscription::with_tail(self.pool.clone(), after, poll, tail.clone())
+            }
+            _ => Subscription::new(self.pool.clone(), after, poll),
+        }
     }
 
     /// The position of the last committed event (0 for an empty log).

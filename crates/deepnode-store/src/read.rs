@@ -430,6 +430,13 @@ impl Subscription {
                 changed,
                 poll,
             } => loop {
+                if tail.reader_stopped() {
+                    // The process's shared reader failed: from now on this subscription reads (and
+                    // listens) for itself.
+                    self.source = Source::Database(Waker::new(self.pool.clone(), *poll));
+                    self.caught_up = false;
+                    return false;
+                }
                 // Mark the current value seen before looking, so an offer after the look wakes us.
                 changed.borrow_and_update();
                 match tail.after(self.position, self.page as usize) {
@@ -443,14 +450,26 @@ impl Subscription {
                     }
                     Lookup::Nothing => {}
                 }
-                tokio::select! {
-                    changed = changed.changed() => {
-                        if changed.is_err() {
-                            return false; // the tail is gone: the database it is
+                match tail.reader_urgency() {
+                    // Filled by the process's shared reader, which lingers and polls for everyone:
+                    // wait for what it reads, and pass on an urgent need to it.
+                    Some(reader) => tokio::select! {
+                        changed = changed.changed() => {
+                            if changed.is_err() {
+                                return false; // the tail is gone: the database it is
+                            }
                         }
-                        linger(self.linger, &self.urgency).await;
-                    }
-                    () = tokio::time::sleep(*poll) => return false,
+                        () = self.urgency.0.notified() => reader.now(),
+                    },
+                    None => tokio::select! {
+                        changed = changed.changed() => {
+                            if changed.is_err() {
+                                return false; // the tail is gone: the database it is
+                            }
+                            linger(self.linger, &self.urgency).await;
+                        }
+                        () = tokio::time::sleep(*poll) => return false,
+                    },
                 }
             },
         }

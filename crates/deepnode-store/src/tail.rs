@@ -2,8 +2,15 @@
 //! in it (followers, the projection runner), so that following the log costs the database nothing
 //! while the tail keeps up.
 //!
-//! The tail does not read the database itself: whoever owns it offers events as they are learned
-//! (a service offers what the relay published on the bus, which is only ever what has committed).
+//! Two ways to fill it, one behaviour for its readers:
+//! - **the process's shared reader** (the default for a service, see
+//!   [`crate::EventStore::with_shared_reader`]): one task reads the database for the whole process —
+//!   one LISTEN connection, one read and one decode per commit interval — and offers what it read; a
+//!   reader that needs a position sooner asks it to read now ([`crate::Urgency`]);
+//! - **offered from elsewhere** ([`LogTail::new`]): its owner offers events as they are learned (a
+//!   service with `DEEPNODE_LOG_TAIL=on` offers what the relay published on the bus, which is only
+//!   ever what has committed).
+//!
 //! It holds a window of *contiguous* positions: an offered event at or below the window's end is a
 //! duplicate and ignored; one that leaves a gap (a message lost on the way) starts a new window
 //! there. A reader whose next position is not in the window reads the database instead (see
@@ -11,10 +18,13 @@
 //! the tail is an accelerator, never the source of truth.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use deepnode_domain::log::RecordedEvent;
 use tokio::sync::watch;
+
+use crate::read::{Subscription, Urgency};
 
 /// What a reader at some position finds in the tail.
 #[derive(Debug)]
@@ -58,6 +68,16 @@ impl Window {
 pub struct LogTail {
     window: Arc<Mutex<Window>>,
     last: watch::Sender<i64>,
+    /// Set when the process's shared reader fills this tail.
+    reader: Option<Arc<SharedReader>>,
+}
+
+/// The process's one database reader, as the tail's readers see it.
+struct SharedReader {
+    /// Cuts its linger short: someone waits for a position it has not read yet.
+    urgency: Urgency,
+    /// It stopped (the log could not be read): every reader reads the database itself.
+    stopped: AtomicBool,
 }
 
 impl std::fmt::Debug for LogTail {
@@ -78,7 +98,36 @@ impl LogTail {
                 capacity: capacity.max(1),
             })),
             last,
+            reader: None,
         }
+    }
+
+    /// A tail filled by `subscription` (a database subscription lingering with `urgency`), read by a
+    /// task spawned here until the subscription fails or every other handle on the tail is gone.
+    pub(crate) fn read_by(
+        capacity: usize,
+        subscription: Subscription,
+        urgency: Urgency,
+    ) -> LogTail {
+        let mut tail = LogTail::new(capacity);
+        tail.reader = Some(Arc::new(SharedReader {
+            urgency,
+            stopped: AtomicBool::new(false),
+        }));
+        tokio::spawn(read_into(subscription, tail.clone()));
+        tail
+    }
+
+    /// When the process's shared reader fills this tail: the signal that makes it read now.
+    pub(crate) fn reader_urgency(&self) -> Option<&Urgency> {
+        self.reader.as_ref().map(|r| &r.urgency)
+    }
+
+    /// The shared reader that filled this tail has stopped: its readers must read the database.
+    pub(crate) fn reader_stopped(&self) -> bool {
+        self.reader
+            .as_ref()
+            .is_some_and(|r| r.stopped.load(Ordering::Acquire))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Window> {
@@ -88,7 +137,7 @@ impl LogTail {
 
     /// Offers one committed event; events must be offered in the order they were learned.
     pub fn offer(&self, event: RecordedEvent) -> Offered {
-        let offered = Self::place(&mut self.lock(), event);
+        let offered = Self::place(&mut self.lock(), Arc::new(event));
         if offered != Offered::Duplicate {
             self.notify();
         }
@@ -97,6 +146,12 @@ impl LogTail {
 
     /// Offers several events in order, waking readers once.
     pub fn offer_all(&self, events: impl IntoIterator<Item = RecordedEvent>) {
+        self.offer_shared(events.into_iter().map(Arc::new));
+    }
+
+    /// Offers events already shared (the shared reader's, read once for the whole process), in
+    /// order, waking readers once.
+    fn offer_shared(&self, events: impl IntoIterator<Item = Arc<RecordedEvent>>) {
         let mut held = false;
         {
             let mut window = self.lock();
@@ -109,7 +164,7 @@ impl LogTail {
         }
     }
 
-    fn place(window: &mut Window, event: RecordedEvent) -> Offered {
+    fn place(window: &mut Window, event: Arc<RecordedEvent>) -> Offered {
         let position = event.global_position;
         let offered = match window.last() {
             Some(last) if position <= last => return Offered::Duplicate,
@@ -123,7 +178,7 @@ impl LogTail {
         if window.events.len() >= window.capacity {
             window.events.pop_front();
         }
-        window.events.push_back(Arc::new(event));
+        window.events.push_back(event);
         offered
     }
 
@@ -164,6 +219,35 @@ impl LogTail {
                 .cloned()
                 .collect(),
         )
+    }
+}
+
+/// The shared reader's task: every batch `subscription` reads goes into `tail`. A read error it
+/// could not retry stops it (readers then read the database themselves, and meet the error there);
+/// it also ends once nobody but itself holds the tail (looked at every second).
+async fn read_into(mut subscription: Subscription, tail: LogTail) {
+    let orphaned = || async {
+        while Arc::strong_count(&tail.window) > 1 {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    };
+    loop {
+        // `next_batch` is cancel-safe: nothing read is lost if the tail is found orphaned meanwhile.
+        let batch = tokio::select! {
+            batch = subscription.next_batch() => batch,
+            () = orphaned() => return,
+        };
+        match batch {
+            Ok(batch) => tail.offer_shared(batch),
+            Err(e) => {
+                tracing::error!(error = %e, "the process's log reader stopped; each reader reads the database itself");
+                if let Some(reader) = &tail.reader {
+                    reader.stopped.store(true, Ordering::Release);
+                }
+                tail.last.send_modify(|_| {}); // wake every reader to notice
+                return;
+            }
+        }
     }
 }
 

@@ -6,4 +6,5 @@ mod coordination;
 mod linger;
 mod log;
 mod projection;
+mod shared_reader;
 mod tail;

@@ -8,3 +8,16 @@ mod log;
 mod projection;
 mod shared_reader;
 mod tail;
+
+/// The positions of the next `n` events `sub` yields (each within 10 s).
+async fn next_positions(sub: &mut deepnode_store::Subscription, n: usize) -> Vec<i64> {
+    let mut seen = Vec::new();
+    while seen.len() < n {
+        let event = tokio::time::timeout(std::time::Duration::from_secs(10), sub.next())
+            .await
+            .expect("the subscription delivers within 10 s")
+            .expect("the subscription reads the log");
+        seen.push(event.global_position);
+    }
+    seen
+}

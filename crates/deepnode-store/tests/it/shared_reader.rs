@@ -7,9 +7,11 @@
 
 use std::time::Duration;
 
-use deepnode_store::{EventStore, ExpectedVersion, Follower, StreamId, Subscription, Urgency};
+use deepnode_store::{EventStore, ExpectedVersion, Follower, StreamId, Urgency};
 use deepnode_testkit::{event, eventually, TestDb};
 use serde_json::json;
+
+use crate::next_positions;
 
 const HOUR: Duration = Duration::from_secs(3_600);
 
@@ -29,18 +31,6 @@ async fn commit_one_by_one(store: &EventStore, n: usize) -> i64 {
             .last_position();
     }
     last
-}
-
-async fn positions(sub: &mut Subscription, n: usize) -> Vec<i64> {
-    let mut seen = Vec::new();
-    while seen.len() < n {
-        let event = tokio::time::timeout(Duration::from_secs(10), sub.next())
-            .await
-            .expect("the subscription delivers within 10 s")
-            .unwrap();
-        seen.push(event.global_position);
-    }
-    seen
 }
 
 /// Sessions of `db` whose last statement was a LISTEN (a listening connection runs nothing else).
@@ -78,8 +68,14 @@ async fn every_reader_of_the_process_follows_one_shared_reader() {
     );
     let mut sub = store.subscribe_all(0, HOUR);
     let mut relay = store.subscribe_database(0, HOUR);
-    assert_eq!(positions(&mut sub, 5).await, (1..=5).collect::<Vec<_>>());
-    assert_eq!(positions(&mut relay, 5).await, (1..=5).collect::<Vec<_>>());
+    assert_eq!(
+        next_positions(&mut sub, 5).await,
+        (1..=5).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        next_positions(&mut relay, 5).await,
+        (1..=5).collect::<Vec<_>>()
+    );
 
     // when 10 more commit, one by one
     let last = commit_one_by_one(&writer, 10).await;
@@ -87,9 +83,12 @@ async fn every_reader_of_the_process_follows_one_shared_reader() {
     // then each reader gets 6..=15 once, in order — though none of them listens or polls: the
     // follower's linger is an hour and it never asked (no wait_for), so the shared reader's reads
     // are what reached it
-    assert_eq!(positions(&mut sub, 10).await, (6..=15).collect::<Vec<_>>());
     assert_eq!(
-        positions(&mut relay, 10).await,
+        next_positions(&mut sub, 10).await,
+        (6..=15).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        next_positions(&mut relay, 10).await,
         (6..=15).collect::<Vec<_>>()
     );
     eventually(
@@ -147,7 +146,7 @@ async fn a_reader_behind_the_window_catches_up_from_the_database() {
         .subscribe_all(0, HOUR)
         .linger(HOUR, Urgency::default());
     commit_one_by_one(&store, 1).await;
-    assert_eq!(positions(&mut sub, 1).await, vec![1]);
+    assert_eq!(next_positions(&mut sub, 1).await, vec![1]);
 
     // when 20 commit while it reads nothing, and the shared reader has read them all
     let last = commit_one_by_one(&store, 20).await;
@@ -164,5 +163,8 @@ async fn a_reader_behind_the_window_catches_up_from_the_database() {
 
     // then it still gets 2..=21 once each, in order (read from the database: the tail no longer
     // holds 2)
-    assert_eq!(positions(&mut sub, 20).await, (2..=21).collect::<Vec<_>>());
+    assert_eq!(
+        next_positions(&mut sub, 20).await,
+        (2..=21).collect::<Vec<_>>()
+    );
 }

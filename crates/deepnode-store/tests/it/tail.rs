@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use deepnode_store::{EventStore, ExpectedVersion, LogTail, Offered, StreamId};
 use deepnode_testkit::{event, TestDb};
+
+use crate::next_positions;
 use serde_json::json;
 
 async fn append(store: &EventStore, n: usize) {
@@ -22,18 +24,6 @@ async fn append(store: &EventStore, n: usize) {
             .await
             .unwrap();
     }
-}
-
-async fn next_positions(sub: &mut deepnode_store::Subscription, n: usize) -> Vec<i64> {
-    let mut seen = Vec::new();
-    while seen.len() < n {
-        let event = tokio::time::timeout(Duration::from_secs(10), sub.next())
-            .await
-            .expect("the subscription delivers within 10 s")
-            .unwrap();
-        seen.push(event.global_position);
-    }
-    seen
 }
 
 #[tokio::test]

@@ -344,7 +344,9 @@ impl Subscription {
     }
 
     /// This subscription, waiting up to `linger` after it learns of a commit at the head before it
-    /// reads (or looks at the tail), unless `urgency` fires. Catching up never lingers.
+    /// reads (or looks at the tail), unless `urgency` fires. Catching up never lingers. Following a
+    /// process's shared reader ([`crate::EventStore::with_shared_reader`]), the shared reader's
+    /// linger applies instead of `linger`, and `urgency` is passed on to it.
     pub fn linger(mut self, linger: Duration, urgency: Urgency) -> Subscription {
         self.linger = linger;
         self.urgency = urgency;

@@ -5,27 +5,10 @@
 
 use std::time::Duration;
 
-use deepnode_store::{EventStore, ExpectedVersion, Follower, StreamId, Urgency};
-use deepnode_testkit::{event, TestDb};
-use serde_json::json;
+use deepnode_store::{Follower, Urgency};
+use deepnode_testkit::TestDb;
 
-/// Commits `n` events, one append (and so one commit and one notification) each; the last position.
-async fn commit_one_by_one(store: &EventStore, n: usize) -> i64 {
-    let mut last = 0;
-    for i in 0..n {
-        let stream = StreamId::parse(&format!("linger-{}", uuid::Uuid::new_v4())).unwrap();
-        let result = store
-            .append(
-                &stream,
-                ExpectedVersion::NoStream,
-                vec![event("Tick", json!({"i": i}))],
-            )
-            .await
-            .unwrap();
-        last = result.last_position();
-    }
-    last
-}
+use crate::commit_one_by_one;
 
 /// The reader's next batch of positions.
 async fn next(batches: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<i64>>) -> Vec<i64> {

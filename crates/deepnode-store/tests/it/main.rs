@@ -21,3 +21,24 @@ async fn next_positions(sub: &mut deepnode_store::Subscription, n: usize) -> Vec
     }
     seen
 }
+
+/// Commits `n` events, one append (and so one commit and one notification) each, each to a new
+/// stream; the last position.
+async fn commit_one_by_one(store: &deepnode_store::EventStore, n: usize) -> i64 {
+    let mut last = 0;
+    for i in 0..n {
+        let stream =
+            deepnode_store::StreamId::parse(&format!("one-by-one-{}", uuid::Uuid::new_v4()))
+                .expect("a valid stream id");
+        last = store
+            .append(
+                &stream,
+                deepnode_store::ExpectedVersion::NoStream,
+                vec![deepnode_testkit::event("Tick", serde_json::json!({"i": i}))],
+            )
+            .await
+            .expect("the append commits")
+            .last_position();
+    }
+    last
+}

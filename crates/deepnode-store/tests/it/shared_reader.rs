@@ -7,31 +7,12 @@
 
 use std::time::Duration;
 
-use deepnode_store::{EventStore, ExpectedVersion, Follower, StreamId, Urgency};
-use deepnode_testkit::{event, eventually, TestDb};
-use serde_json::json;
+use deepnode_store::{EventStore, Follower, Urgency};
+use deepnode_testkit::{eventually, TestDb};
 
-use crate::next_positions;
+use crate::{commit_one_by_one, next_positions};
 
 const HOUR: Duration = Duration::from_secs(3_600);
-
-/// Commits `n` events, one append (one commit, one notification) each; the last position.
-async fn commit_one_by_one(store: &EventStore, n: usize) -> i64 {
-    let mut last = 0;
-    for i in 0..n {
-        let stream = StreamId::parse(&format!("shared-{}", uuid::Uuid::new_v4())).unwrap();
-        last = store
-            .append(
-                &stream,
-                ExpectedVersion::NoStream,
-                vec![event("Tick", json!({"i": i}))],
-            )
-            .await
-            .unwrap()
-            .last_position();
-    }
-    last
-}
 
 /// Sessions of `db` whose last statement was a LISTEN (a listening connection runs nothing else).
 async fn listening_sessions(db: &TestDb, admin: &EventStore) -> i64 {

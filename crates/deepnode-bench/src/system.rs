@@ -198,7 +198,9 @@ impl Deployment {
         let mut env = vec![
             ("DATABASE_URL", db.url.clone()),
             ("NATS_URL", nats_url.clone()),
-            ("DEEPNODE_METRICS_ADDR", "off".to_owned()),
+            // As deployed: each service serves /metrics (on a free loopback port), so its histograms
+            // are recorded and drained as in production.
+            ("DEEPNODE_METRICS_ADDR", "127.0.0.1:0".to_owned()),
             (
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),

@@ -5,8 +5,10 @@
 //!
 //! Metrics are recorded anywhere in the process through the `metrics` facade (the store, the bus
 //! consumers and the services call `metrics::counter!` & co.); this module installs the Prometheus
-//! recorder once per process ([`metrics_handle`]) and renders it on request. A background task keeps
-//! the lag gauges (`deepnode_projection_lag_events{projection}`, `deepnode_relay_lag_events`) fresh.
+//! recorder once per process ([`metrics_handle`]) when the listener is on, and renders it on request.
+//! A background task keeps the lag gauges (`deepnode_projection_lag_events{projection}`,
+//! `deepnode_relay_lag_events`) fresh and drains histogram samples into their buckets; with the
+//! listener off no recorder is installed and the `metrics` macros do nothing.
 //!
 //! It deliberately does not decide what to count: each component names its own metrics
 //! (`deepnode_*_total` counters, `deepnode_*_seconds` histograms), listed in [`describe`].
@@ -322,18 +324,22 @@ pub struct Observability {
     pub local_addr: Option<SocketAddr>,
 }
 
-/// Installs the recorder and, unless `options.addr` is `None`, serves `/metrics`, `/healthz` and
-/// `/readyz` on it and refreshes the lag gauges, until `shutdown` fires.
+/// Unless `options.addr` is `None`, installs the recorder, serves `/metrics`, `/healthz` and
+/// `/readyz` on that address and refreshes the lag gauges (draining histogram samples), until
+/// `shutdown` fires.
+///
+/// With the listener off nothing is recorded: a recorder that no one renders or upkeeps would keep
+/// every histogram sample — 8 bytes per execution and per commit, for the life of the process.
 pub async fn start(
     ctx: &ServiceContext,
     options: ObservabilityOptions,
     shutdown: Shutdown,
 ) -> Result<Observability, Error> {
-    let handle = metrics_handle();
     let Some(addr) = options.addr else {
-        tracing::info!("metrics listener off ({METRICS_ADDR_ENV}=off)");
+        tracing::info!("metrics listener off ({METRICS_ADDR_ENV}=off): nothing is recorded");
         return Ok(Observability { local_addr: None });
     };
+    let handle = metrics_handle();
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| Error::Bind { addr, source })?;

@@ -78,6 +78,7 @@ pub(crate) struct AppendRequest {
 }
 
 /// A validated event with its bodies serialised once, for both the hash and the database.
+#[derive(Clone)]
 pub(crate) struct PreparedEvent {
     pub event_id: Uuid,
     pub event_type: String,

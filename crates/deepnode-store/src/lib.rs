@@ -132,12 +132,23 @@ impl EventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, Error> {
-        let events = prepare_all(events)?;
+        self.append_prepared(stream, expected, Prepared::new(events)?)
+            .await
+    }
+
+    /// [`EventStore::append`] of events already validated and serialised: an append that may be
+    /// retried prepares its events once and clones the [`Prepared`] (strings, not JSON trees).
+    pub async fn append_prepared(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Prepared,
+    ) -> Result<AppendResult, Error> {
         let (reply, answer) = oneshot::channel();
         let request = append::AppendRequest {
             stream: stream.clone(),
             expected,
-            events,
+            events: events.0,
             reply,
         };
         self.writer.send(request).await.map_err(|_| Error::Closed)?;
@@ -153,7 +164,7 @@ impl EventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, Error> {
-        let events = prepare_all(events)?;
+        let events = Prepared::new(events)?.0;
         let (reply, _) = oneshot::channel();
         let request = append::AppendRequest {
             stream: stream.clone(),
@@ -225,21 +236,29 @@ impl EventStore {
     }
 }
 
-/// Validates an append's events (non-empty, distinct ids, each valid) and serialises their bodies.
-fn prepare_all(events: Vec<NewEvent>) -> Result<Vec<append::PreparedEvent>, Error> {
-    if events.is_empty() {
-        return Err(Error::EmptyAppend);
-    }
-    let mut seen = HashSet::with_capacity(events.len());
-    for event in &events {
-        if !seen.insert(event.event_id) {
-            return Err(Error::DuplicateInAppend {
-                event_id: event.event_id,
-            });
+/// An append's events, validated (non-empty, distinct ids, each valid) and with their bodies
+/// serialised once — for the hash and for the database. Cheap to clone.
+#[derive(Clone)]
+pub struct Prepared(Vec<append::PreparedEvent>);
+
+impl Prepared {
+    /// Validates `events` and serialises their bodies.
+    pub fn new(events: Vec<NewEvent>) -> Result<Prepared, Error> {
+        if events.is_empty() {
+            return Err(Error::EmptyAppend);
         }
+        let mut seen = HashSet::with_capacity(events.len());
+        for event in &events {
+            if !seen.insert(event.event_id) {
+                return Err(Error::DuplicateInAppend {
+                    event_id: event.event_id,
+                });
+            }
+        }
+        events
+            .into_iter()
+            .map(append::PreparedEvent::prepare)
+            .collect::<Result<_, _>>()
+            .map(Prepared)
     }
-    events
-        .into_iter()
-        .map(append::PreparedEvent::prepare)
-        .collect()
 }

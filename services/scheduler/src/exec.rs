@@ -36,7 +36,7 @@ use deepnode_domain::execution::{
 };
 use deepnode_domain::ids::{ModelId, RequestId};
 use deepnode_domain::log::{ExpectedVersion, NewEvent, StreamId};
-use deepnode_store::Error as StoreError;
+use deepnode_store::{Error as StoreError, Prepared};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::task::{JoinError, JoinHandle};
@@ -347,12 +347,16 @@ impl Scheduler {
         if record.is_empty() {
             return reply(verdict).into();
         }
+        let record = match Prepared::new(record) {
+            Ok(record) => record,
+            Err(e) => return store_failure(&e).into(),
+        };
         // A transient failure (the connection dropped, the pool timed out) is retried twice, 50 ms
         // then 200 ms later; the same event ids make a retry of an append that did land a duplicate.
         let appended = (|| {
             self.ctx
                 .store
-                .append(stream, ExpectedVersion::NoStream, record.clone())
+                .append_prepared(stream, ExpectedVersion::NoStream, record.clone())
         })
         .retry(
             ExponentialBuilder::new()

@@ -329,7 +329,7 @@ pub struct Observability {
 /// `shutdown` fires.
 ///
 /// With the listener off nothing is recorded: a recorder that no one renders or upkeeps would keep
-/// every histogram sample — 8 bytes per execution and per commit, for the life of the process.
+/// every histogram sample — one per execution and one per commit, for the life of the process.
 pub async fn start(
     ctx: &ServiceContext,
     options: ObservabilityOptions,

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-#[derive(Serialize, Deserialize)]
+/// The message as read. [`WireEventRef`] writes the same fields, in the same order, borrowed.
+#[derive(Deserialize)]
 struct WireEvent {
     global_position: i64,
     event_id: Uuid,
@@ -18,6 +19,23 @@ struct WireEvent {
     schema_version: i32,
     payload: Value,
     metadata: Value,
+    occurred_at: DateTime<Utc>,
+    recorded_at: DateTime<Utc>,
+    prev_hash: String,
+    hash: String,
+}
+
+/// The message as written, borrowing the event (its JSON trees are not copied to be serialised).
+#[derive(Serialize)]
+struct WireEventRef<'a> {
+    global_position: i64,
+    event_id: Uuid,
+    stream_id: &'a str,
+    stream_version: i64,
+    event_type: &'a str,
+    schema_version: i32,
+    payload: &'a Value,
+    metadata: &'a Value,
     occurred_at: DateTime<Utc>,
     recorded_at: DateTime<Utc>,
     prev_hash: String,
@@ -35,15 +53,15 @@ pub enum WireError {
 
 /// Serialises a stored event for the bus.
 pub fn to_bytes(event: &RecordedEvent) -> Vec<u8> {
-    let wire = WireEvent {
+    let wire = WireEventRef {
         global_position: event.global_position,
         event_id: event.event_id,
-        stream_id: event.stream_id.clone(),
+        stream_id: &event.stream_id,
         stream_version: event.stream_version,
-        event_type: event.event_type.clone(),
+        event_type: &event.event_type,
         schema_version: event.schema_version,
-        payload: event.payload.clone(),
-        metadata: event.metadata.clone(),
+        payload: &event.payload,
+        metadata: &event.metadata,
         occurred_at: event.occurred_at,
         recorded_at: event.recorded_at,
         prev_hash: hex::encode(&event.prev_hash),
@@ -69,4 +87,40 @@ pub fn from_slice(bytes: &[u8]) -> Result<RecordedEvent, WireError> {
         prev_hash: hex::decode(&w.prev_hash).map_err(|_| WireError::Hex { field: "prev_hash" })?,
         hash: hex::decode(&w.hash).map_err(|_| WireError::Hex { field: "hash" })?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use serde_json::json;
+
+    fn event() -> RecordedEvent {
+        let at = Utc.with_ymd_and_hms(2026, 11, 30, 12, 0, 0).unwrap();
+        RecordedEvent {
+            global_position: 7,
+            event_id: Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef),
+            stream_id: "node-n1".to_owned(),
+            stream_version: 2,
+            event_type: "NodeRegistered".to_owned(),
+            schema_version: 1,
+            payload: json!({"node_id": "n1", "capacity": 4}),
+            metadata: json!({"producer": "test"}),
+            occurred_at: at,
+            recorded_at: at,
+            prev_hash: vec![0xab; 2],
+            hash: vec![0xcd; 2],
+        }
+    }
+
+    /// The bus's and the export's format: fields in this order, bodies with sorted keys, hashes in hex.
+    #[test]
+    fn a_stored_event_is_written_as_it_always_was() {
+        let bytes = to_bytes(&event());
+        assert_eq!(
+            std::str::from_utf8(&bytes).unwrap(),
+            r#"{"global_position":7,"event_id":"01234567-89ab-cdef-0123-456789abcdef","stream_id":"node-n1","stream_version":2,"event_type":"NodeRegistered","schema_version":1,"payload":{"capacity":4,"node_id":"n1"},"metadata":{"producer":"test"},"occurred_at":"2026-11-30T12:00:00Z","recorded_at":"2026-11-30T12:00:00Z","prev_hash":"abab","hash":"cdcd"}"#
+        );
+        assert_eq!(from_slice(&bytes).unwrap(), event());
+    }
 }

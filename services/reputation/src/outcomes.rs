@@ -14,11 +14,15 @@ use std::sync::Arc;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::message::Message;
 use async_nats::jetstream::AckKind;
+use chrono::{DateTime, Utc};
 use deepnode_bus::jetstream::{durable_pull_config, ensure_pull_consumer};
-use deepnode_domain::events::{DomainEvent, Metadata};
+use deepnode_domain::events::{current_schema_version, Metadata};
+use deepnode_domain::ids::NodeId;
 use deepnode_domain::penalties;
-use deepnode_runtime::wire;
 use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::Value;
+use uuid::Uuid;
 
 use crate::decide::{decide_and_append, Decision};
 use crate::{pull, Error, Shared, Stats};
@@ -83,20 +87,47 @@ enum Next {
     Retry(String),
 }
 
+/// What an assessment reads of an outcome event on the bus (`deepnode_runtime::wire`'s form): its
+/// place in the log, its time, the node it is about and its correlation. The rest of the payload is
+/// skipped, not built as a JSON tree: the live view folds the event itself from the log.
+#[derive(Deserialize)]
+struct Trigger {
+    global_position: i64,
+    event_id: Uuid,
+    event_type: String,
+    schema_version: i32,
+    occurred_at: DateTime<Utc>,
+    payload: AboutNode,
+    metadata: Correlation,
+}
+
+/// Every trigger's payload names its node.
+#[derive(Deserialize)]
+struct AboutNode {
+    node_id: NodeId,
+}
+
+#[derive(Deserialize)]
+struct Correlation {
+    #[serde(default)]
+    correlation_id: Option<Value>,
+}
+
 async fn assess(shared: &Shared, payload: &[u8]) -> Result<(), Next> {
-    let recorded = wire::from_slice(payload).map_err(|e| Next::Skip(e.to_string()))?;
-    let event = DomainEvent::decode(&recorded).map_err(|e| {
-        Next::Skip(format!(
-            "event at position {}: {e}",
-            recorded.global_position
-        ))
-    })?;
-    let node = match &event {
-        DomainEvent::AttemptSucceeded(e) => e.node_id.clone(),
-        DomainEvent::AttemptFailed(e) => e.node_id.clone(),
-        DomainEvent::ExecutionReported(e) => e.node_id.clone(),
-        _ => return Ok(()),
-    };
+    let recorded: Trigger = serde_json::from_slice(payload)
+        .map_err(|e| Next::Skip(format!("not an outcome event: {e}")))?;
+    if !TRIGGERS.contains(&recorded.event_type.as_str()) {
+        return Ok(());
+    }
+    let readable = current_schema_version(&recorded.event_type)
+        .is_some_and(|known| (1..=known).contains(&recorded.schema_version));
+    if !readable {
+        return Err(Next::Skip(format!(
+            "event at position {}: {} version {} is not one this build reads",
+            recorded.global_position, recorded.event_type, recorded.schema_version
+        )));
+    }
+    let node = recorded.payload.node_id;
     shared
         .view
         .wait_for(recorded.global_position, shared.options.view_timeout)
@@ -108,7 +139,8 @@ async fn assess(shared: &Shared, payload: &[u8]) -> Result<(), Next> {
     let trigger = recorded.event_id;
     let correlation = recorded
         .metadata
-        .get("correlation_id")
+        .correlation_id
+        .as_ref()
         .and_then(|c| c.as_str())
         .map_or_else(|| trigger.to_string(), str::to_owned);
     let policy = shared.ctx.policy.clone();

@@ -5,4 +5,5 @@ mod commands;
 mod common;
 mod ingest;
 mod liveness;
+mod outcomes;
 mod penalties;

@@ -4,15 +4,19 @@
 
 use std::time::Duration;
 
+use chrono::Utc;
 use deepnode_bus::Subjects;
 use deepnode_domain::config::PolicyConfig;
+use deepnode_domain::events::{AttemptFailed, DomainEvent, Failure, Metadata};
+use deepnode_domain::ids::{NodeId, RequestId};
 use deepnode_reputation::ReputationOptions;
 use deepnode_runtime::relay::{self, RelayOptions};
 use deepnode_runtime::{ServiceContext, Shutdown};
-use deepnode_store::{EventStore, RecordedEvent};
+use deepnode_store::{EventStore, ExpectedVersion, RecordedEvent};
 use deepnode_testkit::{answering, nats_url, Services, TestDb};
 use serde_json::Value;
 use tokio::task::JoinHandle;
+use uuid::Uuid;
 
 /// One running copy of the service.
 pub struct Running {
@@ -131,4 +135,27 @@ pub async fn register(ctx: &ServiceContext, node: &str) {
     )
     .await;
     assert_eq!(reply["ok"], true, "{reply}");
+}
+
+/// Logs, as "the scheduler" would, a failed attempt of `request` on `node`; returns its event id.
+pub async fn log_failed_attempt(store: &EventStore, node: &str, request: &str) -> Uuid {
+    let request_id = RequestId::parse(request).unwrap();
+    let event = DomainEvent::AttemptFailed(AttemptFailed {
+        request_id: request_id.clone(),
+        node_id: NodeId::parse(node).unwrap(),
+        outcome: Failure::Error,
+        latency_ms: 5,
+        detail: "boom".into(),
+    });
+    let id = Uuid::new_v4();
+    let new = event.to_new_event(
+        id,
+        Metadata::new("scheduler-test", request_id.as_str()),
+        Utc::now(),
+    );
+    store
+        .append(&event.stream_id(), ExpectedVersion::Any, vec![new])
+        .await
+        .unwrap();
+    id
 }

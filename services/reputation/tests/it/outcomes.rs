@@ -8,14 +8,10 @@ use crate::common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chrono::Utc;
 use deepnode_bus::jetstream::publish_with_id;
 use deepnode_bus::Subjects;
 use deepnode_domain::config::PolicyConfig;
-use deepnode_domain::events::{AttemptFailed, DomainEvent, Failure, Metadata};
-use deepnode_domain::ids::{NodeId, RequestId};
 use deepnode_reputation::Stats;
-use deepnode_store::ExpectedVersion;
 use deepnode_testkit::{eventually, TestDb};
 use serde_json::json;
 use uuid::Uuid;
@@ -53,24 +49,7 @@ async fn unreadable_outcome_messages_are_terminated_and_the_next_is_assessed() {
 
     // when a failed attempt is logged and relayed after them
     let (relay, relay_stop) = common::start_relay(&a.ctx);
-    let request_id = RequestId::parse("r1").unwrap();
-    let event = DomainEvent::AttemptFailed(AttemptFailed {
-        request_id: request_id.clone(),
-        node_id: NodeId::parse("n1").unwrap(),
-        outcome: Failure::Error,
-        latency_ms: 5,
-        detail: "boom".into(),
-    });
-    let new = event.to_new_event(
-        Uuid::new_v4(),
-        Metadata::new("scheduler-test", request_id.as_str()),
-        Utc::now(),
-    );
-    a.ctx
-        .store
-        .append(&event.stream_id(), ExpectedVersion::Any, vec![new])
-        .await
-        .unwrap();
+    common::log_failed_attempt(&a.ctx.store, "n1", "r1").await;
 
     // then, once the relay has published the whole log after the two ...
     let logged = u64::try_from(a.ctx.store.head_position().await.unwrap()).unwrap();

@@ -8,13 +8,10 @@ use deepnode_testkit::{eventually, log_until};
 
 use std::time::Duration;
 
-use chrono::Utc;
 use deepnode_bus::Subjects;
 use deepnode_domain::config::PolicyConfig;
-use deepnode_domain::events::{AttemptFailed, DomainEvent, Failure, Metadata};
-use deepnode_domain::ids::{NodeId, RequestId};
 use deepnode_reputation::Stats;
-use deepnode_store::{ExpectedVersion, RecordedEvent};
+use deepnode_store::RecordedEvent;
 use deepnode_testkit::TestDb;
 use uuid::Uuid;
 
@@ -44,29 +41,9 @@ async fn a_failing_node_is_jailed_and_slashed_once_across_two_copies() {
     common::register(&a.ctx, "n1").await;
 
     // given 30 failed attempts on n1, logged by "the scheduler"
-    let node = NodeId::parse("n1").unwrap();
     let mut failures = Vec::new();
     for i in 0..30 {
-        let request_id = RequestId::parse(&format!("r{i}")).unwrap();
-        let event = DomainEvent::AttemptFailed(AttemptFailed {
-            request_id: request_id.clone(),
-            node_id: node.clone(),
-            outcome: Failure::Error,
-            latency_ms: 5,
-            detail: "boom".into(),
-        });
-        let id = Uuid::new_v4();
-        failures.push(id);
-        let new = event.to_new_event(
-            id,
-            Metadata::new("scheduler-test", request_id.as_str()),
-            Utc::now(),
-        );
-        a.ctx
-            .store
-            .append(&event.stream_id(), ExpectedVersion::Any, vec![new])
-            .await
-            .unwrap();
+        failures.push(common::log_failed_attempt(&a.ctx.store, "n1", &format!("r{i}")).await);
     }
 
     // then every outcome is assessed, by one copy or the other

@@ -177,7 +177,7 @@ impl Consumer {
         let mut head = [0u8; 8];
         let n = event.hash.len().min(8);
         head[..n].copy_from_slice(&event.hash[..n]);
-        let fields = event.payload.as_object().map_or(0, |o| o.len() as u64);
+        let fields = event.payload.text().len() as u64;
         self.checksum = self
             .checksum
             .rotate_left(5)

@@ -654,7 +654,7 @@ async fn a_rewrite_with_every_later_hash_recomputed_fails_verify_and_the_receipt
     .unwrap();
     let event = store.read_all(position - 1, 1).await.unwrap().remove(0);
     let leaf = merkle::leaf_hash(&event.hash);
-    let reply = json!({"ok": true, "node_id": event.payload["node_id"],
+    let reply = json!({"ok": true, "node_id": event.payload.to_value()["node_id"],
         "receipt": signed_receipt(&key, position, &leaf)});
 
     // Rewrite event 20's time, recompute every hash from there, move the head, rebuild the tree.
@@ -759,7 +759,7 @@ async fn verify_receipt_checks_signature_event_inclusion_and_outcome() {
     let leaf = merkle::leaf_hash(&event.hash);
     let receipt = |position: i64| signed_receipt(&key, position, &leaf);
     let check = |reply: Value| verify_receipt(db.url(), &subjects, &public, &reply);
-    let node = event.payload["node_id"].clone();
+    let node = event.payload.to_value()["node_id"].clone();
     let o = check(json!({"ok": true, "node_id": node, "receipt": receipt(position)}));
     assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
     assert!(stdout(&o).contains("verify receipt: ok"), "{}", stdout(&o));

@@ -116,7 +116,7 @@ macro_rules! domain_events {
             fn read(
                 event_type: &str,
                 version: i32,
-                payload: &Value,
+                payload: Payload<'_>,
             ) -> Option<Result<DomainEvent, serde_json::Error>> {
                 $(if event_type == $name::TYPE {
                     return Some(read::<$name>(version, payload).map(DomainEvent::$name));
@@ -596,13 +596,22 @@ pub fn current_schema_version(event_type: &str) -> Option<i32> {
         .map(|(_, v)| *v)
 }
 
+/// A payload to read: a JSON tree, or the text stored in the log.
+#[derive(Clone, Copy)]
+enum Payload<'a> {
+    Tree(&'a Value),
+    Text(&'a str),
+}
+
 /// Reads a payload of `version` (already checked to be between 1 and the current one) as `E`.
-fn read<E: Event>(version: i32, payload: &Value) -> Result<E, serde_json::Error> {
-    if version == E::VERSION {
+fn read<E: Event>(version: i32, payload: Payload<'_>) -> Result<E, serde_json::Error> {
+    match payload {
         // Deserialising from `&Value` borrows the payload: no clone of the JSON tree per event.
-        E::deserialize(payload)
-    } else {
-        E::upcast(version, payload)
+        Payload::Tree(tree) if version == E::VERSION => E::deserialize(tree),
+        // Straight from the text: no JSON tree is built for the current version.
+        Payload::Text(text) if version == E::VERSION => serde_json::from_str(text),
+        Payload::Tree(tree) => E::upcast(version, tree),
+        Payload::Text(text) => E::upcast(version, &serde_json::from_str(text)?),
     }
 }
 
@@ -659,14 +668,23 @@ impl DomainEvent {
 
     /// Reads a stored event, upcasting older schema versions to the current shape.
     pub fn decode(event: &RecordedEvent) -> Result<DomainEvent, DecodeError> {
-        DomainEvent::decode_parts(&event.event_type, event.schema_version, &event.payload)
+        let payload = Payload::Text(event.payload.text());
+        DomainEvent::decode_payload(&event.event_type, event.schema_version, payload)
     }
 
-    /// [`DomainEvent::decode`] on the three columns that matter.
+    /// [`DomainEvent::decode`] on the three columns that matter, the payload as a JSON tree.
     pub fn decode_parts(
         event_type: &str,
         schema_version: i32,
         payload: &Value,
+    ) -> Result<DomainEvent, DecodeError> {
+        DomainEvent::decode_payload(event_type, schema_version, Payload::Tree(payload))
+    }
+
+    fn decode_payload(
+        event_type: &str,
+        schema_version: i32,
+        payload: Payload<'_>,
     ) -> Result<DomainEvent, DecodeError> {
         let Some(known) = current_schema_version(event_type) else {
             return Err(DecodeError::UnknownEventType {

@@ -7,6 +7,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -198,6 +199,59 @@ fn contains_nul(value: &Value) -> bool {
     }
 }
 
+/// A JSON object as stored in the log (an event's `payload` or `metadata`): its text, as the
+/// database or the bus gave it, checked to be JSON but not built into a tree. Readers deserialise
+/// what they need straight from the text ([`StoredJson::parse`]); the tree ([`StoredJson::to_value`])
+/// is built only where it is needed — the canonical bytes, for instance, since PostgreSQL's jsonb
+/// text orders keys its own way and is not the canonical form.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct StoredJson(Box<RawValue>);
+
+impl StoredJson {
+    /// Checks that `text` is JSON and keeps it as it is.
+    pub fn from_text(text: String) -> Result<StoredJson, serde_json::Error> {
+        RawValue::from_string(text).map(StoredJson)
+    }
+
+    /// The JSON text as stored.
+    pub fn text(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Deserialises the text as `T`.
+    pub fn parse<'a, T: Deserialize<'a>>(&'a self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(self.0.get())
+    }
+
+    /// The JSON tree of the text.
+    pub fn to_value(&self) -> Value {
+        // The text was checked to be JSON when this was made, under the same nesting limit.
+        self.parse().expect("stored JSON text parses")
+    }
+}
+
+impl From<&Value> for StoredJson {
+    fn from(value: &Value) -> StoredJson {
+        let raw = serde_json::value::to_raw_value(value)
+            .expect("a Value serialises: its keys are strings");
+        StoredJson(raw)
+    }
+}
+
+impl From<Value> for StoredJson {
+    fn from(value: Value) -> StoredJson {
+        StoredJson::from(&value)
+    }
+}
+
+/// Equal when the JSON is, whatever the text's key order or spacing.
+impl PartialEq for StoredJson {
+    fn eq(&self, other: &StoredJson) -> bool {
+        self.text() == other.text() || self.to_value() == other.to_value()
+    }
+}
+
 /// An event as stored in the log, with its global position and place in the hash chain.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RecordedEvent {
@@ -207,8 +261,8 @@ pub struct RecordedEvent {
     pub stream_version: i64,
     pub event_type: String,
     pub schema_version: i32,
-    pub payload: Value,
-    pub metadata: Value,
+    pub payload: StoredJson,
+    pub metadata: StoredJson,
     pub occurred_at: DateTime<Utc>,
     pub recorded_at: DateTime<Utc>,
     pub prev_hash: Vec<u8>,
@@ -223,8 +277,8 @@ impl RecordedEvent {
 
     /// The canonical bytes of the row (everything but the two hashes), see [`canonical_bytes`].
     pub fn canonical_bytes(&self) -> Vec<u8> {
-        let payload = to_json_bytes(&self.payload);
-        let metadata = to_json_bytes(&self.metadata);
+        let payload = to_json_bytes(&self.payload.to_value());
+        let metadata = to_json_bytes(&self.metadata.to_value());
         canonical_bytes(&CanonicalRow {
             global_position: self.global_position,
             event_id: self.event_id,

@@ -2,7 +2,7 @@
 //! an export's `events/*.jsonl` (docs/VERIFY.md): every column of the `events` row, hashes in hex.
 //! [`to_bytes`] and [`from_slice`] are exact inverses.
 
-use crate::log::RecordedEvent;
+use crate::log::{RecordedEvent, StoredJson};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -17,8 +17,8 @@ struct WireEvent {
     stream_version: i64,
     event_type: String,
     schema_version: i32,
-    payload: Value,
-    metadata: Value,
+    payload: StoredJson,
+    metadata: StoredJson,
     occurred_at: DateTime<Utc>,
     recorded_at: DateTime<Utc>,
     prev_hash: String,
@@ -51,8 +51,11 @@ pub enum WireError {
     Hex { field: &'static str },
 }
 
-/// Serialises a stored event for the bus.
+/// Serialises a stored event for the bus. The payload and metadata are written in their canonical
+/// form (keys sorted, no spaces) whatever text they were read as, so the bytes of an event are the
+/// same whether it came from the database or the bus.
 pub fn to_bytes(event: &RecordedEvent) -> Vec<u8> {
+    let (payload, metadata) = (event.payload.to_value(), event.metadata.to_value());
     let wire = WireEventRef {
         global_position: event.global_position,
         event_id: event.event_id,
@@ -60,8 +63,8 @@ pub fn to_bytes(event: &RecordedEvent) -> Vec<u8> {
         stream_version: event.stream_version,
         event_type: &event.event_type,
         schema_version: event.schema_version,
-        payload: &event.payload,
-        metadata: &event.metadata,
+        payload: &payload,
+        metadata: &metadata,
         occurred_at: event.occurred_at,
         recorded_at: event.recorded_at,
         prev_hash: hex::encode(&event.prev_hash),
@@ -104,8 +107,8 @@ mod tests {
             stream_version: 2,
             event_type: "NodeRegistered".to_owned(),
             schema_version: 1,
-            payload: json!({"node_id": "n1", "capacity": 4}),
-            metadata: json!({"producer": "test"}),
+            payload: json!({"node_id": "n1", "capacity": 4}).into(),
+            metadata: json!({"producer": "test"}).into(),
             occurred_at: at,
             recorded_at: at,
             prev_hash: vec![0xab; 2],
@@ -122,5 +125,16 @@ mod tests {
             r#"{"global_position":7,"event_id":"01234567-89ab-cdef-0123-456789abcdef","stream_id":"node-n1","stream_version":2,"event_type":"NodeRegistered","schema_version":1,"payload":{"capacity":4,"node_id":"n1"},"metadata":{"producer":"test"},"occurred_at":"2026-11-30T12:00:00Z","recorded_at":"2026-11-30T12:00:00Z","prev_hash":"abab","hash":"cdcd"}"#
         );
         assert_eq!(from_slice(&bytes).unwrap(), event());
+    }
+
+    /// A body read from the database is jsonb's text (its own key order, spaces): on the bus it is
+    /// the canonical form all the same.
+    #[test]
+    fn a_body_read_as_jsonb_text_is_written_in_canonical_form() {
+        let mut from_db = event();
+        from_db.payload =
+            StoredJson::from_text(r#"{"node_id": "n1", "capacity": 4}"#.into()).unwrap();
+        assert_ne!(from_db.payload.text(), event().payload.text());
+        assert_eq!(to_bytes(&from_db), to_bytes(&event()));
     }
 }

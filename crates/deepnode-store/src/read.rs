@@ -9,9 +9,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deepnode_domain::log::{RecordedEvent, StreamId};
+use deepnode_domain::log::{RecordedEvent, StoredJson, StreamId};
 use futures::{FutureExt, TryStreamExt};
 use sqlx::postgres::{PgListener, PgRow};
+use sqlx::types::Json;
 use sqlx::{PgPool, Row};
 use tokio::sync::{mpsc, watch, Notify};
 
@@ -33,13 +34,18 @@ pub(crate) fn from_row(row: &PgRow) -> Result<RecordedEvent, sqlx::Error> {
         stream_version: row.try_get(3)?,
         event_type: row.try_get(4)?,
         schema_version: row.try_get(5)?,
-        payload: row.try_get(6)?,
-        metadata: row.try_get(7)?,
+        payload: stored_json(row, 6)?,
+        metadata: stored_json(row, 7)?,
         occurred_at: row.try_get(8)?,
         recorded_at: row.try_get(9)?,
         prev_hash: row.try_get(10)?,
         hash: row.try_get(11)?,
     })
+}
+
+/// A jsonb column as its text, checked to be JSON but not built into a tree (see [`StoredJson`]).
+fn stored_json(row: &PgRow, index: usize) -> Result<StoredJson, sqlx::Error> {
+    row.try_get::<Json<StoredJson>, _>(index).map(|json| json.0)
 }
 
 /// Events of one stream with `stream_version >= from_version`, in version order.

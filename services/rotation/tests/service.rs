@@ -497,11 +497,14 @@ async fn rounds_move_at_most_the_cap_keep_two_replicas_and_settle() {
     let completed = of_type(&log, "RotationCompleted");
     let epochs: Vec<u64> = completed
         .iter()
-        .map(|e| e.payload["epoch"].as_u64().unwrap())
+        .map(|e| e.payload.to_value()["epoch"].as_u64().unwrap())
         .collect();
     assert_eq!(epochs, (1..=epochs.len() as u64).collect::<Vec<_>>());
     for e in of_type(&log, "DeploymentRevoked") {
-        let cause = e.metadata["causation_id"].as_str().unwrap();
+        let cause = e.metadata.to_value()["causation_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         assert!(
             completed.iter().any(|c| c.event_id.to_string() == cause),
             "{cause}"
@@ -547,7 +550,7 @@ async fn concurrent_rounds_on_two_copies_complete_each_epoch_once() {
     let log = h.log().await;
     let epochs: Vec<u64> = of_type(&log, "RotationCompleted")
         .iter()
-        .map(|e| e.payload["epoch"].as_u64().unwrap())
+        .map(|e| e.payload.to_value()["epoch"].as_u64().unwrap())
         .collect();
     assert_eq!(epochs.len(), completed);
     assert!(completed >= 5, "at least one round per trigger pair");
@@ -581,7 +584,7 @@ async fn two_periodic_copies_run_one_round_per_period() {
     let completed = of_type(&log, "RotationCompleted");
     let epochs: Vec<u64> = completed
         .iter()
-        .map(|e| e.payload["epoch"].as_u64().unwrap())
+        .map(|e| e.payload.to_value()["epoch"].as_u64().unwrap())
         .collect();
     assert!(epochs.len() >= 3, "periodic rounds ran: {epochs:?}");
     assert_eq!(epochs, (1..=epochs.len() as u64).collect::<Vec<_>>());
@@ -631,14 +634,14 @@ async fn on_demand_rounds_over_the_bus_and_phase_out_outside_immunity_only() {
     let log = h.log().await;
     let changes: Vec<&RecordedEvent> = of_type(&log, "NodeStatusChanged")
         .into_iter()
-        .filter(|e| e.payload["to"] == json!("phased_out"))
+        .filter(|e| e.payload.to_value()["to"] == json!("phased_out"))
         .collect();
     assert_eq!(changes.len(), 1);
-    assert_eq!(changes[0].payload["node_id"], json!("poor"));
-    assert_eq!(changes[0].payload["from"], json!("active"));
+    assert_eq!(changes[0].payload.to_value()["node_id"], json!("poor"));
+    assert_eq!(changes[0].payload.to_value()["from"], json!("active"));
     let completed = of_type(&log, "RotationCompleted");
     assert_eq!(
-        changes[0].metadata["causation_id"].as_str(),
+        changes[0].metadata.to_value()["causation_id"].as_str(),
         Some(completed[0].event_id.to_string().as_str())
     );
     // Already phased out: the next round does not do it again.

@@ -104,8 +104,8 @@ async fn close_if_abandoned(
     if now < first.occurred_at + longest + grace {
         return Ok(false);
     }
-    let correlation = first
-        .metadata
+    let first_metadata = first.metadata.to_value();
+    let correlation = first_metadata
         .get("correlation_id")
         .and_then(Value::as_str)
         .unwrap_or(request_id.as_str());

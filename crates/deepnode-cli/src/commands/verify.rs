@@ -244,7 +244,7 @@ async fn receipt(
                         "the reply says ok: {ok} but the event is {}",
                         event.event_type
                     ));
-                } else if ok && reply.get("node_id") != event.payload.get("node_id") {
+                } else if ok && reply.get("node_id") != event.payload.to_value().get("node_id") {
                     failures.push("the reply names another node than the log".to_owned());
                 } else {
                     println!("outcome: ok {ok} as recorded");

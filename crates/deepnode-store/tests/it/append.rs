@@ -70,7 +70,7 @@ async fn appends_are_atomic_ordered_and_versioned() {
         events.iter().map(|e| e.stream_version).collect::<Vec<_>>(),
         vec![1, 2, 3]
     );
-    assert_eq!(events[1].payload, json!({"n": 2}));
+    assert_eq!(events[1].payload, json!({"n": 2}).into());
     assert_eq!(store.read_stream(&s, 3).await.unwrap().len(), 1);
     assert_eq!(store.head_position().await.unwrap(), 4);
 }

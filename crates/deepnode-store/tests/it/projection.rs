@@ -38,7 +38,7 @@ impl Projection for StreamStats {
             )
             .bind(&e.stream_id)
             .bind(e.stream_version)
-            .bind(e.payload["n"].as_i64().unwrap_or(0))
+            .bind(e.payload.to_value()["n"].as_i64().unwrap_or(0))
             .execute(&mut *conn)
             .await?;
         }

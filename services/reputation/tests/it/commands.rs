@@ -29,8 +29,11 @@ async fn register_deregister_conflict_and_idempotency() {
     let registered = common::of_type(&ctx.store, "NodeRegistered").await;
     assert_eq!(registered.len(), 1);
     assert_eq!(registered[0].stream_id, "node-n1");
-    assert_eq!(registered[0].payload["capacity"], 4);
-    assert_eq!(registered[0].metadata["producer"], "reputation-test");
+    assert_eq!(registered[0].payload.to_value()["capacity"], 4);
+    assert_eq!(
+        registered[0].metadata.to_value()["producer"],
+        "reputation-test"
+    );
 
     // registering it again is a conflict and appends nothing
     let reply = common::command(ctx, &reg, body).await;
@@ -63,7 +66,7 @@ async fn register_deregister_conflict_and_idempotency() {
     assert_eq!(reply, json!({"ok": true, "already_deregistered": true}));
     let deregistered = common::of_type(&ctx.store, "NodeDeregistered").await;
     assert_eq!(deregistered.len(), 1);
-    assert_eq!(deregistered[0].payload["reason"], "maintenance");
+    assert_eq!(deregistered[0].payload.to_value()["reason"], "maintenance");
 
     // a deregistered node may register again (same stream, next version)
     let back = json!({"node_id": "n1", "domain": "text", "stake": 5, "capacity": 2});

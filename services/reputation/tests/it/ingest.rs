@@ -86,9 +86,9 @@ async fn duplicates_append_once_and_bad_reports_are_terminated() {
     expected.sort();
     assert_eq!(ids, expected, "each report once, under its own event id");
     let by_id = |id: Uuid| reported.iter().find(|e| e.event_id == id).unwrap();
-    assert_eq!(by_id(e2).payload["outcome"], "timeout");
+    assert_eq!(by_id(e2).payload.to_value()["outcome"], "timeout");
     assert_eq!(
-        by_id(e2).payload["reported_occurred_at"],
+        by_id(e2).payload.to_value()["reported_occurred_at"],
         "2024-05-01T12:00:00Z"
     );
     assert_eq!(by_id(e1).stream_id, format!("report-r-{e1}"));

@@ -16,11 +16,11 @@ use deepnode_testkit::TestDb;
 
 fn changes(log: &[RecordedEvent], node: &str) -> Vec<(String, String)> {
     log.iter()
-        .filter(|e| e.event_type == "NodeStatusChanged" && e.payload["node_id"] == node)
+        .filter(|e| e.event_type == "NodeStatusChanged" && e.payload.to_value()["node_id"] == node)
         .map(|e| {
             (
-                e.payload["from"].as_str().unwrap().to_owned(),
-                e.payload["to"].as_str().unwrap().to_owned(),
+                e.payload.to_value()["from"].as_str().unwrap().to_owned(),
+                e.payload.to_value()["to"].as_str().unwrap().to_owned(),
             )
         })
         .collect()
@@ -77,7 +77,7 @@ async fn silent_nodes_go_offline_and_come_back_when_they_beat() {
         .iter()
         .find(|e| e.event_type == "NodeStatusChanged")
         .unwrap();
-    assert_eq!(offline.payload["reason"], "missed heartbeats");
+    assert_eq!(offline.payload.to_value()["reason"], "missed heartbeats");
 
     // when "quiet" beats again it comes back to where it was
     let quiet = subjects.node_heartbeat(&NodeId::parse("quiet").unwrap());

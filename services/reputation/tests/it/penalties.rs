@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 fn status_changes<'a>(log: &'a [RecordedEvent], to: &'a str) -> Vec<&'a RecordedEvent> {
     log.iter()
-        .filter(|e| e.event_type == "NodeStatusChanged" && e.payload["to"] == to)
+        .filter(|e| e.event_type == "NodeStatusChanged" && e.payload.to_value()["to"] == to)
         .collect()
 }
 
@@ -66,13 +66,13 @@ async fn a_failing_node_is_jailed_and_slashed_once_across_two_copies() {
         .filter(|e| e.event_type == "NodeSlashed")
         .collect();
     assert_eq!(slashes.len(), 1, "one slash");
-    assert_eq!(slashes[0].payload["kind"], "downtime");
-    assert_eq!(slashes[0].payload["fault_id"], "downtime:n1:1");
+    assert_eq!(slashes[0].payload.to_value()["kind"], "downtime");
+    assert_eq!(slashes[0].payload.to_value()["fault_id"], "downtime:n1:1");
     let jails = status_changes(&log, "jailed");
     assert_eq!(jails.len(), 1, "one jail");
     for decision in [slashes[0], jails[0]] {
         assert_eq!(decision.stream_id, "node-n1");
-        let cause: Uuid = decision.metadata["causation_id"]
+        let cause: Uuid = decision.metadata.to_value()["causation_id"]
             .as_str()
             .unwrap()
             .parse()
@@ -87,17 +87,18 @@ async fn a_failing_node_is_jailed_and_slashed_once_across_two_copies() {
         "the jailed node released",
         Duration::from_secs(15),
         |log| {
-            log.iter()
-                .any(|e| e.event_type == "NodeStatusChanged" && e.payload["from"] == "jailed")
+            log.iter().any(|e| {
+                e.event_type == "NodeStatusChanged" && e.payload.to_value()["from"] == "jailed"
+            })
         },
     )
     .await;
     let releases: Vec<_> = log
         .iter()
-        .filter(|e| e.event_type == "NodeStatusChanged" && e.payload["from"] == "jailed")
+        .filter(|e| e.event_type == "NodeStatusChanged" && e.payload.to_value()["from"] == "jailed")
         .collect();
     assert_eq!(releases.len(), 1);
-    assert_eq!(releases[0].payload["to"], "probation");
+    assert_eq!(releases[0].payload.to_value()["to"], "probation");
     // and once both copies have ticked on a view of the whole log, no copy repeated a decision
     let head = u64::try_from(log.last().unwrap().global_position).unwrap();
     let what = "both copies ticked through the log's head";

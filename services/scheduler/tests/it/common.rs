@@ -192,7 +192,7 @@ impl Harness {
             .await
             .unwrap()
             .into_iter()
-            .map(|e| (e.event_type, e.payload, e.metadata))
+            .map(|e| (e.event_type, e.payload.to_value(), e.metadata.to_value()))
             .collect()
     }
 

@@ -559,6 +559,43 @@ mod tests {
         );
     }
 
+    #[test]
+    fn stored_json_is_checked_json_equal_whatever_its_layout() {
+        assert!(StoredJson::from_text("{\"a\": ".into()).is_err());
+        let text = r#"{"b": 1, "a": [1, 2]}"#;
+        let stored = StoredJson::from_text(text.into()).unwrap();
+        assert_eq!(stored.text(), text);
+        assert_eq!(stored, StoredJson::from(json!({"a": [1, 2], "b": 1})));
+        assert_ne!(stored, StoredJson::from(json!({"a": [1, 2], "b": 2})));
+        assert_eq!(stored.to_value(), json!({"a": [1, 2], "b": 1}));
+    }
+
+    /// A row read back from the database carries jsonb's text (keys by length, then bytes; a space
+    /// after each colon and comma): its canonical bytes are still the pinned ones.
+    #[test]
+    fn a_row_read_as_jsonb_text_has_the_pinned_canonical_bytes() {
+        let text = |t: &str| StoredJson::from_text(t.into()).unwrap();
+        let row = RecordedEvent {
+            global_position: 41,
+            event_id: Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef),
+            stream_id: "exec-r-1".into(),
+            stream_version: 3,
+            event_type: "ExecutionCompleted".into(),
+            schema_version: 1,
+            payload: text(r#"{"ok": true, "node_id": "n-1", "latency_ms": 12.5}"#),
+            metadata: text(r#"{"producer": "deepnode", "correlation_id": "c-1"}"#),
+            occurred_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
+            recorded_at: DateTime::from_timestamp_micros(1_700_000_000_654_321).unwrap(),
+            prev_hash: GENESIS_HASH.to_vec(),
+            hash: Vec::new(),
+        };
+        assert_eq!(hex::encode(row.canonical_bytes()), GOLDEN_CANONICAL);
+        assert_eq!(
+            hex::encode(row.expected_hash(&GENESIS_HASH)),
+            GOLDEN_CHAIN_FROM_GENESIS
+        );
+    }
+
     const GOLDEN_CANONICAL: &str = concat!(
         "646565706e6f64652d6576656e742d763100000000000000290123456789abcdef0123456789abcdef",
         "0000000000000008657865632d722d3100000000000000030000000000000012457865637574696f6e",

@@ -199,8 +199,9 @@ fn contains_nul(value: &Value) -> bool {
     }
 }
 
-/// A JSON object as stored in the log (an event's `payload` or `metadata`): its text, as the
-/// database or the bus gave it, checked to be JSON but not built into a tree. Readers deserialise
+/// An event's `payload` or `metadata` as stored in the log (appenders write only objects, see
+/// [`NewEvent::validate`]): its text, as the database or the bus gave it, checked to be JSON but not
+/// built into a tree. Readers deserialise
 /// what they need straight from the text ([`StoredJson::parse`]); the tree ([`StoredJson::to_value`])
 /// is built only where it is needed — the canonical bytes, for instance, since PostgreSQL's jsonb
 /// text orders keys its own way and is not the canonical form.

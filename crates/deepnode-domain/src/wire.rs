@@ -25,7 +25,7 @@ struct WireEvent {
     hash: String,
 }
 
-/// The message as written, borrowing the event (its JSON trees are not copied to be serialised).
+/// The message as written, borrowing the event and the canonical trees of its bodies.
 #[derive(Serialize)]
 struct WireEventRef<'a> {
     global_position: i64,

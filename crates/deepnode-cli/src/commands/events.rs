@@ -43,7 +43,8 @@ fn print_event(e: &RecordedEvent, as_json: bool) {
         let line = json!({
             "global_position": e.global_position, "event_id": e.event_id, "stream_id": e.stream_id,
             "stream_version": e.stream_version, "event_type": e.event_type,
-            "schema_version": e.schema_version, "payload": e.payload.to_value(), "metadata": e.metadata.to_value(),
+            "schema_version": e.schema_version,
+            "payload": e.payload.to_value(), "metadata": e.metadata.to_value(),
             "occurred_at": occurred,
             "recorded_at": e.recorded_at.to_rfc3339_opts(SecondsFormat::AutoSi, true),
         });

@@ -11,6 +11,7 @@ mod coordination;
 mod error;
 mod follower;
 mod migrate;
+mod probe;
 mod projection;
 mod read;
 mod tail;
@@ -37,11 +38,13 @@ pub use tail::{LogTail, Offered};
 /// Default `DATABASE_URL` (CONTRACT §1).
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/deepnode";
 
-/// A handle on the event log. Cheap to clone; all clones share one pool and one group-commit writer.
+/// A handle on the event log. Cheap to clone; all clones share one pool, one group-commit writer
+/// and one stream prober.
 #[derive(Clone)]
 pub struct EventStore {
     pool: PgPool,
     writer: mpsc::Sender<append::AppendRequest>,
+    prober: mpsc::Sender<probe::ProbeRequest>,
     stats: std::sync::Arc<WriterStats>,
     tail: Option<LogTail>,
 }
@@ -64,14 +67,18 @@ impl EventStore {
     }
 
     /// Wraps an existing pool (of a migrated database). Must be called inside a Tokio runtime: it
-    /// starts the group-commit writer task, which ends when the last clone is dropped.
+    /// starts the group-commit writer's and the stream prober's tasks, which end when the last clone
+    /// is dropped.
     pub fn from_pool(pool: PgPool) -> EventStore {
         let (writer, rx) = mpsc::channel(4_096);
         let stats = std::sync::Arc::new(WriterStats::default());
         tokio::spawn(append::run_writer(pool.clone(), rx, stats.clone()));
+        let (prober, questions) = mpsc::channel(4_096);
+        tokio::spawn(probe::run_prober(pool.clone(), questions));
         EventStore {
             pool,
             writer,
+            prober,
             stats,
             tail: None,
         }
@@ -182,6 +189,21 @@ impl EventStore {
         from_version: i64,
     ) -> Result<Vec<RecordedEvent>, Error> {
         read::read_stream(&self.pool, stream, from_version).await
+    }
+
+    /// Whether `stream` has an event. Questions asked at the same time share one query on one
+    /// connection of the store's own (see the `probe` module).
+    pub async fn stream_exists(&self, stream: &StreamId) -> Result<bool, Error> {
+        let (reply, answer) = oneshot::channel();
+        let question = probe::ProbeRequest {
+            stream: stream.as_str().to_owned(),
+            reply,
+        };
+        self.prober
+            .send(question)
+            .await
+            .map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
     }
 
     /// A page of at most `limit` events after position `after`, in global order.

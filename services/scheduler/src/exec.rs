@@ -316,7 +316,7 @@ impl Scheduler {
         stream: &StreamId,
         request_id: &RequestId,
     ) -> Result<Option<Answered>, StoreError> {
-        if self.ctx.store.read_stream(stream, 1).await?.is_empty() {
+        if !self.ctx.store.stream_exists(stream).await? {
             return Ok(None);
         }
         Ok(Some(self.recorded_answer(stream, request_id).await))

@@ -5,6 +5,7 @@ mod append;
 mod coordination;
 mod linger;
 mod log;
+mod probe;
 mod projection;
 mod shared_reader;
 mod tail;

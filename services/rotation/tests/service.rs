@@ -17,14 +17,14 @@ use deepnode_domain::events::{
     AttemptFailed, AttemptSucceeded, DomainEvent, Failure, NodeRegistered, NodeStatus,
     NodeStatusChanged,
 };
-use deepnode_domain::ids::{ModelId, NodeId, RequestId};
+use deepnode_domain::ids::{ModelId, RequestId};
 use deepnode_domain::log::{RecordedEvent, StreamId};
 use deepnode_rotation::{
     run, run_round, start_view, RotationOptions, RotationView, RoundOutcome, Trigger,
 };
 use deepnode_runtime::{ServiceContext, Settings};
 use deepnode_store::FollowerHandle;
-use deepnode_testkit::{answering, given, log_until, nats_url, Given, Services, TestDb};
+use deepnode_testkit::{answering, given, log_until, nats_url, node_id, Given, Services, TestDb};
 use serde_json::{json, Value};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -93,7 +93,7 @@ impl Harness {
         bad: u32,
         active: bool,
     ) {
-        let node = NodeId::parse(id).unwrap();
+        let node = node_id(id);
         let now = Utc::now();
         let registered = DomainEvent::NodeRegistered(NodeRegistered {
             node_id: node.clone(),
@@ -292,14 +292,14 @@ async fn too_few_eligible_nodes_is_no_eligible_nodes_and_nothing_is_appended() {
         .await;
     // j1 is jailed: registered in llm but not eligible.
     let jailed = DomainEvent::NodeStatusChanged(NodeStatusChanged {
-        node_id: NodeId::parse("j1").unwrap(),
+        node_id: node_id("j1"),
         from: NodeStatus::Active,
         to: NodeStatus::Jailed,
         reason: "seeded".into(),
         until: Some(Utc::now() + chrono::Duration::hours(1)),
     });
     let j2_offline = DomainEvent::NodeStatusChanged(NodeStatusChanged {
-        node_id: NodeId::parse("j2").unwrap(),
+        node_id: node_id("j2"),
         from: NodeStatus::Active,
         to: NodeStatus::Offline,
         reason: "seeded".into(),

@@ -596,6 +596,31 @@ pub fn current_schema_version(event_type: &str) -> Option<i32> {
         .map(|(_, v)| *v)
 }
 
+/// Whether this binary reads `event_type` at `schema_version` (a type it knows, a version from 1 up
+/// to the current one): what [`DomainEvent::decode`] checks before it reads the payload.
+pub fn check_readable(event_type: &str, schema_version: i32) -> Result<(), DecodeError> {
+    let Some(known) = current_schema_version(event_type) else {
+        return Err(DecodeError::UnknownEventType {
+            event_type: event_type.to_owned(),
+            schema_version,
+        });
+    };
+    if schema_version > known {
+        return Err(DecodeError::NewerSchema {
+            event_type: event_type.to_owned(),
+            found: schema_version,
+            known,
+        });
+    }
+    if schema_version < 1 {
+        return Err(DecodeError::BadSchemaVersion {
+            event_type: event_type.to_owned(),
+            found: schema_version,
+        });
+    }
+    Ok(())
+}
+
 /// A payload to read: a JSON tree, or the text stored in the log.
 #[derive(Clone, Copy)]
 enum Payload<'a> {
@@ -686,25 +711,7 @@ impl DomainEvent {
         schema_version: i32,
         payload: Payload<'_>,
     ) -> Result<DomainEvent, DecodeError> {
-        let Some(known) = current_schema_version(event_type) else {
-            return Err(DecodeError::UnknownEventType {
-                event_type: event_type.to_owned(),
-                schema_version,
-            });
-        };
-        if schema_version > known {
-            return Err(DecodeError::NewerSchema {
-                event_type: event_type.to_owned(),
-                found: schema_version,
-                known,
-            });
-        }
-        if schema_version < 1 {
-            return Err(DecodeError::BadSchemaVersion {
-                event_type: event_type.to_owned(),
-                found: schema_version,
-            });
-        }
+        check_readable(event_type, schema_version)?;
         match DomainEvent::read(event_type, schema_version, payload) {
             Some(read) => read.map_err(|e| DecodeError::Payload {
                 event_type: event_type.to_owned(),

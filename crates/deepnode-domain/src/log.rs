@@ -201,10 +201,10 @@ fn contains_nul(value: &Value) -> bool {
 
 /// An event's `payload` or `metadata` as stored in the log (appenders write only objects, see
 /// [`NewEvent::validate`]): its text, as the database or the bus gave it, checked to be JSON but not
-/// built into a tree. Readers deserialise
-/// what they need straight from the text ([`StoredJson::parse`]); the tree ([`StoredJson::to_value`])
-/// is built only where it is needed — the canonical bytes, for instance, since PostgreSQL's jsonb
-/// text orders keys its own way and is not the canonical form.
+/// built into a tree. Readers deserialise what they need straight from the text
+/// ([`StoredJson::parse`]); the tree ([`StoredJson::to_value`]) is built only where it is needed —
+/// the canonical bytes, for instance, since PostgreSQL's jsonb text orders keys its own way and is
+/// not the canonical form.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct StoredJson(Box<RawValue>);

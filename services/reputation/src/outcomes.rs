@@ -16,7 +16,7 @@ use async_nats::jetstream::message::Message;
 use async_nats::jetstream::AckKind;
 use chrono::{DateTime, Utc};
 use deepnode_bus::jetstream::{durable_pull_config, ensure_pull_consumer};
-use deepnode_domain::events::{current_schema_version, Metadata};
+use deepnode_domain::events::{check_readable, Metadata};
 use deepnode_domain::ids::NodeId;
 use deepnode_domain::penalties;
 use futures::StreamExt;
@@ -119,14 +119,12 @@ async fn assess(shared: &Shared, payload: &[u8]) -> Result<(), Next> {
     if !TRIGGERS.contains(&recorded.event_type.as_str()) {
         return Ok(());
     }
-    let readable = current_schema_version(&recorded.event_type)
-        .is_some_and(|known| (1..=known).contains(&recorded.schema_version));
-    if !readable {
-        return Err(Next::Skip(format!(
-            "event at position {}: {} version {} is not one this build reads",
-            recorded.global_position, recorded.event_type, recorded.schema_version
-        )));
-    }
+    check_readable(&recorded.event_type, recorded.schema_version).map_err(|e| {
+        Next::Skip(format!(
+            "event at position {}: {e}",
+            recorded.global_position
+        ))
+    })?;
     let node = recorded.payload.node_id;
     shared
         .view

@@ -7,16 +7,23 @@ use std::path::Path;
 /// Clock ticks per second of `/proc/<pid>/stat` times (`USER_HZ`, 100 on every Linux ABI we run on).
 const TICKS_PER_SEC: f64 = 100.0;
 
-/// CPU seconds (user + system) used so far by `pid`, or `None` if it is gone.
+/// CPU seconds (user + system) used so far by `pid` and by its children that have exited and been
+/// waited for (`cutime`, `cstime`), or `None` if it is gone. Counting the reaped children keeps a
+/// difference of two readings right when processes come and go in between: the CPU of a Postgres
+/// backend that exits moves into the postmaster's children's time instead of vanishing (without
+/// it, every connection closed during a phase took its whole lifetime's CPU off the phase's figure).
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces: count fields after it.
     let after_name = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // Fields 14 (utime) and 15 (stime) of the whole line are 12 and 13 after the name.
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / TICKS_PER_SEC)
+    // Fields 14 to 17 (utime, stime, cutime, cstime) of the whole line are 12 to 15 after the name.
+    let ticks = fields
+        .get(11..15)?
+        .iter()
+        .map(|f| f.parse::<f64>().ok())
+        .sum::<Option<f64>>()?;
+    Some(ticks / TICKS_PER_SEC)
 }
 
 /// Resident set size of `pid` in MiB, or `None` if it is gone.
@@ -43,9 +50,9 @@ pub fn pids_named(name: &str) -> Vec<u32> {
         .collect()
 }
 
-/// CPU seconds used so far by every process named `name` that is alive now. Processes that exited
-/// in between (short-lived Postgres backends) are not counted; the benchmark's connections are
-/// long-lived pools, so they are.
+/// CPU seconds used so far by every process named `name` that is alive now, with their exited
+/// children's (see [`cpu_seconds`]): for Postgres, every backend that ever ran, alive or reaped by
+/// the postmaster.
 pub fn cpu_seconds_named(name: &str) -> f64 {
     pids_named(name).into_iter().filter_map(cpu_seconds).sum()
 }
@@ -66,5 +73,19 @@ mod tests {
         assert!(cpu_seconds(me).is_some());
         assert!(rss_mib(me).expect("own RSS") > 0.0);
         assert!(cpu_seconds(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn counts_the_cpu_of_children_that_exited() {
+        // A child that burns CPU and is waited for: its time stays in ours once it has gone.
+        let me = std::process::id();
+        let before = cpu_seconds(me).expect("own CPU");
+        let status = std::process::Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done"])
+            .status()
+            .expect("sh runs");
+        assert!(status.success());
+        let after = cpu_seconds(me).expect("own CPU");
+        assert!(after - before >= 0.05, "{before} -> {after}");
     }
 }

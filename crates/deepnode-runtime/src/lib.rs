@@ -8,6 +8,7 @@
 pub mod clock;
 pub mod context;
 pub mod host;
+pub mod lease;
 pub mod observability;
 pub mod relay;
 pub mod settings;

@@ -71,26 +71,15 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(), RelayError> {
     ensure_streams(&js, &subjects).await?;
-    let mut backoff = options.lease_retry;
-    while !shutdown.is_cancelled() {
-        match store.try_lease(RELAY_LOCK_KEY).await {
-            Ok(Some(lease)) => {
-                tracing::info!("relay lease taken; publishing the log");
-                match publish_while_leased(&store, &js, &subjects, lease, &options, &shutdown).await
-                {
-                    Ok(()) => return Ok(()),
-                    Err(reason) => tracing::warn!(%reason, "relay lost its footing; retrying"),
-                }
-            }
-            Ok(None) => {}
-            Err(e) => tracing::debug!(error = %e, "relay lease unavailable"),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = options.lease_retry;
-    }
+    crate::lease::hold(
+        &store,
+        RELAY_LOCK_KEY,
+        options.lease_retry,
+        &shutdown,
+        "relay",
+        |lease| publish_while_leased(&store, &js, &subjects, lease, &options, &shutdown),
+    )
+    .await;
     Ok(())
 }
 

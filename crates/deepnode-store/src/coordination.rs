@@ -24,6 +24,17 @@ impl Lease {
         Ok(())
     }
 
+    /// Waits until the lease is lost, checking it every `every`; returns why (the connection's
+    /// error). While this runs the holder may go on working; cancelling it is safe.
+    pub async fn lost(&mut self, every: std::time::Duration) -> Error {
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = self.check().await {
+                return e;
+            }
+        }
+    }
+
     /// Gives the lease up now (closing its connection).
     pub async fn release(self) {
         let _ = self.conn.close().await;
@@ -60,6 +71,24 @@ impl EventStore {
         } else {
             let _ = conn.close().await;
             Ok(None)
+        }
+    }
+
+    /// Takes the session lock `key`, waiting for it: asks every `retry` on one connection of its own
+    /// (a standby does not open a connection per try), and returns once it holds the lock. An error
+    /// is the connection's; cancelling the wait is safe (the connection closes, and with it any
+    /// lock).
+    pub async fn take_lease(&self, key: i64, retry: std::time::Duration) -> Result<Lease, Error> {
+        let mut conn = self.pool().acquire().await?.detach();
+        loop {
+            let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(key)
+                .fetch_one(&mut conn)
+                .await?;
+            if taken {
+                return Ok(Lease { conn });
+            }
+            tokio::time::sleep(retry).await;
         }
     }
 

@@ -36,6 +36,10 @@ use crate::view::View;
 /// interval instead of one per commit, for rows at most this much later.
 const PROJECTION_LINGER: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// Advisory lock key of the projection lease ("book" in ASCII): whoever holds it writes the SQL
+/// projection.
+pub const PROJECTION_LOCK_KEY: i64 = 0x626f_6f6b;
+
 /// The queue group the command handlers share across copies.
 pub const QUEUE_GROUP: &str = "deepnode-reputation";
 
@@ -92,6 +96,9 @@ pub struct ReputationOptions {
     pub log_key: Option<deepnode_domain::note::NoteSigner>,
     /// The wall-clock time jail releases run by (the system's, or a test's).
     pub clock: deepnode_runtime::Clock,
+    /// How often a standby copy asks for the projection lease, and the holder checks it still has
+    /// it.
+    pub lease_retry: Duration,
 }
 
 impl ReputationOptions {
@@ -109,6 +116,7 @@ impl ReputationOptions {
             stats: Arc::new(Stats::default()),
             log_key: None,
             clock: deepnode_runtime::Clock::system(),
+            lease_retry: Duration::from_secs(1),
         }
     }
 }
@@ -256,18 +264,42 @@ where
 
 /// Hosts the SQL projection of `node_reputation`, `deployments` and `executions`
 /// (`deepnode_projections::BookProjection`) and, alongside it in the same read and transaction, the
-/// log's Merkle tree (`deepnode_projections::tree::TreeProjection`, see [`tlog`]). Several copies
-/// may host them: the runner's checkpoint lock makes them take turns, each continuing from the last
-/// committed batch.
+/// log's Merkle tree (`deepnode_projections::tree::TreeProjection`, see [`tlog`]). One copy at a
+/// time does, holding the projection lease; the others stand by without reading or folding the log
+/// for it, and the one that takes the lease over starts as a fresh process would, from the stored
+/// checkpoint. (The runner's checkpoint lock keeps the rows right even if two copies ever run it at
+/// once — a lease lost while its holder still writes.)
 async fn host_projection(shared: Arc<Shared>) -> Result<(), Error> {
-    let projection = Paired::new(
-        BookProjection::new(&shared.ctx.policy),
-        TreeProjection::new(),
-    );
     let stop = shared.stop.clone();
-    ProjectionRunner::for_store(&shared.ctx.store, projection)
-        .with_linger(PROJECTION_LINGER)
-        .run(async move { stop.cancelled().await })
-        .await?;
+    let ran = deepnode_runtime::lease::hold(
+        &shared.ctx.store,
+        PROJECTION_LOCK_KEY,
+        shared.options.lease_retry,
+        &stop,
+        "projection",
+        |mut lease| {
+            let runner = ProjectionRunner::for_store(
+                &shared.ctx.store,
+                Paired::new(
+                    BookProjection::new(&shared.ctx.policy),
+                    TreeProjection::new(),
+                ),
+            )
+            .with_linger(PROJECTION_LINGER);
+            let stop = stop.clone();
+            let check_every = shared.options.lease_retry;
+            async move {
+                let ran = tokio::select! {
+                    ran = runner.run(async move { stop.cancelled().await }) => ran,
+                    lost = lease.lost(check_every) => return Err(format!("lease connection lost: {lost}")),
+                };
+                lease.release().await;
+                Ok(ran)
+            }
+        },
+    )
+    .await;
+    // `None`: stopped while standing by.
+    ran.transpose()?;
     Ok(())
 }

@@ -7,3 +7,4 @@ mod ingest;
 mod liveness;
 mod outcomes;
 mod penalties;
+mod projection;

@@ -211,7 +211,9 @@ enum Placed {
 }
 
 /// Most statements one batch tries on the fast path: learning the head (when unknown), writing, and
-/// writing once more after another appender moved the head in between.
+/// writing once more after another appender moved the head in between. (8 was tried: with two
+/// scheduler copies it took the batches falling to `deepnode_append` from ~5 % to almost none, but
+/// the refusals cost as much — no change in CPU or saturation; docs/BENCHMARKS-system.md.)
 const PLACED_ATTEMPTS: usize = 3;
 
 impl Writer {
@@ -294,6 +296,7 @@ impl Writer {
             .is_empty()
             .then(|| versions.place(requests))
             .flatten();
+        let placeable = placement.is_some();
         if let Some(starts) = placement {
             for _ in 0..PLACED_ATTEMPTS {
                 let placed = match *head {
@@ -320,6 +323,7 @@ impl Writer {
                 }
             }
         }
+        tracing::debug!(placeable, "batch not placed; deepnode_append looks it up");
         *head = None;
         let results = call_append(conn, requests, cols).await?;
         stats.looked_up.fetch_add(1, Ordering::Relaxed);

@@ -122,7 +122,7 @@ impl<P: Projection> ProjectionRunner<P> {
 
     /// Runs until `shutdown` resolves, retrying transient errors with backoff.
     pub async fn run(
-        mut self,
+        &mut self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), Error> {
         tokio::pin!(shutdown);
@@ -149,6 +149,28 @@ impl<P: Projection> ProjectionRunner<P> {
                     }
                 }
                 Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A standby's part: every `every`, folds into the in-memory state what has been written up to the
+    /// stored checkpoint (by whichever copy writes), writing nothing. A copy that then runs the
+    /// projection continues from there instead of folding the whole log first. Runs until
+    /// cancelled (safe at any point); a transient error is retried at the next interval, any other
+    /// is returned.
+    pub async fn stand_by(&mut self, every: Duration) -> Error {
+        loop {
+            tokio::time::sleep(every).await;
+            let caught_up = match self.checkpoint().await {
+                Ok(stored) => self.observe_until(stored).await,
+                Err(e) => Err(e),
+            };
+            match caught_up {
+                Ok(()) => {}
+                Err(e) if e.is_transient() => {
+                    tracing::debug!(projection = self.projection.name(), error = %e, "standby catch-up failed; retrying");
+                }
+                Err(e) => return e,
             }
         }
     }

@@ -265,41 +265,46 @@ where
 /// Hosts the SQL projection of `node_reputation`, `deployments` and `executions`
 /// (`deepnode_projections::BookProjection`) and, alongside it in the same read and transaction, the
 /// log's Merkle tree (`deepnode_projections::tree::TreeProjection`, see [`tlog`]). One copy at a
-/// time does, holding the projection lease; the others stand by without reading or folding the log
-/// for it, and the one that takes the lease over starts as a fresh process would, from the stored
-/// checkpoint. (The runner's checkpoint lock keeps the rows right even if two copies ever run it at
-/// once — a lease lost while its holder still writes.)
+/// time writes them, holding the projection lease. The others stand by: every `lease_retry` they
+/// fold into memory what the holder has written (one read of the new rows, no transaction), so the
+/// copy that takes the lease over continues from there rather than from the start of the log. (The
+/// runner's checkpoint lock keeps the rows right even if two copies ever write at once — a lease
+/// lost while its holder still writes.)
 async fn host_projection(shared: Arc<Shared>) -> Result<(), Error> {
-    let stop = shared.stop.clone();
-    let ran = deepnode_runtime::lease::hold(
-        &shared.ctx.store,
-        PROJECTION_LOCK_KEY,
-        shared.options.lease_retry,
-        &stop,
-        "projection",
-        |mut lease| {
-            let runner = ProjectionRunner::for_store(
-                &shared.ctx.store,
-                Paired::new(
-                    BookProjection::new(&shared.ctx.policy),
-                    TreeProjection::new(),
-                ),
-            )
-            .with_linger(PROJECTION_LINGER);
-            let stop = stop.clone();
-            let check_every = shared.options.lease_retry;
-            async move {
-                let ran = tokio::select! {
-                    ran = runner.run(async move { stop.cancelled().await }) => ran,
-                    lost = lease.lost(check_every) => return Err(format!("lease connection lost: {lost}")),
-                };
-                lease.release().await;
-                Ok(ran)
-            }
-        },
+    let store = &shared.ctx.store;
+    let every = shared.options.lease_retry;
+    let mut runner = ProjectionRunner::for_store(
+        store,
+        Paired::new(
+            BookProjection::new(&shared.ctx.policy),
+            TreeProjection::new(),
+        ),
     )
-    .await;
-    // `None`: stopped while standing by.
-    ran.transpose()?;
-    Ok(())
+    .with_linger(PROJECTION_LINGER);
+    loop {
+        let taken = tokio::select! {
+            () = shared.stop.cancelled() => return Ok(()),
+            taken = store.take_lease(PROJECTION_LOCK_KEY, every) => taken,
+            failed = runner.stand_by(every) => return Err(failed.into()),
+        };
+        let mut lease = match taken {
+            Ok(lease) => lease,
+            Err(e) => {
+                tracing::debug!(error = %e, "projection lease unavailable");
+                tokio::time::sleep(every).await;
+                continue;
+            }
+        };
+        tracing::info!("projection lease taken; this copy writes the projection");
+        let stop = shared.stop.clone();
+        let ran = tokio::select! {
+            ran = runner.run(async move { stop.cancelled().await }) => ran,
+            lost = lease.lost(every) => {
+                tracing::warn!(error = %lost, "projection lease lost; standing by");
+                continue;
+            }
+        };
+        lease.release().await;
+        return ran.map_err(Error::from);
+    }
 }

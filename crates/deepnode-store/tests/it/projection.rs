@@ -58,6 +58,8 @@ impl Projection for StreamStats {
 #[derive(Default)]
 struct RunningCount {
     seen: i64,
+    /// Events ever observed, across resets: how much of the log this copy folded without writing.
+    observed: i64,
 }
 
 #[async_trait]
@@ -84,6 +86,7 @@ impl Projection for RunningCount {
 
     fn observe(&mut self, events: &[RecordedEvent]) -> Result<(), Error> {
         self.seen += events.len() as i64;
+        self.observed += events.len() as i64;
         Ok(())
     }
 
@@ -170,16 +173,15 @@ async fn runners_killed_at_random_points_leave_the_projection_equal_to_a_rebuild
             })
         };
         let runner_pool = db.pool().await;
-        let stats = tokio::spawn(
-            ProjectionRunner::new(runner_pool.clone(), StreamStats)
-                .with_batch(7)
-                .run(std::future::pending()),
-        );
-        let running = tokio::spawn(
-            ProjectionRunner::new(runner_pool.clone(), RunningCount::default())
-                .with_batch(5)
-                .run(std::future::pending()),
-        );
+        let stats = tokio::spawn({
+            let mut runner = ProjectionRunner::new(runner_pool.clone(), StreamStats).with_batch(7);
+            async move { runner.run(std::future::pending()).await }
+        });
+        let running = tokio::spawn({
+            let mut runner =
+                ProjectionRunner::new(runner_pool.clone(), RunningCount::default()).with_batch(5);
+            async move { runner.run(std::future::pending()).await }
+        });
         tokio::time::sleep(Duration::from_millis(rng.gen_range(5..80))).await;
         if round % 2 == 0 {
             // Crash: the task dies wherever it is; its open transaction is abandoned.
@@ -331,11 +333,11 @@ async fn a_projection_riding_along_joins_behind_or_ahead_and_never_double_counts
         };
         let copies: Vec<_> = (0..2)
             .map(|i| {
-                tokio::spawn(
-                    ProjectionRunner::new(pool.clone(), paired())
-                        .with_batch(3 + i)
-                        .run(std::future::pending()),
-                )
+                tokio::spawn({
+                    let mut runner =
+                        ProjectionRunner::new(pool.clone(), paired()).with_batch(3 + i);
+                    async move { runner.run(std::future::pending()).await }
+                })
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(rng.gen_range(5..60))).await;
@@ -371,4 +373,60 @@ async fn a_projection_riding_along_joins_behind_or_ahead_and_never_double_counts
         head
     );
     assert_eq!(stored_stats(&pool).await, expected_stats(&pool).await);
+}
+
+#[tokio::test]
+async fn a_standby_folds_only_what_is_written_and_takes_over_from_there() {
+    // given a log projected by one runner
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    create_tables(store.pool()).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    append_some(&store, &mut rng, 20).await;
+    let written = store.head_position().await.unwrap();
+    let mut writer = ProjectionRunner::new(store.pool().clone(), RunningCount::default());
+    assert_eq!(writer.run_to_head().await.unwrap(), written);
+
+    // when a second runner stands by
+    let mut standby = ProjectionRunner::new(store.pool().clone(), RunningCount::default());
+    // (standing by for 50 ms at a time, asking every 5 ms)
+    async fn stand_by(runner: &mut ProjectionRunner<RunningCount>) {
+        let _ = tokio::time::timeout(
+            Duration::from_millis(50),
+            runner.stand_by(Duration::from_millis(5)),
+        )
+        .await;
+    }
+    let limit = tokio::time::Instant::now() + Duration::from_secs(10);
+    while standby.projection().seen < written {
+        assert!(
+            tokio::time::Instant::now() < limit,
+            "the standby never folded what was written"
+        );
+        stand_by(&mut standby).await;
+    }
+    // then it folds what was written, and nothing of what was only logged
+    append_some(&store, &mut rng, 20).await;
+    let head = store.head_position().await.unwrap();
+    for _ in 0..3 {
+        stand_by(&mut standby).await;
+    }
+    assert_eq!(standby.projection().seen, written);
+
+    // and taking over, it writes the rest from where it stood, without folding the log again
+    assert_eq!(standby.run_to_head().await.unwrap(), head);
+    assert_eq!(
+        standby.projection().observed,
+        written,
+        "the log was folded again"
+    );
+    let seen_before: Vec<(i64, i64)> =
+        sqlx::query_as("SELECT position, seen_before FROM test_running_count ORDER BY position")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        seen_before,
+        (1..=head).map(|p| (p, p - 1)).collect::<Vec<_>>()
+    );
 }

@@ -112,12 +112,19 @@ impl<P: Projection> ProjectionRunner<P> {
                 Ok(Some(_)) => continue,
                 Ok(None) => return self.checkpoint().await,
                 Err(e) => {
-                    self.projection.reset();
-                    self.memory_position = 0;
+                    self.forget();
                     return Err(e);
                 }
             }
         }
+    }
+
+    /// Forgets the in-memory state; the next catch-up folds the log from its start. For a caller
+    /// that dropped [`run`](Self::run) mid-batch (a lost lease): the state may then hold a batch
+    /// whose transaction never committed.
+    pub fn forget(&mut self) {
+        self.projection.reset();
+        self.memory_position = 0;
     }
 
     /// Runs until `shutdown` resolves, retrying transient errors with backoff.
@@ -140,8 +147,7 @@ impl<P: Projection> ProjectionRunner<P> {
                 // Another copy moved the checkpoint in a way this one cannot follow: start over.
                 Ok(()) => delays = retries.build(),
                 Err(e) if e.is_transient() => {
-                    self.projection.reset();
-                    self.memory_position = 0;
+                    self.forget();
                     tracing::warn!(projection = self.projection.name(), error = %e, "projection paused; retrying");
                     tokio::select! {
                         _ = &mut shutdown => return Ok(()),
@@ -231,8 +237,7 @@ impl<P: Projection> ProjectionRunner<P> {
         .await?;
         if position < self.memory_position {
             tx.rollback().await?;
-            self.projection.reset();
-            self.memory_position = 0;
+            self.forget();
             return Ok(false);
         }
         if position > self.memory_position {
@@ -266,8 +271,7 @@ impl<P: Projection> ProjectionRunner<P> {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        self.projection.reset();
-        self.memory_position = 0;
+        self.forget();
         self.run_to_head().await
     }
 
@@ -298,8 +302,7 @@ impl<P: Projection> ProjectionRunner<P> {
     async fn observe_until(&mut self, until: i64) -> Result<(), Error> {
         if self.memory_position > until {
             // Our state is ahead of the table (a rebuild elsewhere): start again from scratch.
-            self.projection.reset();
-            self.memory_position = 0;
+            self.forget();
         }
         while self.memory_position < until {
             let limit = (until - self.memory_position).min(5_000);

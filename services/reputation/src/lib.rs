@@ -291,8 +291,10 @@ async fn host_projection(shared: Arc<Shared>) -> Result<(), Error> {
             Ok(lease) => lease,
             Err(e) => {
                 tracing::debug!(error = %e, "projection lease unavailable");
-                tokio::time::sleep(every).await;
-                continue;
+                tokio::select! {
+                    () = shared.stop.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(every) => continue,
+                }
             }
         };
         tracing::info!("projection lease taken; this copy writes the projection");
@@ -301,6 +303,8 @@ async fn host_projection(shared: Arc<Shared>) -> Result<(), Error> {
             ran = runner.run(async move { stop.cancelled().await }) => ran,
             lost = lease.lost(every) => {
                 tracing::warn!(error = %lost, "projection lease lost; standing by");
+                // The batch it was writing may be folded in memory and never committed.
+                runner.forget();
                 continue;
             }
         };

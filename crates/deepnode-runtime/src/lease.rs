@@ -1,7 +1,9 @@
 //! One job, one holder across copies: whoever holds an advisory lease (`deepnode_store::Lease`)
 //! does the job; every other copy stands by, asking for the lease on a connection of its own, and
 //! takes over when the holder's connection — and with it the lock — goes (its process stopped,
-//! crashed or lost the database). The relay and the SQL projection run this way.
+//! crashed or lost the database). The relay runs this way. (The reputation service's SQL
+//! projection holds its lease the same way but writes its loop out: its standby has work of its own
+//! while it waits — keeping its fold current — which [`hold`] has no place for.)
 
 use std::future::Future;
 use std::time::Duration;

@@ -10,7 +10,7 @@ use crate::{Error, EventStore};
 
 /// A session-level advisory lock on a dedicated connection: held while this value lives (and its
 /// connection does), released by [`Lease::release`], or by the server when the connection or the
-/// process dies. Whoever holds it is the one instance doing the job (the relay).
+/// process dies. Whoever holds it is the one instance doing the job (the relay, the SQL projection).
 #[derive(Debug)]
 pub struct Lease {
     conn: PgConnection,
@@ -57,16 +57,21 @@ impl HeldLock {
     }
 }
 
+/// Asks for the session lock `key` on `conn`: whether it holds it now.
+async fn try_session_lock(conn: &mut PgConnection, key: i64) -> Result<bool, Error> {
+    let taken = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(key)
+        .fetch_one(conn)
+        .await?;
+    Ok(taken)
+}
+
 impl EventStore {
     /// Takes the session lock `key` on a connection of its own, or `None` if another session holds
     /// it.
     pub async fn try_lease(&self, key: i64) -> Result<Option<Lease>, Error> {
         let mut conn = self.pool().acquire().await?.detach();
-        let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(key)
-            .fetch_one(&mut conn)
-            .await?;
-        if taken {
+        if try_session_lock(&mut conn, key).await? {
             Ok(Some(Lease { conn }))
         } else {
             let _ = conn.close().await;
@@ -80,16 +85,10 @@ impl EventStore {
     /// lock).
     pub async fn take_lease(&self, key: i64, retry: std::time::Duration) -> Result<Lease, Error> {
         let mut conn = self.pool().acquire().await?.detach();
-        loop {
-            let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                .bind(key)
-                .fetch_one(&mut conn)
-                .await?;
-            if taken {
-                return Ok(Lease { conn });
-            }
+        while !try_session_lock(&mut conn, key).await? {
             tokio::time::sleep(retry).await;
         }
+        Ok(Lease { conn })
     }
 
     /// Takes the transaction lock `key`, or `None` at once if another transaction holds it.

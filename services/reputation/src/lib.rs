@@ -140,6 +140,10 @@ pub struct Stats {
     pub ingest_retried: AtomicU64,
     /// Outcome events assessed for penalties.
     pub outcomes_assessed: AtomicU64,
+    /// Messages on the outcome consumer terminated unassessed: not a stored event, an outcome
+    /// without its node, or a schema version this build cannot read. (Events that are no outcome
+    /// are acknowledged, not terminated.)
+    pub outcomes_terminated: AtomicU64,
     /// Penalty events (slashes, status changes) appended by this copy.
     pub penalty_events: AtomicU64,
     /// Nodes this copy declared offline.

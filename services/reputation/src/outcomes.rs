@@ -1,5 +1,7 @@
 //! Outcomes → penalties: a durable consumer on the events stream (shared by every copy), filtered to
-//! `AttemptSucceeded`, `AttemptFailed` and `ExecutionReported`. For each event it waits until the
+//! `AttemptSucceeded`, `AttemptFailed` and `ExecutionReported` where the server can filter by several
+//! subjects (nats-server 2.10 and later; an older one delivers every event, and the others are
+//! acknowledged after reading their type alone). For each outcome it waits until the
 //! live view has folded that event's position, runs `penalties::assess(node, event.occurred_at,
 //! policy)` and appends what the policy says (slash, jail, tombstone, phase-out, probation
 //! promotion) to the node's stream, each with the triggering event as `causation_id`; then acks.
@@ -21,6 +23,7 @@ use deepnode_domain::ids::NodeId;
 use deepnode_domain::penalties;
 use futures::StreamExt;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -35,7 +38,17 @@ pub(crate) async fn consumer(shared: &Shared) -> Result<PullConsumer, Error> {
     let s = &shared.ctx.subjects;
     let mut config = durable_pull_config(&shared.options.outcome_consumer, None);
     config.filter_subjects = TRIGGERS.iter().map(|t| s.events(t)).collect();
-    Ok(ensure_pull_consumer(&shared.ctx.js, &s.events_stream(), config).await?)
+    let consumer = ensure_pull_consumer(&shared.ctx.js, &s.events_stream(), config).await?;
+    let kept = &consumer.cached_info().config;
+    if kept.filter_subjects.is_empty() && kept.filter_subject.is_empty() {
+        // nats-server before 2.10 drops `filter_subjects` without a word.
+        tracing::info!(
+            consumer = %shared.options.outcome_consumer,
+            "this nats-server cannot filter a consumer by several subjects (2.10 and later can): \
+             every event is delivered, and those that are no outcome are acknowledged unread"
+        );
+    }
+    Ok(consumer)
 }
 
 /// Assesses outcome events one at a time (in stream order) until the service stops.
@@ -67,6 +80,7 @@ async fn handle(shared: &Shared, message: Message) {
         Ok(()) => AckKind::Ack,
         Err(Next::Skip(reason)) => {
             tracing::warn!(sequence, %reason, "outcome event skipped");
+            Stats::bump(&shared.stats().outcomes_terminated);
             AckKind::Term
         }
         Err(Next::Retry(reason)) => {
@@ -87,18 +101,22 @@ enum Next {
     Retry(String),
 }
 
-/// What an assessment reads of an outcome event on the bus (`deepnode_runtime::wire`'s form): its
-/// place in the log, its time, the node it is about and its correlation. The rest of the payload is
-/// skipped, not built as a JSON tree: the live view folds the event itself from the log.
+/// What an assessment reads of an event on the bus (`deepnode_runtime::wire`'s form): its place in
+/// the log, its type and time, and — only for an outcome — the node its payload is about and its
+/// correlation. Payload and metadata are borrowed unread, not built as JSON trees: the live view
+/// folds the event itself from the log, and an event that is no outcome (delivered by a server that
+/// cannot filter) is acknowledged on its type alone.
 #[derive(Deserialize)]
-struct Trigger {
+struct Trigger<'a> {
     global_position: i64,
     event_id: Uuid,
-    event_type: String,
+    event_type: &'a str,
     schema_version: i32,
     occurred_at: DateTime<Utc>,
-    payload: AboutNode,
-    metadata: Correlation,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+    #[serde(borrow)]
+    metadata: &'a RawValue,
 }
 
 /// Every trigger's payload names its node.
@@ -114,18 +132,21 @@ struct Correlation {
 }
 
 async fn assess(shared: &Shared, payload: &[u8]) -> Result<(), Next> {
-    let recorded: Trigger = serde_json::from_slice(payload)
-        .map_err(|e| Next::Skip(format!("not an outcome event: {e}")))?;
-    if !TRIGGERS.contains(&recorded.event_type.as_str()) {
+    let not_outcome = |e: serde_json::Error| Next::Skip(format!("not an outcome event: {e}"));
+    let recorded: Trigger<'_> = serde_json::from_slice(payload).map_err(not_outcome)?;
+    if !TRIGGERS.contains(&recorded.event_type) {
         return Ok(());
     }
-    check_readable(&recorded.event_type, recorded.schema_version).map_err(|e| {
+    check_readable(recorded.event_type, recorded.schema_version).map_err(|e| {
         Next::Skip(format!(
             "event at position {}: {e}",
             recorded.global_position
         ))
     })?;
-    let node = recorded.payload.node_id;
+    let about: AboutNode = serde_json::from_str(recorded.payload.get()).map_err(not_outcome)?;
+    let metadata: Correlation =
+        serde_json::from_str(recorded.metadata.get()).map_err(not_outcome)?;
+    let node = about.node_id;
     shared
         .view
         .wait_for(recorded.global_position, shared.options.view_timeout)
@@ -135,8 +156,7 @@ async fn assess(shared: &Shared, payload: &[u8]) -> Result<(), Next> {
 
     let at = recorded.occurred_at;
     let trigger = recorded.event_id;
-    let correlation = recorded
-        .metadata
+    let correlation = metadata
         .correlation_id
         .as_ref()
         .and_then(|c| c.as_str())

@@ -8,6 +8,8 @@
 //! feeds it the events other copies applied (`observe`) and resets it after a failed transaction.
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,6 +17,7 @@ use deepnode_domain::log::RecordedEvent;
 use sqlx::{PgConnection, PgPool};
 
 use crate::read::{read_all, Subscription, Urgency};
+use crate::tail::Lookup;
 use crate::{Error, EventStore, LogTail};
 
 /// A read model kept by the [`ProjectionRunner`].
@@ -161,14 +164,20 @@ impl<P: Projection> ProjectionRunner<P> {
 
     /// A standby's part: every `every`, folds into the in-memory state what has been written up to the
     /// stored checkpoint (by whichever copy writes), writing nothing. A copy that then runs the
-    /// projection continues from there instead of folding the whole log first. Runs until
-    /// cancelled (safe at any point); a transient error is retried at the next interval, any other
-    /// is returned.
+    /// projection continues from there instead of folding the whole log first. With the process's
+    /// [`LogTail`] it takes the events from the tail as they come (holding at most
+    /// `STANDBY_AHEAD` not yet written) and reads the database only for what the tail did not
+    /// give it. Runs until cancelled (safe at any point: what it held is only an accelerator); a
+    /// transient error is retried at the next interval, any other is returned.
     pub async fn stand_by(&mut self, every: Duration) -> Error {
+        let mut ahead = VecDeque::new();
         loop {
-            tokio::time::sleep(every).await;
+            match &self.tail {
+                Some(tail) => gather(tail, self.memory_position, &mut ahead, every).await,
+                None => tokio::time::sleep(every).await,
+            }
             let caught_up = match self.checkpoint().await {
-                Ok(stored) => self.observe_until(stored).await,
+                Ok(stored) => self.observe_ahead(stored, &mut ahead).await,
                 Err(e) => Err(e),
             };
             match caught_up {
@@ -299,6 +308,44 @@ impl<P: Projection> ProjectionRunner<P> {
     }
 
     /// Folds `(memory_position, until]` into in-memory state without writing.
+    /// [`observe_until`](Self::observe_until), folding first what `ahead` holds of it (events from
+    /// the tail, contiguous; those the state already has are dropped, and a front that does not
+    /// continue the state drops them all).
+    async fn observe_ahead(
+        &mut self,
+        until: i64,
+        ahead: &mut VecDeque<Arc<RecordedEvent>>,
+    ) -> Result<(), Error> {
+        if self.memory_position > until {
+            self.forget();
+        }
+        while ahead
+            .front()
+            .is_some_and(|e| e.global_position <= self.memory_position)
+        {
+            ahead.pop_front();
+        }
+        if ahead
+            .front()
+            .is_some_and(|e| e.global_position != self.memory_position + 1)
+        {
+            ahead.clear();
+        }
+        let written = ahead
+            .iter()
+            .take_while(|e| e.global_position <= until)
+            .count();
+        let events: Vec<RecordedEvent> = ahead
+            .drain(..written)
+            .map(|e| RecordedEvent::clone(&e))
+            .collect();
+        if let Some(last) = events.last().map(|e| e.global_position) {
+            self.projection.observe(&events)?;
+            self.memory_position = last;
+        }
+        self.observe_until(until).await
+    }
+
     async fn observe_until(&mut self, until: i64) -> Result<(), Error> {
         if self.memory_position > until {
             // Our state is ahead of the table (a rebuild elsewhere): start again from scratch.
@@ -315,6 +362,45 @@ impl<P: Projection> ProjectionRunner<P> {
         }
         Ok(())
     }
+}
+
+/// The most events a standby holds from the tail beyond what it has folded (~1.5 KB each); past it,
+/// the rest is read from the database at the next catch-up.
+const STANDBY_AHEAD: usize = 4_096;
+
+/// For `every`, takes from `tail` the events after `ahead`'s last (or after `from` when it is
+/// empty) as they arrive, up to `STANDBY_AHEAD` held. Where the tail no longer holds (or never
+/// held) the next event, it stops taking: the catch-up reads the database from there.
+async fn gather(
+    tail: &LogTail,
+    from: i64,
+    ahead: &mut VecDeque<Arc<RecordedEvent>>,
+    every: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + every;
+    let mut offered = tail.watch();
+    loop {
+        let after = ahead.back().map_or(from, |e| e.global_position);
+        let room = STANDBY_AHEAD.saturating_sub(ahead.len());
+        let lookup = if room == 0 {
+            Lookup::Behind
+        } else {
+            tail.after(after, room)
+        };
+        match lookup {
+            Lookup::Events(events) => {
+                ahead.extend(events);
+                continue;
+            }
+            Lookup::Behind => break,
+            Lookup::Nothing => {}
+        }
+        tokio::select! {
+            changed = offered.changed() => if changed.is_err() { break },
+            () = tokio::time::sleep_until(deadline) => return,
+        }
+    }
+    tokio::time::sleep_until(deadline).await;
 }
 
 /// Two projections kept by one runner — one read of the log, one transaction per batch for both.

@@ -270,8 +270,10 @@ where
 /// (`deepnode_projections::BookProjection`) and, alongside it in the same read and transaction, the
 /// log's Merkle tree (`deepnode_projections::tree::TreeProjection`, see [`tlog`]). One copy at a
 /// time writes them, holding the projection lease. The others stand by: every `lease_retry` they
-/// fold into memory what the holder has written (one read of the new rows, no transaction), so the
-/// copy that takes the lease over continues from there rather than from the start of the log. (The
+/// fold into memory what the holder has written (no transaction; the events come from the
+/// process's tail of the log as it reads them, and from the database only what the tail no longer
+/// holds), so the copy that takes the lease over continues from there rather than from the start
+/// of the log. (The
 /// runner's checkpoint lock keeps the rows right even if two copies ever write at once — a lease
 /// lost while its holder still writes.)
 async fn host_projection(shared: Arc<Shared>) -> Result<(), Error> {

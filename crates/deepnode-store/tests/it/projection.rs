@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deepnode_store::{
-    Error, EventStore, ExpectedVersion, Paired, Projection, ProjectionRunner, RecordedEvent,
-    StreamId,
+    Error, EventStore, ExpectedVersion, LogTail, Paired, Projection, ProjectionRunner,
+    RecordedEvent, StreamId,
 };
 use deepnode_testkit::{event, TestDb};
 use rand::{Rng, SeedableRng};
@@ -429,4 +429,107 @@ async fn a_standby_folds_only_what_is_written_and_takes_over_from_there() {
         seen_before,
         (1..=head).map(|p| (p, p - 1)).collect::<Vec<_>>()
     );
+}
+
+/// Remembers what it folded: each position with the event type it was given.
+#[derive(Default)]
+struct Folded(Vec<(i64, String)>);
+
+#[async_trait]
+impl Projection for Folded {
+    fn name(&self) -> &str {
+        "test_folded"
+    }
+
+    async fn apply(&mut self, _: &mut PgConnection, events: &[RecordedEvent]) -> Result<(), Error> {
+        self.observe(events)
+    }
+
+    fn observe(&mut self, events: &[RecordedEvent]) -> Result<(), Error> {
+        let folded = events
+            .iter()
+            .map(|e| (e.global_position, e.event_type.clone()));
+        self.0.extend(folded);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.0.clear();
+    }
+
+    async fn clear(&mut self, _: &mut PgConnection) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_standby_takes_what_the_tail_holds_and_reads_the_rest_from_the_log() {
+    // given 10 events, projected by one runner, and a standby following a tail of its own
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let append = |n: usize| {
+        let store = store.clone();
+        async move {
+            for _ in 0..n {
+                let s = StreamId::parse("s-1").unwrap();
+                let tick = event("Tick", json!({}));
+                store
+                    .append(&s, ExpectedVersion::Any, vec![tick])
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    append(10).await;
+    let mut writer = ProjectionRunner::new(store.pool().clone(), Folded::default());
+    assert_eq!(writer.run_to_head().await.unwrap(), 10);
+    let tail = LogTail::new(64);
+    let follower = db.store().await.with_tail(tail.clone());
+    let mut standby = ProjectionRunner::for_store(&follower, Folded::default());
+    async fn stand_by(runner: &mut ProjectionRunner<Folded>) {
+        let _ = tokio::time::timeout(
+            Duration::from_millis(50),
+            runner.stand_by(Duration::from_millis(5)),
+        )
+        .await;
+    }
+    // The tail's copies carry a mark, so what was folded from it shows.
+    let offer_marked = |events: Vec<RecordedEvent>| {
+        for mut e in events {
+            e.event_type = "FromTail".into();
+            tail.offer(e);
+        }
+    };
+    let folded = |runner: &ProjectionRunner<Folded>| runner.projection().0.clone();
+    let logged = |range: std::ops::RangeInclusive<i64>| range.map(|p| (p, "Tick".to_owned()));
+    let tailed = |range: std::ops::RangeInclusive<i64>| range.map(|p| (p, "FromTail".to_owned()));
+
+    // when the standby starts (the tail holds nothing), it reads what is written from the log
+    stand_by(&mut standby).await;
+    assert_eq!(folded(&standby), logged(1..=10).collect::<Vec<_>>());
+
+    // when 10 more commit, the tail is given 11-15 of them and the runner writes all 20
+    append(10).await;
+    offer_marked(store.read_all(10, 5).await.unwrap());
+    stand_by(&mut standby).await;
+    assert_eq!(folded(&standby).len(), 10, "folded past the checkpoint");
+    assert_eq!(writer.run_to_head().await.unwrap(), 20);
+
+    // then the standby folds 11-15 from the tail and 16-20 from the log
+    stand_by(&mut standby).await;
+    let expected: Vec<_> = logged(1..=10)
+        .chain(tailed(11..=15))
+        .chain(logged(16..=20))
+        .collect();
+    assert_eq!(folded(&standby), expected);
+
+    // and what the tail gives past the checkpoint waits for it to be written
+    append(5).await;
+    offer_marked(store.read_all(20, 5).await.unwrap());
+    stand_by(&mut standby).await;
+    assert_eq!(folded(&standby), expected);
+    assert_eq!(writer.run_to_head().await.unwrap(), 25);
+    stand_by(&mut standby).await;
+    let expected: Vec<_> = expected.into_iter().chain(tailed(21..=25)).collect();
+    assert_eq!(folded(&standby), expected);
 }

@@ -307,7 +307,6 @@ impl<P: Projection> ProjectionRunner<P> {
         Ok(Some(last))
     }
 
-    /// Folds `(memory_position, until]` into in-memory state without writing.
     /// [`observe_until`](Self::observe_until), folding first what `ahead` holds of it (events from
     /// the tail, contiguous; those the state already has are dropped, and a front that does not
     /// continue the state drops them all).
@@ -346,6 +345,7 @@ impl<P: Projection> ProjectionRunner<P> {
         self.observe_until(until).await
     }
 
+    /// Folds `(memory_position, until]` into in-memory state without writing.
     async fn observe_until(&mut self, until: i64) -> Result<(), Error> {
         if self.memory_position > until {
             // Our state is ahead of the table (a rebuild elsewhere): start again from scratch.

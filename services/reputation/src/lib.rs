@@ -273,9 +273,8 @@ where
 /// fold into memory what the holder has written (no transaction; the events come from the
 /// process's tail of the log as it reads them, and from the database only what the tail no longer
 /// holds), so the copy that takes the lease over continues from there rather than from the start
-/// of the log. (The
-/// runner's checkpoint lock keeps the rows right even if two copies ever write at once — a lease
-/// lost while its holder still writes.)
+/// of the log. (The runner's checkpoint lock keeps the rows right even if two copies ever write at
+/// once — a lease lost while its holder still writes.)
 async fn host_projection(shared: Arc<Shared>) -> Result<(), Error> {
     let store = &shared.ctx.store;
     let every = shared.options.lease_retry;

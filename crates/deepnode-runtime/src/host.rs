@@ -52,7 +52,7 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: Display,
 {
-    let args = match ServiceArgs::from_process(spec.binary) {
+    let args = match ServiceArgs::from_process(spec.binary, spec.signs) {
         Ok(args) => args,
         Err(e) if !e.use_stderr() => {
             // --help and --version: print them whole and succeed.

@@ -109,9 +109,16 @@ fn listen_addr(raw: &str) -> Result<Listen, String> {
 impl ServiceArgs {
     /// Parses the process's flags and environment for `binary`. `--help` and `--version` come back
     /// as an error that does not `use_stderr`, as clap has it.
-    pub fn from_process(binary: &'static str) -> Result<ServiceArgs, clap::Error> {
-        let command = empty_env_is_unset(ServiceArgs::command().name(binary));
+    pub fn from_process(binary: &'static str, signs: bool) -> Result<ServiceArgs, clap::Error> {
+        let command = ServiceArgs::command_for(binary, signs);
         ServiceArgs::from_arg_matches(&command.try_get_matches()?)
+    }
+
+    /// The command line of `binary`. A service that signs nothing still accepts `--log-key` (one
+    /// environment may serve every service), but its `--help` does not offer it.
+    pub fn command_for(binary: &'static str, signs: bool) -> clap::Command {
+        let command = empty_env_is_unset(ServiceArgs::command().name(binary));
+        command.mut_arg("log_key", |arg| arg.hide(!signs))
     }
 
     /// Parses `args` (the first is the binary's name) with the process's environment.
@@ -265,6 +272,21 @@ mod tests {
         "DEEPNODE_LOG_TAIL",
         "DEEPNODE_LOG_FORMAT",
     ];
+
+    #[test]
+    fn only_a_service_that_signs_offers_the_log_key() {
+        for (signs, offered) in [(true, true), (false, false)] {
+            let help = ServiceArgs::command_for("svc", signs)
+                .render_help()
+                .to_string();
+            assert_eq!(help.contains("--log-key"), offered, "{help}");
+        }
+        let accepted = ServiceArgs::command_for("svc", false)
+            .try_get_matches_from(["svc", "--log-key", "/k"])
+            .unwrap();
+        let args = ServiceArgs::from_arg_matches(&accepted).unwrap();
+        assert_eq!(args.log_key, Some(PathBuf::from("/k")));
+    }
 
     #[test]
     fn every_setting_is_a_flag_and_a_variable_of_the_same_meaning() {

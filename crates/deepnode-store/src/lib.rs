@@ -227,22 +227,18 @@ impl EventStore {
     /// With a [`LogTail`] (see [`EventStore::with_tail`]) it follows the tail instead of the
     /// database, which it then reads only to catch up and once per `poll` of silence.
     pub fn subscribe_all(&self, after: i64, poll: Duration) -> Subscription {
-        match &self.tail {
-            Some(tail) => Subscription::with_tail(self.pool.clone(), after, poll, tail.clone()),
-            None => Subscription::new(self.pool.clone(), after, poll),
-        }
+        Subscription::over(self.pool.clone(), after, poll, self.tail.clone())
     }
 
     /// Like [`EventStore::subscribe_all`], but only ever what was read from the database — by this
     /// subscription, or by the process's shared reader ([`EventStore::with_shared_reader`]) — never
     /// a tail fed from the bus: for the relay, the one reader that feeds the bus from the log.
     pub fn subscribe_database(&self, after: i64, poll: Duration) -> Subscription {
-        match &self.tail {
-            Some(tail) if tail.reader_urgency().is_some() => {
-                Subscription::with_tail(self.pool.clone(), after, poll, tail.clone())
-            }
-            _ => Subscription::new(self.pool.clone(), after, poll),
-        }
+        let read_from_the_database = self
+            .tail
+            .clone()
+            .filter(|tail| tail.reader_urgency().is_some());
+        Subscription::over(self.pool.clone(), after, poll, read_from_the_database)
     }
 
     /// The position of the last committed event (0 for an empty log).

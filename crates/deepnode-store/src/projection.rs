@@ -202,15 +202,12 @@ impl<P: Projection> ProjectionRunner<P> {
         .execute(&self.pool)
         .await?;
         self.run_to_head().await?;
-        let subscription = match &self.tail {
-            Some(tail) => Subscription::with_tail(
-                self.pool.clone(),
-                self.memory_position,
-                self.poll,
-                tail.clone(),
-            ),
-            None => Subscription::new(self.pool.clone(), self.memory_position, self.poll),
-        };
+        let subscription = Subscription::over(
+            self.pool.clone(),
+            self.memory_position,
+            self.poll,
+            self.tail.clone(),
+        );
         let mut subscription = subscription.linger(self.linger, Urgency::default());
         loop {
             // The projection takes owned events; from a tail this is the one copy the process makes.

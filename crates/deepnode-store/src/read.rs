@@ -333,6 +333,19 @@ impl Subscription {
         }
     }
 
+    /// Following `tail` when there is one, else the database.
+    pub(crate) fn over(
+        pool: PgPool,
+        after: i64,
+        poll: Duration,
+        tail: Option<LogTail>,
+    ) -> Subscription {
+        match tail {
+            Some(tail) => Subscription::with_tail(pool, after, poll, tail),
+            None => Subscription::new(pool, after, poll),
+        }
+    }
+
     pub(crate) fn with_tail(
         pool: PgPool,
         after: i64,

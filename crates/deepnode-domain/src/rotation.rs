@@ -197,6 +197,70 @@ impl HardRule {
     }
 }
 
+/// What starts the `reason` of every `DeploymentAssigned` and `DeploymentRevoked` a rotation move
+/// writes. The reasons are persisted text, and readers tell a move's kind and the node it made room
+/// for from them, so they are written and read here alone.
+pub const MOVE_REASON_PREFIX: &str = "rotation: ";
+
+impl MoveReason {
+    /// The `reason` the move's `DeploymentAssigned` records, e.g. `rotation: growth-slot redraw`.
+    pub fn assignment_reason(&self) -> String {
+        match self {
+            MoveReason::HardRule { rule } => format!(
+                "{MOVE_REASON_PREFIX}incumbent breaks a hard rule ({})",
+                rule.as_str()
+            ),
+            MoveReason::Improvement {
+                incumbent,
+                challenger,
+            } => format!(
+                "{MOVE_REASON_PREFIX}challenger score {} bps beats incumbent {} bps by at least the hysteresis",
+                challenger.raw(),
+                incumbent.raw()
+            ),
+            MoveReason::GrowthRedraw => format!("{MOVE_REASON_PREFIX}growth-slot redraw"),
+        }
+    }
+}
+
+/// A move's kind, as a `DeploymentAssigned` reason records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoveKind {
+    /// The incumbent broke a hard rule.
+    HardRule,
+    /// A better challenger.
+    Improvement,
+    /// A growth-slot redraw.
+    GrowthRedraw,
+}
+
+impl MoveKind {
+    /// The kind of move a `DeploymentAssigned` with this `reason` records; `None` when no rotation
+    /// move wrote it (a deployment).
+    pub fn of_assignment(reason: &str) -> Option<MoveKind> {
+        let said = reason.strip_prefix(MOVE_REASON_PREFIX)?;
+        Some(if said.contains("growth-slot redraw") {
+            MoveKind::GrowthRedraw
+        } else if said.contains("hard rule") {
+            MoveKind::HardRule
+        } else {
+            MoveKind::Improvement
+        })
+    }
+}
+
+/// The `reason` a move's `DeploymentRevoked` records: the node it made room for.
+pub fn revocation_reason(assigned: &NodeId) -> String {
+    format!("{MOVE_REASON_PREFIX}replaced by {assigned}")
+}
+
+/// The node a move's `DeploymentRevoked` `reason` names (see [`revocation_reason`]).
+pub fn replaced_by(reason: &str) -> Option<&str> {
+    reason
+        .strip_prefix(MOVE_REASON_PREFIX)?
+        .strip_prefix("replaced by ")
+}
+
 /// Why a replica that would have moved stayed (wire names stable, as for [`HardRule`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -753,6 +817,36 @@ mod tests {
     use crate::scoring::NodeStatus;
     use chrono::TimeZone;
     use proptest::prelude::*;
+
+    #[test]
+    fn move_reasons_read_back_as_written() {
+        let rule = MoveReason::HardRule {
+            rule: HardRule::StatusJailed,
+        };
+        let better = MoveReason::Improvement {
+            incumbent: Bps::new(6725).unwrap(),
+            challenger: Bps::new(9943).unwrap(),
+        };
+        // the texts every recorded log holds
+        let written = [
+            (rule, "rotation: incumbent breaks a hard rule (status_jailed)", MoveKind::HardRule),
+            (
+                better,
+                "rotation: challenger score 9943 bps beats incumbent 6725 bps by at least the hysteresis",
+                MoveKind::Improvement,
+            ),
+            (MoveReason::GrowthRedraw, "rotation: growth-slot redraw", MoveKind::GrowthRedraw),
+        ];
+        for (reason, text, kind) in written {
+            assert_eq!(reason.assignment_reason(), text);
+            assert_eq!(MoveKind::of_assignment(text), Some(kind));
+        }
+        assert_eq!(MoveKind::of_assignment("deploy: top of the ranking"), None);
+        let node = NodeId::parse("n-7").unwrap();
+        assert_eq!(revocation_reason(&node), "rotation: replaced by n-7");
+        assert_eq!(replaced_by(&revocation_reason(&node)), Some("n-7"));
+        assert_eq!(replaced_by("deregistered"), None);
+    }
 
     fn t0() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 1, 10, 0, 0, 0).unwrap()

@@ -24,7 +24,7 @@ use deepnode_domain::events::{
 use deepnode_domain::ids::NodeId;
 use deepnode_domain::log::{ExpectedVersion, NewEvent, StreamId};
 use deepnode_domain::rotation::{
-    plan, AppliedMove, Move, MoveReason, RotationPlan, RoundRecord, Trigger,
+    plan, revocation_reason, AppliedMove, RotationPlan, RoundRecord, Trigger,
 };
 use deepnode_runtime::ServiceContext;
 use deepnode_store::FollowerHandle;
@@ -205,23 +205,6 @@ fn id(epoch: u64, what: &str) -> Uuid {
     Uuid::new_v5(&ID_NAMESPACE, format!("rotation:{epoch}:{what}").as_bytes())
 }
 
-fn move_reason(m: &Move) -> String {
-    match &m.reason {
-        MoveReason::HardRule { rule } => {
-            format!("rotation: incumbent breaks a hard rule ({})", rule.as_str())
-        }
-        MoveReason::Improvement {
-            incumbent,
-            challenger,
-        } => format!(
-            "rotation: challenger score {} bps beats incumbent {} bps by at least the hysteresis",
-            challenger.raw(),
-            incumbent.raw()
-        ),
-        MoveReason::GrowthRedraw => "rotation: growth-slot redraw".to_owned(),
-    }
-}
-
 async fn apply(
     ctx: &ServiceContext,
     view: &FollowerHandle<RotationView>,
@@ -248,12 +231,12 @@ async fn apply(
             model_id: m.model_id.clone(),
             node_id: m.assign.clone(),
             tier: m.tier,
-            reason: move_reason(m),
+            reason: m.reason.assignment_reason(),
         });
         let revoked = DomainEvent::DeploymentRevoked(DeploymentRevoked {
             model_id: m.model_id.clone(),
             node_id: m.revoke.clone(),
-            reason: format!("rotation: replaced by {}", m.assign),
+            reason: revocation_reason(&m.assign),
         });
         let key = format!("move:{}:{}:{}", m.model_id, m.assign, m.revoke);
         let events = vec![

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use deepnode_domain::rotation::{self, MoveKind};
 use serde_json::Value;
 use sqlx::PgPool;
 
@@ -91,7 +92,7 @@ impl Decision {
                 self.replaced
                     .as_ref()
                     .map_or_else(|| "added".to_owned(), |r| format!("replaces {r}")),
-                self.why.trim_start_matches("rotation: ")
+                self.why.trim_start_matches(rotation::MOVE_REASON_PREFIX)
             ),
             _ => format!("{at}  {} {}  — {}", self.node, self.kind.label(), self.why),
         }
@@ -104,15 +105,11 @@ pub fn classify(event_type: &str, payload: &Value) -> Option<(Kind, String)> {
     let text = |field: &str| payload.get(field).and_then(Value::as_str).unwrap_or("");
     let why = text("reason").to_owned();
     let kind = match event_type {
-        "DeploymentAssigned" if why.starts_with("rotation:") => {
-            if why.contains("growth-slot redraw") {
-                Kind::Redrawn
-            } else if why.contains("hard rule") {
-                Kind::Replaced
-            } else {
-                Kind::Improved
-            }
-        }
+        "DeploymentAssigned" => match MoveKind::of_assignment(&why)? {
+            MoveKind::GrowthRedraw => Kind::Redrawn,
+            MoveKind::HardRule => Kind::Replaced,
+            MoveKind::Improvement => Kind::Improved,
+        },
         "NodeEjected" => Kind::Ejected,
         "NodeSlashed" => Kind::Slashed,
         "NodeStatusChanged" => match text("to") {
@@ -128,10 +125,7 @@ pub fn classify(event_type: &str, payload: &Value) -> Option<(Kind, String)> {
 
 /// For a `DeploymentRevoked` written by a move: the node it made room for.
 fn replaced_by(payload: &Value) -> Option<&str> {
-    payload
-        .get("reason")
-        .and_then(Value::as_str)?
-        .strip_prefix("rotation: replaced by ")
+    rotation::replaced_by(payload.get("reason").and_then(Value::as_str)?)
 }
 
 type Row = (i64, DateTime<Utc>, String, Value);

@@ -22,6 +22,16 @@ use deepnode_testkit::{eventually, TestDb};
 use serde_json::json;
 use uuid::Uuid;
 
+/// Whether the outcome consumer has nothing left to deliver and nothing waiting for an ack.
+async fn settled(js: &async_nats::jetstream::Context, subjects: &Subjects) -> bool {
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream("reputation-outcomes", &subjects.events_stream())
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    info.num_pending == 0 && info.num_ack_pending == 0
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unreadable_outcome_messages_are_terminated_and_the_next_is_assessed() {
     let db = TestDb::new().await;
@@ -68,14 +78,7 @@ async fn unreadable_outcome_messages_are_terminated_and_the_next_is_assessed() {
     eventually(
         "every outcome message settled",
         Duration::from_secs(20),
-        || async {
-            let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
-                .get_consumer_from_stream("reputation-outcomes", &subjects.events_stream())
-                .await
-                .unwrap();
-            let info = consumer.info().await.unwrap();
-            info.num_pending == 0 && info.num_ack_pending == 0
-        },
+        || settled(js, &subjects),
     )
     .await;
     // ... the logged outcome alone was assessed: the two before it were terminated
@@ -124,11 +127,6 @@ async fn events_that_are_no_outcome_are_acknowledged_not_terminated() {
         "every outcome message settled",
         Duration::from_secs(20),
         || async {
-            let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
-                .get_consumer_from_stream("reputation-outcomes", &subjects.events_stream())
-                .await
-                .unwrap();
-            let info = consumer.info().await.unwrap();
             let relayed = js
                 .get_stream(subjects.events_stream())
                 .await
@@ -139,7 +137,7 @@ async fn events_that_are_no_outcome_are_acknowledged_not_terminated() {
                 .state
                 .last_sequence;
             let logged = u64::try_from(a.ctx.store.head_position().await.unwrap()).unwrap();
-            relayed == logged && info.num_pending == 0 && info.num_ack_pending == 0
+            relayed == logged && settled(js, &subjects).await
         },
     )
     .await;

@@ -260,10 +260,11 @@ impl Reply {
         Value::Object(out)
     }
 
-    /// The full envelope as JSON bytes, ready to publish.
+    /// The full envelope as JSON bytes, ready to publish (the bytes of [`Reply::to_value`]'s tree,
+    /// written without building it).
     pub fn to_bytes(&self) -> Bytes {
-        // Serializing a `Value` cannot fail: all its map keys are strings.
-        Bytes::from(self.to_value().to_string())
+        // Cannot fail: every key is a string and every value a `Value` or a string.
+        Bytes::from(serde_json::to_vec(self).expect("a reply serialises: string keys, JSON values"))
     }
 
     /// Decodes an envelope received as a reply.
@@ -298,9 +299,48 @@ impl Reply {
     }
 }
 
-impl Serialize for Reply {
+/// One field of a serialised [`Reply`], borrowed from it.
+enum Field<'a> {
+    Ok(bool),
+    Error(&'a ErrorBody),
+    Other(&'a Value),
+}
+
+impl Serialize for Field<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.to_value().serialize(serializer)
+        use serde::ser::SerializeMap;
+        match self {
+            Field::Ok(ok) => serializer.serialize_bool(*ok),
+            // As `to_value` writes it: the code and the message, nothing else.
+            Field::Error(error) => {
+                let mut map = serializer.serialize_map(Some(2))?;
+                map.serialize_entry("code", error.code.as_str())?;
+                map.serialize_entry("message", &error.message)?;
+                map.end()
+            }
+            Field::Other(value) => value.serialize(serializer),
+        }
+    }
+}
+
+impl Serialize for Reply {
+    /// [`Reply::to_value`]'s object — the same keys, in the same (sorted) order, a field of the
+    /// reply's own overriding `ok` and `error` as there — with the fields borrowed, not copied.
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut fields = std::collections::BTreeMap::new();
+        let others = match self {
+            Self::Ok(map) => {
+                fields.insert("ok", Field::Ok(true));
+                map
+            }
+            Self::Err { error, extra } => {
+                fields.insert("ok", Field::Ok(false));
+                fields.insert("error", Field::Error(error));
+                extra
+            }
+        };
+        fields.extend(others.iter().map(|(k, v)| (k.as_str(), Field::Other(v))));
+        serializer.collect_map(fields)
     }
 }
 
@@ -358,6 +398,30 @@ fn describe(inner: serde_json::Error, path: &str) -> ErrorBody {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_reply_serialises_to_the_bytes_of_its_tree() {
+        let mut own_ok = Map::new();
+        own_ok.insert("ok".to_owned(), json!("a field of its own"));
+        own_ok.insert("a".to_owned(), json!(1));
+        let replies = [
+            Reply::ok(&()),
+            Reply::ok(
+                &json!({"request_id": "r1", "output": {"z": [1, 2.5, null], "a": "é\n\u{0}"},
+                              "node_id": "n1", "charged": true, "attempts": [{"role": "primary"}]}),
+            ),
+            Reply::err(ErrorBody::new(ErrorCode::Overloaded, "try \"later\"")),
+            Reply::exec_failure(
+                ErrorBody::new(ErrorCode::AllReplicasFailed, "both failed"),
+                &[json!({"node_id": "n1"})],
+            ),
+            Reply::Ok(own_ok),
+        ];
+        for reply in replies {
+            let tree = reply.to_value().to_string();
+            assert_eq!(std::str::from_utf8(&reply.to_bytes()).unwrap(), tree);
+        }
+    }
 
     #[derive(Debug, Deserialize)]
     #[allow(dead_code)]

@@ -234,11 +234,11 @@ impl EventStore {
     /// subscription, or by the process's shared reader ([`EventStore::with_shared_reader`]) — never
     /// a tail fed from the bus: for the relay, the one reader that feeds the bus from the log.
     pub fn subscribe_database(&self, after: i64, poll: Duration) -> Subscription {
-        let read_from_the_database = self
+        let filled_from_the_database = self
             .tail
             .clone()
             .filter(|tail| tail.reader_urgency().is_some());
-        Subscription::over(self.pool.clone(), after, poll, read_from_the_database)
+        Subscription::over(self.pool.clone(), after, poll, filled_from_the_database)
     }
 
     /// The position of the last committed event (0 for an empty log).

@@ -312,9 +312,8 @@ impl<P: Projection> ProjectionRunner<P> {
         until: i64,
         ahead: &mut VecDeque<Arc<RecordedEvent>>,
     ) -> Result<(), Error> {
-        if self.memory_position > until {
-            self.forget();
-        }
+        // State past `until` (a rebuild elsewhere) is `observe_until`'s to forget; every event left
+        // in `ahead` is then past `until` too, so nothing is folded here first.
         while ahead
             .front()
             .is_some_and(|e| e.global_position <= self.memory_position)
@@ -377,14 +376,11 @@ async fn gather(
     let deadline = tokio::time::Instant::now() + every;
     let mut offered = tail.watch();
     loop {
+        if ahead.len() >= STANDBY_AHEAD {
+            break;
+        }
         let after = ahead.back().map_or(from, |e| e.global_position);
-        let room = STANDBY_AHEAD.saturating_sub(ahead.len());
-        let lookup = if room == 0 {
-            Lookup::Behind
-        } else {
-            tail.after(after, room)
-        };
-        match lookup {
+        match tail.after(after, STANDBY_AHEAD - ahead.len()) {
             Lookup::Events(events) => {
                 ahead.extend(events);
                 continue;

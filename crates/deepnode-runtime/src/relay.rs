@@ -19,6 +19,7 @@ use deepnode_bus::jetstream::ensure_streams;
 use deepnode_bus::subjects::Subjects;
 use deepnode_store::{EventStore, Lease, RecordedEvent, Urgency};
 
+use crate::lease::Progress;
 use crate::shutdown::Shutdown;
 use crate::wire;
 
@@ -91,56 +92,28 @@ async fn publish_while_leased(
     options: &RelayOptions,
     shutdown: &Shutdown,
 ) -> Result<(), String> {
-    let from = store
-        .checkpoint(RELAY_CHECKPOINT)
+    let mut progress = Progress::load(store, RELAY_CHECKPOINT, options.save_every)
         .await
         .map_err(|e| e.to_string())?;
     // The relay feeds the bus (and so every bus-fed tail), so it follows only what was read from
     // the database: its own reads, or the process's shared reader's.
     let mut subscription = store
-        .subscribe_database(from, options.poll)
+        .subscribe_database(progress.position(), options.poll)
         .linger(options.linger, Urgency::default());
-    let mut saved = from;
-    let mut published = from;
-    let mut last_save = tokio::time::Instant::now();
     loop {
-        // With a position to save, wait for the next batch only until it is due.
-        let due = (published > saved).then(|| last_save + options.save_every);
-        let next = async {
-            match due {
-                Some(due) => tokio::time::timeout_at(due, subscription.next_batch())
-                    .await
-                    .ok(),
-                None => Some(subscription.next_batch().await),
-            }
-        };
         let batch = tokio::select! {
             _ = shutdown.cancelled() => {
-                if published > saved {
-                    let _ = store.advance_checkpoint(RELAY_CHECKPOINT, published).await;
-                }
+                let _ = progress.save(store).await;
                 lease.release().await;
                 return Ok(());
             }
-            batch = next => batch,
+            batch = progress.next_batch(&mut subscription) => batch,
         };
         if let Some(batch) = batch {
             let batch = batch.map_err(|e| e.to_string())?;
-            published = publish_batch(js, subjects, &batch).await?;
+            progress.advance(publish_batch(js, subjects, &batch).await?);
         }
-        if published > saved && last_save.elapsed() >= options.save_every {
-            // Still holding the lease? (If this connection died, so did the lock.)
-            lease
-                .check()
-                .await
-                .map_err(|e| format!("lease connection lost: {e}"))?;
-            store
-                .advance_checkpoint(RELAY_CHECKPOINT, published)
-                .await
-                .map_err(|e| e.to_string())?;
-            saved = published;
-            last_save = tokio::time::Instant::now();
-        }
+        progress.save_if_due(store, &mut lease).await?;
     }
 }
 

@@ -134,11 +134,22 @@ impl<S> FollowerHandle<S> {
         }
     }
 
-    /// Waits until the state has folded `position` (read-your-writes), at most `timeout`.
+    /// Waits until the state has folded `position` (read-your-writes), at most `timeout`; a
+    /// lingering reader is asked to read at once.
     pub async fn wait_for(&self, position: i64, timeout: Duration) -> Result<(), Error> {
         if self.position() < position {
             self.urgency.now();
         }
+        self.folded(position, timeout).await
+    }
+
+    /// Waits until the state has folded `position`, at most `timeout`, without asking the reader
+    /// to hurry: for a position the process has already read (an event taken from the log tail
+    /// this follower follows too), which the follower reaches on its own. ([`wait_for`] here would
+    /// cost a read of the log each time the follower had not yet been scheduled.)
+    ///
+    /// [`wait_for`]: FollowerHandle::wait_for
+    pub async fn folded(&self, position: i64, timeout: Duration) -> Result<(), Error> {
         let mut progress = self.progress.clone();
         let reached = tokio::time::timeout(
             timeout,

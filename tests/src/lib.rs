@@ -42,8 +42,8 @@ pub struct Cluster {
     /// The clock every scheduler copy runs by (ejections, retry budget): a test moves it ahead
     /// instead of sleeping through a window.
     pub clock: deepnode_runtime::Clock,
-    /// The durable outcome consumer of the reputation service, once one runs.
-    outcome_consumer: Option<String>,
+    /// Whether a reputation service has been started.
+    reputation: bool,
     services: Services,
     /// Scheduler copies started.
     schedulers: u64,
@@ -75,7 +75,7 @@ impl Cluster {
             policy,
             reputation_stats: Arc::default(),
             clock: deepnode_runtime::Clock::adjustable(),
-            outcome_consumer: None,
+            reputation: false,
             services: Services::default(),
             schedulers: 0,
         };
@@ -131,7 +131,7 @@ impl Cluster {
             ..ReputationOptions::from_policy(&self.policy)
         };
         self.reputation_stats = options.stats.clone();
-        self.outcome_consumer = Some(options.outcome_consumer.clone());
+        self.reputation = true;
         self.services.start("reputation", |stop| {
             deepnode_reputation::run(ctx, options, stop)
         });
@@ -202,8 +202,8 @@ impl Cluster {
 
     /// Waits until nothing more follows from what is logged, and returns the head it settled at:
     /// the relay has published up to the head and the SQL projection folded it (the store's
-    /// `lags`), and, if a reputation service runs, its outcome consumer has nothing pending or
-    /// unacknowledged (a penalty is appended before its outcome is acked) and its liveness tick has
+    /// `lags`), and, if a reputation service runs, its outcome assessment has stored the head (a
+    /// penalty is appended before the position of its outcome is stored) and its liveness tick has
     /// folded the head — and the head did not move while all of that was checked. (A rotation round
     /// a scheduler asks for on its own is not covered: no test here relies on one during a settle.)
     pub async fn settle(&self, timeout: Duration) -> anyhow::Result<i64> {
@@ -235,25 +235,19 @@ impl Cluster {
                 behind.push(format!("{name} {lag} behind"));
             }
         }
-        let Some(outcome_consumer) = &self.outcome_consumer else {
+        if !self.reputation {
             return Ok(behind);
-        };
+        }
+        let assessed = lags
+            .get(deepnode_reputation::OUTCOMES_CHECKPOINT)
+            .copied()
+            .unwrap_or(head);
+        if assessed > 0 {
+            behind.push(format!("the outcome assessment {assessed} behind"));
+        }
         let ticked = deepnode_reputation::Stats::get(&self.reputation_stats.ticked_through);
         if ticked < head.unsigned_abs() {
             behind.push(format!("the reputation tick at {ticked}"));
-        }
-        let js = async_nats::jetstream::new(self.client.clone());
-        let stream = js.get_stream(self.subjects.events_stream()).await?;
-        let mut consumer = stream
-            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(outcome_consumer)
-            .await
-            .map_err(|e| anyhow::anyhow!("the outcome consumer: {e}"))?;
-        let info = consumer.info().await?;
-        if info.num_pending > 0 || info.num_ack_pending > 0 {
-            behind.push(format!(
-                "the outcome consumer ({} pending, {} unacknowledged)",
-                info.num_pending, info.num_ack_pending
-            ));
         }
         Ok(behind)
     }

@@ -40,6 +40,8 @@ const PROJECTION_LINGER: std::time::Duration = std::time::Duration::from_millis(
 /// projection.
 pub const PROJECTION_LOCK_KEY: i64 = 0x626f_6f6b;
 
+pub use outcomes::{OUTCOMES_CHECKPOINT, OUTCOMES_LOCK_KEY};
+
 /// The queue group the command handlers share across copies.
 pub const QUEUE_GROUP: &str = "deepnode-reputation";
 
@@ -86,8 +88,6 @@ pub struct ReputationOptions {
     pub nak_delay: Duration,
     /// Durable consumer name on the ingest stream (shared by every copy).
     pub ingest_consumer: String,
-    /// Durable consumer name on the events stream for outcomes (shared by every copy).
-    pub outcome_consumer: String,
     /// Ingest messages handled at once by one copy.
     pub ingest_concurrency: usize,
     /// Counters, readable while the service runs (clone the `Arc` before passing the options).
@@ -96,8 +96,8 @@ pub struct ReputationOptions {
     pub log_key: Option<deepnode_domain::note::NoteSigner>,
     /// The wall-clock time jail releases run by (the system's, or a test's).
     pub clock: deepnode_runtime::Clock,
-    /// How often a standby copy asks for the projection lease, and the holder checks it still has
-    /// it.
+    /// How often a standby copy asks for a lease (the SQL projection's, the outcome assessment's),
+    /// and the projection's holder checks it still has it.
     pub lease_retry: Duration,
 }
 
@@ -111,7 +111,6 @@ impl ReputationOptions {
             view_timeout: Duration::from_secs(10),
             nak_delay: Duration::from_secs(1),
             ingest_consumer: "reputation-ingest".to_owned(),
-            outcome_consumer: "reputation-outcomes".to_owned(),
             ingest_concurrency: 32,
             stats: Arc::new(Stats::default()),
             log_key: None,
@@ -140,10 +139,6 @@ pub struct Stats {
     pub ingest_retried: AtomicU64,
     /// Outcome events assessed for penalties.
     pub outcomes_assessed: AtomicU64,
-    /// Messages on the outcome consumer terminated unassessed: not a stored event, an outcome
-    /// without its node, or a schema version this build cannot read. (Events that are no outcome
-    /// are acknowledged, not terminated.)
-    pub outcomes_terminated: AtomicU64,
     /// Penalty events (slashes, status changes) appended by this copy.
     pub penalty_events: AtomicU64,
     /// Nodes this copy declared offline.
@@ -183,9 +178,9 @@ impl Shared {
 }
 
 /// Runs the service until `shutdown` fires: serves the node commands (queue group
-/// [`QUEUE_GROUP`]), consumes ingest reports and outcome events (durable consumers shared by every
-/// copy), watches heartbeats (every copy sees every beat), ticks liveness and jail releases, and
-/// hosts the SQL projection. On shutdown it stops taking work, finishes what is in flight and
+/// [`QUEUE_GROUP`]), consumes ingest reports (a durable consumer shared by every copy), assesses
+/// outcomes from the log (one copy at a time, under a lease), watches heartbeats (every copy sees
+/// every beat), ticks liveness and jail releases, and hosts the SQL projection. On shutdown it stops taking work, finishes what is in flight and
 /// returns; the caller drains the NATS client. If one part fails for good, the others are stopped
 /// and the error is returned.
 pub async fn run(
@@ -205,7 +200,6 @@ pub async fn run(
 
     // Set up everything that can fail at start before taking any work.
     let ingest = ingest::consumer(&shared).await?;
-    let outcomes = outcomes::consumer(&shared).await?;
     let heartbeats = liveness::subscribe(&shared).await?;
 
     let mut tasks: JoinSet<Result<(), Error>> = JoinSet::new();
@@ -227,7 +221,7 @@ pub async fn run(
     ));
     tasks.spawn(serve(shared.clone(), subjects.cmd_log_proof(), tlog::proof));
     tasks.spawn(ingest::run(shared.clone(), ingest));
-    tasks.spawn(outcomes::run(shared.clone(), outcomes));
+    tasks.spawn(outcomes::run(shared.clone()));
     tasks.spawn(liveness::run(shared.clone(), heartbeats));
     tasks.spawn(host_projection(shared.clone()));
     tasks.spawn(tlog::checkpoints(shared.clone()));

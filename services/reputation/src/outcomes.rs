@@ -1,122 +1,107 @@
-//! Outcomes → penalties: a durable consumer on the events stream (shared by every copy), filtered to
-//! `AttemptSucceeded`, `AttemptFailed` and `ExecutionReported` where the server can filter by several
-//! subjects (nats-server 2.10 and later; an older one delivers every event, and the others are
-//! acknowledged after reading their type alone). For each outcome it waits until the
-//! live view has folded that event's position, runs `penalties::assess(node, event.occurred_at,
-//! policy)` and appends what the policy says (slash, jail, tombstone, phase-out, probation
-//! promotion) to the node's stream, each with the triggering event as `causation_id`; then acks.
+//! Outcomes → penalties. The copy holding the outcome lease follows the log from its stored position
+//! (the checkpoint `reputation-outcomes`) and assesses every `AttemptSucceeded`, `AttemptFailed` and
+//! `ExecutionReported` in global order: it waits until the live view has folded that event's
+//! position, runs `penalties::assess(node, event.occurred_at, policy)` and appends what the policy
+//! says (slash, jail, tombstone, phase-out, probation promotion) to the node's stream, each with the
+//! triggering event as `causation_id`. Other copies stand by and take over when the holder goes.
+//!
+//! The events come from the process's own reader of the log, which the view already follows — not
+//! from a JetStream consumer, which made nats-server store, deliver and take an acknowledgement for
+//! every event a second time (every event, not only outcomes, on a server before 2.10, which cannot
+//! filter a consumer by several subjects).
 //!
 //! Event ids are UUID v5 of (triggering event id, node stream version decided against, index) and the
-//! append expects exactly that version (see [`crate::decide`]): a redelivered or concurrently handled
-//! trigger either finds its identical decision already logged or re-decides against the newer state.
-//! Time comes from the event, never the wall clock, so the decision is a replayable function of the log.
+//! append expects exactly that version (see [`crate::decide`]): an outcome assessed again — by a new
+//! holder redoing what came after the stored position — either finds its identical decision already
+//! logged or re-decides against the newer state. Time comes from the event, never the wall clock, so
+//! the decision is a replayable function of the log.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::message::Message;
-use async_nats::jetstream::AckKind;
-use chrono::{DateTime, Utc};
-use deepnode_bus::jetstream::{durable_pull_config, ensure_pull_consumer};
 use deepnode_domain::events::{check_readable, Metadata};
 use deepnode_domain::ids::NodeId;
 use deepnode_domain::penalties;
-use futures::StreamExt;
+use deepnode_runtime::lease::{self, Progress};
+use deepnode_store::{Lease, RecordedEvent};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::Value;
-use uuid::Uuid;
 
 use crate::decide::{decide_and_append, Decision};
-use crate::{pull, Error, Shared, Stats};
+use crate::{Error, Shared, Stats};
 
 /// The event types whose outcomes can trigger a penalty decision.
 pub(crate) const TRIGGERS: [&str; 3] = ["AttemptSucceeded", "AttemptFailed", "ExecutionReported"];
 
-/// Ensures the durable outcome consumer (idempotent; every copy shares it).
-pub(crate) async fn consumer(shared: &Shared) -> Result<PullConsumer, Error> {
-    let s = &shared.ctx.subjects;
-    let mut config = durable_pull_config(&shared.options.outcome_consumer, None);
-    config.filter_subjects = TRIGGERS.iter().map(|t| s.events(t)).collect();
-    let consumer = ensure_pull_consumer(&shared.ctx.js, &s.events_stream(), config).await?;
-    let kept = &consumer.cached_info().config;
-    if kept.filter_subjects.is_empty() && kept.filter_subject.is_empty() {
-        // nats-server before 2.10 drops `filter_subjects` without a word.
-        tracing::info!(
-            consumer = %shared.options.outcome_consumer,
-            "this nats-server cannot filter a consumer by several subjects (2.10 and later can): \
-             every event is delivered, and those that are no outcome are acknowledged unread"
-        );
-    }
-    Ok(consumer)
-}
+/// Advisory lock key of the outcome lease ("outcome" in ASCII): whoever holds it assesses.
+pub const OUTCOMES_LOCK_KEY: i64 = 0x6f_7574_636f_6d65;
 
-/// Assesses outcome events one at a time (in stream order) until the service stops.
-pub(crate) async fn run(shared: Arc<Shared>, consumer: PullConsumer) -> Result<(), Error> {
-    let name = shared.options.outcome_consumer.clone();
-    while let Some(messages) = pull::messages(&shared, &consumer, &name, "outcome events").await {
-        let stop = shared.stop.clone();
-        let messages = messages.take_until(async move { stop.cancelled().await });
-        tokio::pin!(messages);
-        while let Some(message) = messages.next().await {
-            match message {
-                Ok(message) => handle(&shared, message).await,
-                Err(e) => tracing::warn!(error = %e, "outcome pull failed"),
-            }
-        }
-    }
+/// The checkpoint row the assessment keeps its position in. A database that had a log before
+/// outcomes were assessed from it starts at the head it had then (migration `V9`).
+pub const OUTCOMES_CHECKPOINT: &str = "reputation-outcomes";
+
+/// How often the assessed position is stored while outcomes flow: a new holder assesses again at
+/// most this much.
+const SAVE_EVERY: Duration = Duration::from_millis(250);
+
+/// How often the log is read without news (the process's shared reader normally wakes it).
+const POLL: Duration = Duration::from_secs(1);
+
+/// Assesses outcomes while this copy holds the outcome lease, standing by while another does,
+/// until the service stops.
+pub(crate) async fn run(shared: Arc<Shared>) -> Result<(), Error> {
+    let store = shared.ctx.store.clone();
+    let retry = shared.options.lease_retry;
+    lease::hold(
+        &store,
+        OUTCOMES_LOCK_KEY,
+        retry,
+        &shared.stop,
+        "outcome assessment",
+        |lease| assess_while_leased(&shared, lease),
+    )
+    .await;
     Ok(())
 }
 
-async fn handle(shared: &Shared, message: Message) {
-    let (sequence, delivered) = message
-        .info()
-        .map_or((0, 1), |i| (i.stream_sequence, i.delivered));
-    if delivered > 1 {
-        metrics::counter!("deepnode_jetstream_redeliveries_total", "consumer" => shared.options.outcome_consumer.clone())
-            .increment(1);
-    }
-    let ack = match assess(shared, &message.payload).await {
-        Ok(()) => AckKind::Ack,
-        Err(Next::Skip(reason)) => {
-            tracing::warn!(sequence, %reason, "outcome event skipped");
-            Stats::bump(&shared.stats().outcomes_terminated);
-            AckKind::Term
+/// Assesses the log's outcomes in order from the stored position. On a failure it stores what is
+/// done and returns, to stand by and resume there: waiting mends most (the view lagging, the
+/// database away). An outcome this build cannot read is not passed over: the live view, which every
+/// decision is taken against, stops at such an event too (see `deepnode_store::Follower`), and the
+/// assessment waits at it with the view until a build that reads it runs.
+async fn assess_while_leased(shared: &Shared, mut lease: Lease) -> Result<(), String> {
+    let store = &shared.ctx.store;
+    let mut progress = Progress::load(store, OUTCOMES_CHECKPOINT, SAVE_EVERY)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut subscription = store.subscribe_all(progress.position(), POLL);
+    loop {
+        let batch = tokio::select! {
+            () = shared.stop.cancelled() => {
+                let _ = progress.save(store).await;
+                lease.release().await;
+                return Ok(());
+            }
+            batch = progress.next_batch(&mut subscription) => batch,
+        };
+        for event in batch
+            .transpose()
+            .map_err(|e| e.to_string())?
+            .unwrap_or_default()
+        {
+            if TRIGGERS.contains(&event.event_type.as_str()) {
+                if let Err(reason) = assess(shared, &event).await {
+                    let _ = progress.save(store).await;
+                    return Err(format!(
+                        "outcome at position {}: {reason}",
+                        event.global_position
+                    ));
+                }
+            }
+            progress.advance(event.global_position);
         }
-        Err(Next::Retry(reason)) => {
-            tracing::warn!(sequence, %reason, "outcome event will be retried");
-            AckKind::Nak(Some(shared.options.nak_delay))
-        }
-    };
-    if let Err(e) = message.ack_with(ack).await {
-        tracing::warn!(sequence, error = %e, "could not acknowledge outcome event");
+        progress.save_if_due(store, &mut lease).await?;
     }
-}
-
-/// Why an event was not (yet) assessed.
-enum Next {
-    /// It cannot be understood; never again.
-    Skip(String),
-    /// Later (the view lags, the store is down, conflicts persisted).
-    Retry(String),
-}
-
-/// What an assessment reads of an event on the bus (`deepnode_runtime::wire`'s form): its place in
-/// the log, its type and time, and — only for an outcome — the node its payload is about and its
-/// correlation. Payload and metadata are borrowed unread, not built as JSON trees: the live view
-/// folds the event itself from the log, and an event that is no outcome (delivered by a server that
-/// cannot filter) is acknowledged on its type alone.
-#[derive(Deserialize)]
-struct Trigger<'a> {
-    global_position: i64,
-    event_id: Uuid,
-    event_type: &'a str,
-    schema_version: i32,
-    occurred_at: DateTime<Utc>,
-    #[serde(borrow)]
-    payload: &'a RawValue,
-    #[serde(borrow)]
-    metadata: &'a RawValue,
 }
 
 /// Every trigger's payload names its node.
@@ -131,27 +116,19 @@ struct Correlation {
     correlation_id: Option<Value>,
 }
 
-async fn assess(shared: &Shared, payload: &[u8]) -> Result<(), Next> {
-    let not_outcome = |e: serde_json::Error| Next::Skip(format!("not an outcome event: {e}"));
-    let recorded: Trigger<'_> = serde_json::from_slice(payload).map_err(not_outcome)?;
-    if !TRIGGERS.contains(&recorded.event_type) {
-        return Ok(());
-    }
-    check_readable(recorded.event_type, recorded.schema_version).map_err(|e| {
-        Next::Skip(format!(
-            "event at position {}: {e}",
-            recorded.global_position
-        ))
-    })?;
-    let about: AboutNode = serde_json::from_str(recorded.payload.get()).map_err(not_outcome)?;
-    let metadata: Correlation =
-        serde_json::from_str(recorded.metadata.get()).map_err(not_outcome)?;
+/// Assesses one outcome event; why not, when it could not.
+async fn assess(shared: &Shared, recorded: &RecordedEvent) -> Result<(), String> {
+    check_readable(&recorded.event_type, recorded.schema_version).map_err(|e| e.to_string())?;
+    let unreadable = |e: serde_json::Error| format!("unreadable: {e}");
+    let about: AboutNode = recorded.payload.parse().map_err(unreadable)?;
+    let metadata: Correlation = recorded.metadata.parse().map_err(unreadable)?;
     let node = about.node_id;
+    // The event came from the log tail the view follows too: the view gets there on its own.
     shared
         .view
-        .wait_for(recorded.global_position, shared.options.view_timeout)
+        .folded(recorded.global_position, shared.options.view_timeout)
         .await
-        .map_err(|e| Next::Retry(e.to_string()))?;
+        .map_err(|e| e.to_string())?;
     Stats::bump(&shared.stats().outcomes_assessed);
 
     let at = recorded.occurred_at;
@@ -173,7 +150,7 @@ async fn assess(shared: &Shared, payload: &[u8]) -> Result<(), Next> {
         })
     })
     .await
-    .map_err(|e| Next::Retry(format!("deciding on node {node}: {e}")))?;
+    .map_err(|e| format!("deciding on node {node}: {e}"))?;
     if let Some(result) = decided.filter(|r| !r.duplicate) {
         for _ in &result.positions {
             Stats::bump(&shared.stats().penalty_events);

@@ -1,4 +1,4 @@
-//! Test harness: runs the reputation service (and, where needed, the relay) in-process against a
+//! Test harness: runs the reputation service in-process against a
 //! per-test database and a random subject prefix, and offers small helpers to wait on the log.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
@@ -10,12 +10,10 @@ use deepnode_domain::config::PolicyConfig;
 use deepnode_domain::events::{AttemptFailed, DomainEvent, Failure, Metadata};
 use deepnode_domain::ids::{NodeId, RequestId};
 use deepnode_reputation::ReputationOptions;
-use deepnode_runtime::relay::{self, RelayOptions};
-use deepnode_runtime::{ServiceContext, Shutdown};
+use deepnode_runtime::ServiceContext;
 use deepnode_store::{EventStore, ExpectedVersion, RecordedEvent};
 use deepnode_testkit::{answering, nats_url, Services, TestDb};
 use serde_json::Value;
-use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 /// One running copy of the service.
@@ -80,29 +78,6 @@ pub async fn start(
     )
     .await;
     Running { ctx, service }
-}
-
-/// Starts the log → bus relay; stop it with the returned signal.
-pub fn start_relay(ctx: &ServiceContext) -> (JoinHandle<()>, Shutdown) {
-    let shutdown = Shutdown::new();
-    let options = RelayOptions {
-        lease_retry: Duration::from_millis(100),
-        poll: Duration::from_millis(50),
-        ..RelayOptions::default()
-    };
-    let task = tokio::spawn(relay::run(
-        ctx.store.clone(),
-        ctx.js.clone(),
-        ctx.subjects.clone(),
-        options,
-        shutdown.clone(),
-    ));
-    (
-        tokio::spawn(async move {
-            task.await.unwrap().unwrap();
-        }),
-        shutdown,
-    )
 }
 
 /// Sends a JSON command and returns the reply envelope as JSON.

@@ -1,6 +1,6 @@
-//! Outcomes → penalties with two service copies and the relay in-process: a node failing every
-//! attempt is slashed and jailed exactly once, with the triggering outcome as `causation_id`, and
-//! its (short, test-policy) jail is released exactly once by the wall-clock tick.
+//! Outcomes → penalties with two service copies: a node failing every attempt is slashed and jailed
+//! exactly once, with the triggering outcome as `causation_id`, and its (short, test-policy) jail is
+//! released exactly once by the wall-clock tick.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common;
@@ -37,7 +37,6 @@ async fn a_failing_node_is_jailed_and_slashed_once_across_two_copies() {
     let (sa, sb) = (oa.stats.clone(), ob.stats.clone());
     let a = common::start(&db, &subjects, &policy, oa).await;
     let b = common::start(&db, &subjects, &policy, ob).await;
-    let (relay, relay_stop) = common::start_relay(&a.ctx);
     common::register(&a.ctx, "n1").await;
 
     // given 30 failed attempts on n1, logged by "the scheduler"
@@ -122,6 +121,4 @@ async fn a_failing_node_is_jailed_and_slashed_once_across_two_copies() {
 
     a.stop().await;
     b.stop().await;
-    relay_stop.cancel();
-    relay.await.unwrap();
 }

@@ -96,6 +96,11 @@ pub struct SystemArgs {
     /// Where service logs go (default: a fresh directory under the system's temp dir).
     #[arg(long)]
     pub log_dir: Option<PathBuf>,
+    /// Diagnostics: write every request of each measured phase, one line each — when it was sent
+    /// (µs since the phase began) and its round trip (µs) — to `<DIR>/<copies>-<phase>.txt`, to
+    /// see when the slow ones happen (clustered in time or spread out).
+    #[arg(long, value_name = "DIR")]
+    pub latency_trace: Option<PathBuf>,
 }
 
 /// Runs the benchmark and prints its Markdown report.
@@ -423,6 +428,9 @@ struct Phase {
     ok: u64,
     errors: BTreeMap<String, u64>,
     elapsed: Duration,
+    started: Instant,
+    /// Every request's send time since `started` and round trip, both in µs.
+    trace: Vec<(u64, u64)>,
 }
 
 impl Phase {
@@ -435,6 +443,8 @@ impl Phase {
             ok: 0,
             errors: BTreeMap::new(),
             elapsed: Duration::ZERO,
+            started: Instant::now(),
+            trace: Vec::new(),
         }
     }
 
@@ -442,7 +452,10 @@ impl Phase {
         self.latency.value_at_quantile(q) as f64 / 1000.0
     }
 
-    fn record(&mut self, reply: &Result<Value, rpc::Error>, micros: u64) {
+    fn record(&mut self, reply: &Result<Value, rpc::Error>, sent: Instant, micros: u64) {
+        let at = sent.saturating_duration_since(self.started).as_micros();
+        self.trace
+            .push((u64::try_from(at).unwrap_or(u64::MAX), micros));
         let _ = self.latency.record(micros.max(1));
         match reply {
             Ok(v) if v["ok"] == true || v.get("output").is_some() && v.get("ok").is_none() => {
@@ -537,6 +550,25 @@ async fn measure(d: &mut Deployment, args: &SystemArgs) -> Result<()> {
         .await?;
         d.ok_replies += row.phase.ok;
         overload = Some((rate, row));
+    }
+    if let Some(dir) = &args.latency_trace {
+        let phases = std::iter::once(("direct", &direct))
+            .chain(rows.iter().map(|r| (r.label.as_str(), &r.phase)))
+            .chain(saturation.iter().map(|r| ("saturation", &r.phase)))
+            .chain(overload.iter().map(|(_, r)| ("overload", &r.phase)));
+        for (label, phase) in phases {
+            let file = dir.join(format!(
+                "{}-{}.txt",
+                d.copies,
+                label.replace("/s", "-per-s")
+            ));
+            let lines: String = phase
+                .trace
+                .iter()
+                .map(|(at, micros)| format!("{at} {micros}\n"))
+                .collect();
+            std::fs::write(&file, lines).with_context(|| format!("writing {}", file.display()))?;
+        }
     }
     let catch_up = catch_up(d).await?;
     if catch_up.relay.is_none() || catch_up.projection.is_none() {
@@ -763,7 +795,7 @@ async fn timed_request(client: &Client, subject: &str, body: &Value, phase: &Mut
     let sent = Instant::now();
     let reply = rpc::request_json(client, subject, body, Duration::from_secs(10)).await;
     let micros = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
-    lock(phase).record(&reply, micros);
+    lock(phase).record(&reply, sent, micros);
 }
 
 /// Waits for every request of a phase to be answered; the phase then ends.

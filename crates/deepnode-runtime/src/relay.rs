@@ -10,6 +10,10 @@
 //! - Exactly one relay publishes at a time: the holder keeps a session-level Postgres advisory lock
 //!   on a dedicated connection. Other copies wait on standby; if the holder dies its connection (and
 //!   lock) goes with it and a standby takes over within the retry interval.
+//! - At the head, a batch's publications are spread over [`RelayOptions::spread`] rather than sent
+//!   at once: the process's shared reader hands the relay ~100 ms of commits at a time, and hundreds
+//!   of JetStream publishes at once kept nats-server busy for milliseconds, with every request on
+//!   the bus queued behind them (docs/BENCHMARKS-system.md, "The exec tail is a 100 ms cycle").
 
 use std::time::Duration;
 
@@ -50,7 +54,18 @@ pub struct RelayOptions {
     /// How long the relay, at the head, lets commits gather before it reads and publishes them: one
     /// read per interval instead of one per commit (publication is at most this much later).
     pub linger: Duration,
+    /// How long the relay, at the head, may take to send one batch: it sends it in chunks of at
+    /// least [`SPREAD_MIN_CHUNK`] events, at most [`SPREAD_STEPS`] of them, `spread /
+    /// SPREAD_STEPS` apart. Zero sends every batch at once; a batch read while catching up is
+    /// always sent at once.
+    pub spread: Duration,
 }
+
+/// The most chunks a spread batch is cut into.
+pub const SPREAD_STEPS: u32 = 25;
+
+/// The fewest events in a chunk of a spread batch: a batch of a few events goes in one or two.
+pub const SPREAD_MIN_CHUNK: usize = 8;
 
 impl Default for RelayOptions {
     fn default() -> Self {
@@ -59,6 +74,7 @@ impl Default for RelayOptions {
             poll: Duration::from_millis(500),
             save_every: Duration::from_millis(250),
             linger: Duration::from_millis(50),
+            spread: Duration::from_millis(50),
         }
     }
 }
@@ -111,20 +127,56 @@ async fn publish_while_leased(
         };
         if let Some(batch) = batch {
             let batch = batch.map_err(|e| e.to_string())?;
-            progress.advance(publish_batch(js, subjects, &batch).await?);
+            let spread = match subscription.at_head() {
+                true => options.spread,
+                false => Duration::ZERO,
+            };
+            let pace = Pace::of(batch.len(), spread);
+            progress.advance(publish_batch(js, subjects, &batch, pace).await?);
         }
         progress.save_if_due(store, &mut lease).await?;
     }
 }
 
-/// Publishes a batch in order, then waits for every ack; returns the last position.
+/// How a batch is sent: `chunk` events at a time, `pause` between two chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pace {
+    chunk: usize,
+    pause: Duration,
+}
+
+impl Pace {
+    /// Cuts a batch of `len` events into at most [`SPREAD_STEPS`] chunks of at least
+    /// [`SPREAD_MIN_CHUNK`] events, `spread / SPREAD_STEPS` apart: the whole batch is sent within
+    /// `spread`, however large it is.
+    fn of(len: usize, spread: Duration) -> Pace {
+        let chunk = len.div_ceil(SPREAD_STEPS as usize).max(SPREAD_MIN_CHUNK);
+        match len > chunk && !spread.is_zero() {
+            true => Pace {
+                chunk,
+                pause: spread / SPREAD_STEPS,
+            },
+            false => Pace {
+                chunk: len.max(1),
+                pause: Duration::ZERO,
+            },
+        }
+    }
+}
+
+/// Publishes a batch in order, paced by `pace`, then waits for every ack; returns the last
+/// position.
 async fn publish_batch(
     js: &Context,
     subjects: &Subjects,
     batch: &[std::sync::Arc<RecordedEvent>],
+    pace: Pace,
 ) -> Result<i64, String> {
     let mut acks = Vec::with_capacity(batch.len());
-    for event in batch {
+    for (i, event) in batch.iter().enumerate() {
+        if i > 0 && i % pace.chunk == 0 {
+            tokio::time::sleep(pace.pause).await;
+        }
         let publish = Publish::build()
             .message_id(event.event_id.to_string())
             .payload(wire::to_bytes(event).into());
@@ -141,4 +193,43 @@ async fn publish_batch(
         last = position;
     }
     Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPREAD: Duration = Duration::from_millis(50);
+
+    #[test]
+    fn a_batch_at_the_head_goes_in_chunks_within_the_spread() {
+        // ~100 ms of 1,000 executions a second: 25 chunks of 16, 2 ms apart.
+        let pace = Pace::of(400, SPREAD);
+        assert_eq!((pace.chunk, pace.pause), (16, Duration::from_millis(2)));
+        // A chunk is never smaller than the minimum: 40 events go in 5 chunks of 8.
+        assert_eq!(Pace::of(40, SPREAD).chunk, 8);
+        // However large the batch, at most SPREAD_STEPS chunks: 24 pauses, within the spread.
+        for len in [401, 10_001] {
+            let pace = Pace::of(len, SPREAD);
+            let chunks = len.div_ceil(pace.chunk);
+            assert!(
+                chunks <= SPREAD_STEPS as usize,
+                "{len} events in {chunks} chunks"
+            );
+            assert!(pace.pause * (chunks as u32 - 1) < SPREAD);
+        }
+    }
+
+    #[test]
+    fn a_few_events_and_a_zero_spread_go_at_once() {
+        for (len, spread) in [(0, SPREAD), (1, SPREAD), (8, SPREAD), (400, Duration::ZERO)] {
+            let pace = Pace::of(len, spread);
+            assert_eq!(pace.pause, Duration::ZERO, "{len} events over {spread:?}");
+            assert!(
+                pace.chunk >= len,
+                "{len} events in one chunk, not {}",
+                pace.chunk
+            );
+        }
+    }
 }

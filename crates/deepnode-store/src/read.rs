@@ -377,6 +377,12 @@ impl Subscription {
         self.position
     }
 
+    /// Whether the last read reached the head of the log: what it gave is what was committed since
+    /// the read before, not a page of a backlog being caught up.
+    pub fn at_head(&self) -> bool {
+        self.caught_up
+    }
+
     /// Every event already read and not yet yielded (at least one), waiting if there is none yet.
     /// Followers that fold under a lock use this to take the lock once per page, not per event.
     /// Cancel-safe: dropping the future loses nothing.

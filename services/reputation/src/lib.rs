@@ -82,7 +82,8 @@ pub struct ReputationOptions {
     pub offline_after: Duration,
     /// How often liveness and jail releases are checked (jail ends against `clock`).
     pub tick: Duration,
-    /// Longest wait for the live view to reach a position before a message is retried.
+    /// Longest wait for the live view to reach a position before a message is retried (or the
+    /// outcome assessment stands by, to resume there).
     pub view_timeout: Duration,
     /// Redelivery delay of a message that failed for a transient reason.
     pub nak_delay: Duration,

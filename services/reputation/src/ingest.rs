@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 
+use async_nats::jetstream::consumer::pull::Stream;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::message::Message;
 use async_nats::jetstream::AckKind;
@@ -27,7 +28,7 @@ use serde::Deserialize;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::{pull, Error, Shared, Stats};
+use crate::{Error, Shared, Stats};
 
 /// One report on `deepnode.ingest.execution` (CONTRACT §3).
 #[derive(Debug, Deserialize)]
@@ -58,10 +59,28 @@ pub(crate) async fn consumer(shared: &Shared) -> Result<PullConsumer, Error> {
     Ok(ensure_pull_consumer(&shared.ctx.js, &s.ingest_stream(), config).await?)
 }
 
+/// The consumer's message stream; a failed pull is logged and retried after `nak_delay`. `None` once
+/// the service is stopping.
+async fn messages(shared: &Shared, consumer: &PullConsumer, name: &str) -> Option<Stream> {
+    while !shared.stop.is_cancelled() {
+        match consumer.messages().await {
+            Ok(messages) => return Some(messages),
+            Err(e) => {
+                tracing::warn!(consumer = %name, error = %e, "cannot pull ingest reports; retrying");
+                tokio::select! {
+                    () = shared.stop.cancelled() => return None,
+                    () = tokio::time::sleep(shared.options.nak_delay) => {}
+                }
+            }
+        }
+    }
+    None
+}
+
 /// Consumes reports until the service stops; in-flight ones are finished first.
 pub(crate) async fn run(shared: Arc<Shared>, consumer: PullConsumer) -> Result<(), Error> {
     let name = shared.options.ingest_consumer.clone();
-    while let Some(messages) = pull::messages(&shared, &consumer, &name, "ingest reports").await {
+    while let Some(messages) = messages(&shared, &consumer, &name).await {
         let stop = shared.stop.clone();
         messages
             .take_until(async move { stop.cancelled().await })

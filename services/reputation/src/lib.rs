@@ -15,7 +15,6 @@ mod decide;
 mod ingest;
 mod liveness;
 mod outcomes;
-mod pull;
 pub mod tlog;
 pub mod view;
 

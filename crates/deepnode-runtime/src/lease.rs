@@ -92,6 +92,18 @@ impl Progress {
         self.done
     }
 
+    /// A clean stop: stores the position (best effort: a holder after it redoes what was not) and
+    /// gives the lease up.
+    pub async fn finish(mut self, store: &EventStore, lease: Lease) {
+        let _ = self.save(store).await;
+        lease.release().await;
+    }
+
+    /// Whether the position done is past the one stored.
+    fn moved(&self) -> bool {
+        self.done > self.saved
+    }
+
     /// Records that everything up to `position` is done.
     pub fn advance(&mut self, position: i64) {
         self.done = self.done.max(position);
@@ -102,7 +114,7 @@ impl Progress {
         &self,
         subscription: &mut Subscription,
     ) -> Option<Result<Vec<Arc<RecordedEvent>>, deepnode_store::Error>> {
-        match (self.done > self.saved).then(|| self.last_save + self.every) {
+        match self.moved().then(|| self.last_save + self.every) {
             Some(due) => tokio::time::timeout_at(due, subscription.next_batch())
                 .await
                 .ok(),
@@ -117,7 +129,7 @@ impl Progress {
         store: &EventStore,
         lease: &mut Lease,
     ) -> Result<(), String> {
-        if self.done == self.saved || self.last_save.elapsed() < self.every {
+        if !self.moved() || self.last_save.elapsed() < self.every {
             return Ok(());
         }
         lease
@@ -129,7 +141,7 @@ impl Progress {
 
     /// Stores the position now, if it moved.
     pub async fn save(&mut self, store: &EventStore) -> Result<(), deepnode_store::Error> {
-        if self.done > self.saved {
+        if self.moved() {
             store.advance_checkpoint(self.name, self.done).await?;
             self.saved = self.done;
             self.last_save = Instant::now();

@@ -119,8 +119,7 @@ async fn publish_while_leased(
     loop {
         let batch = tokio::select! {
             _ = shutdown.cancelled() => {
-                let _ = progress.save(store).await;
-                lease.release().await;
+                progress.finish(store, lease).await;
                 return Ok(());
             }
             batch = progress.next_batch(&mut subscription) => batch,

@@ -78,8 +78,7 @@ async fn assess_while_leased(shared: &Shared, mut lease: Lease) -> Result<(), St
     loop {
         let batch = tokio::select! {
             () = shared.stop.cancelled() => {
-                let _ = progress.save(store).await;
-                lease.release().await;
+                progress.finish(store, lease).await;
                 return Ok(());
             }
             batch = progress.next_batch(&mut subscription) => batch,

@@ -210,7 +210,7 @@ impl Cluster {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let (head, lags) = self.store.lags().await?;
-            let behind = self.behind(head, &lags).await?;
+            let behind = self.behind(head, &lags);
             if behind.is_empty() && self.head().await? == head {
                 return Ok(head);
             }
@@ -223,33 +223,27 @@ impl Cluster {
 
     /// What has not yet caught up with `head`, given how far each stored position trails it (see
     /// [`Cluster::settle`]).
-    async fn behind(&self, head: i64, lags: &BTreeMap<String, i64>) -> anyhow::Result<Vec<String>> {
-        let mut behind = Vec::new();
-        for name in [
+    fn behind(&self, head: i64, lags: &BTreeMap<String, i64>) -> Vec<String> {
+        let mut checkpoints = vec![
             relay::RELAY_CHECKPOINT,
             deepnode_projections::BOOK_PROJECTION,
-        ] {
+        ];
+        if self.reputation {
+            checkpoints.push(deepnode_reputation::OUTCOMES_CHECKPOINT);
+        }
+        let mut behind = Vec::new();
+        for name in checkpoints {
             // A position not stored yet trails by the whole log.
             let lag = lags.get(name).copied().unwrap_or(head);
             if lag > 0 {
                 behind.push(format!("{name} {lag} behind"));
             }
         }
-        if !self.reputation {
-            return Ok(behind);
-        }
-        let assessed = lags
-            .get(deepnode_reputation::OUTCOMES_CHECKPOINT)
-            .copied()
-            .unwrap_or(head);
-        if assessed > 0 {
-            behind.push(format!("the outcome assessment {assessed} behind"));
-        }
         let ticked = deepnode_reputation::Stats::get(&self.reputation_stats.ticked_through);
-        if ticked < head.unsigned_abs() {
+        if self.reputation && ticked < head.unsigned_abs() {
             behind.push(format!("the reputation tick at {ticked}"));
         }
-        Ok(behind)
+        behind
     }
 
     /// The names of service tasks that have ended (should be none while a test runs).

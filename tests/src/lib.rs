@@ -105,7 +105,7 @@ impl Cluster {
             self.policy.clone(),
             producer,
         );
-        deepnode_bus::jetstream::ensure_streams(&ctx.js, &ctx.subjects)
+        deepnode_bus::jetstream::ensure_streams(&ctx.js, &ctx.subjects, &Default::default())
             .await
             .context("creating the JetStream streams")?;
         Ok(ctx)

@@ -1,5 +1,6 @@
 //! JetStream setup and deduplicated publishing: [`ensure_streams`] creates or updates the events
-//! and ingest streams (idempotent, safe for every service copy to call at start),
+//! and ingest streams with their [`Retention`] (idempotent, safe for every service copy to call at
+//! start),
 //! [`ensure_pull_consumer`] does the same for durable pull consumers, and [`publish_with_id`]
 //! publishes with a `Nats-Msg-Id` and waits for the stream's ack.
 //!
@@ -18,6 +19,55 @@ use crate::subjects::Subjects;
 
 /// How long JetStream remembers a `Nats-Msg-Id` to drop duplicates.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(10 * 60);
+
+/// How long the events stream keeps the log's publications by default: a day to catch up. The log
+/// in PostgreSQL is the record; the stream is its live feed, and kept for good it would copy the whole
+/// log onto the NATS server's disk (~3 KB per execution, ~260 GB a day at 1,000 exec/s).
+pub const DEFAULT_EVENTS_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How long the ingest stream keeps execution reports by default: a week, so a report survives any
+/// outage of the ingest consumer an operator would let run, while acknowledged ones do not pile up.
+pub const DEFAULT_INGEST_RETENTION: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+/// How long the events and ingest streams keep a message (JetStream's `max_age`; the oldest go
+/// first). `None` keeps them for good. The checkpoints stream always keeps everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// `DEEPNODE_EVENTS`: the relay's publications of committed events.
+    pub events: Option<Duration>,
+    /// `DEEPNODE_INGEST`: execution reports from outside, before they are logged.
+    pub ingest: Option<Duration>,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            events: Some(DEFAULT_EVENTS_RETENTION),
+            ingest: Some(DEFAULT_INGEST_RETENTION),
+        }
+    }
+}
+
+impl Retention {
+    /// Keeps every message for good (the streams as they were before retention was set).
+    pub const FOR_GOOD: Retention = Retention {
+        events: None,
+        ingest: None,
+    };
+
+    /// A retention from seconds, `0` meaning for good. JetStream refuses a stream whose messages
+    /// expire before its [`DUPLICATE_WINDOW`], so a shorter one is refused here, by name.
+    pub fn from_secs(secs: u64) -> Result<Option<Duration>, String> {
+        match secs {
+            0 => Ok(None),
+            s if Duration::from_secs(s) < DUPLICATE_WINDOW => Err(format!(
+                "{s} s is shorter than the streams' duplicate window ({} s); use 0 to keep for good",
+                DUPLICATE_WINDOW.as_secs()
+            )),
+            s => Ok(Some(Duration::from_secs(s))),
+        }
+    }
+}
 
 /// What went wrong talking to JetStream.
 #[derive(Debug, thiserror::Error)]
@@ -68,8 +118,9 @@ pub enum Error {
     },
 }
 
-/// The events stream's config: `<prefix>.events.>`, file storage, [`DUPLICATE_WINDOW`].
-pub fn events_stream_config(subjects: &Subjects) -> Config {
+/// The events stream's config: `<prefix>.events.>`, file storage, [`DUPLICATE_WINDOW`], kept for
+/// `retention`.
+pub fn events_stream_config(subjects: &Subjects, retention: Option<Duration>) -> Config {
     Config {
         name: subjects.events_stream(),
         description: Some("deepnode committed events, published from the log".to_owned()),
@@ -77,13 +128,15 @@ pub fn events_stream_config(subjects: &Subjects) -> Config {
         storage: StorageType::File,
         retention: RetentionPolicy::Limits,
         discard: DiscardPolicy::Old,
+        max_age: retention.unwrap_or(Duration::ZERO),
         duplicate_window: DUPLICATE_WINDOW,
         ..Default::default()
     }
 }
 
-/// The ingest stream's config: `<prefix>.ingest.>`, file storage, [`DUPLICATE_WINDOW`].
-pub fn ingest_stream_config(subjects: &Subjects) -> Config {
+/// The ingest stream's config: `<prefix>.ingest.>`, file storage, [`DUPLICATE_WINDOW`], kept for
+/// `retention`.
+pub fn ingest_stream_config(subjects: &Subjects, retention: Option<Duration>) -> Config {
     Config {
         name: subjects.ingest_stream(),
         description: Some("deepnode execution reports from outside, before logging".to_owned()),
@@ -91,6 +144,7 @@ pub fn ingest_stream_config(subjects: &Subjects) -> Config {
         storage: StorageType::File,
         retention: RetentionPolicy::Limits,
         discard: DiscardPolicy::Old,
+        max_age: retention.unwrap_or(Duration::ZERO),
         duplicate_window: DUPLICATE_WINDOW,
         ..Default::default()
     }
@@ -129,12 +183,17 @@ pub async fn latest_checkpoint(js: &Context, subjects: &Subjects) -> Result<Opti
         .map(|m| m.payload))
 }
 
-/// Creates the events, ingest and checkpoints streams, or updates them to the current config.
-/// Idempotent.
-pub async fn ensure_streams(js: &Context, subjects: &Subjects) -> Result<(), Error> {
+/// Creates the events, ingest and checkpoints streams, or updates them to the current config
+/// (`retention` included: a stream kept for good before gets its limit, and JetStream drops what is
+/// older at once). Idempotent.
+pub async fn ensure_streams(
+    js: &Context,
+    subjects: &Subjects,
+    retention: &Retention,
+) -> Result<(), Error> {
     for config in [
-        events_stream_config(subjects),
-        ingest_stream_config(subjects),
+        events_stream_config(subjects, retention.events),
+        ingest_stream_config(subjects, retention.ingest),
         checkpoints_stream_config(subjects),
     ] {
         let stream = config.name.clone();

@@ -12,7 +12,8 @@ use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use deepnode_bus::envelope::{parse_command, ErrorCode, Reply};
 use deepnode_bus::jetstream::{
-    durable_pull_config, ensure_pull_consumer, ensure_streams, publish_with_id, DUPLICATE_WINDOW,
+    durable_pull_config, ensure_pull_consumer, ensure_streams, publish_with_id, Retention,
+    DEFAULT_EVENTS_RETENTION, DEFAULT_INGEST_RETENTION, DUPLICATE_WINDOW,
 };
 use deepnode_bus::rpc::{self, request_bytes, request_json, serve, serve_with_limit};
 use deepnode_bus::{connect, Subjects, CORRELATION_HEADER};
@@ -211,8 +212,12 @@ async fn ensure_streams_is_idempotent() {
     let client = client().await;
     let js = async_nats::jetstream::new(client);
     let subjects = Subjects::random();
-    ensure_streams(&js, &subjects).await.unwrap();
-    ensure_streams(&js, &subjects).await.unwrap();
+    ensure_streams(&js, &subjects, &Retention::default())
+        .await
+        .unwrap();
+    ensure_streams(&js, &subjects, &Retention::default())
+        .await
+        .unwrap();
     for (name, wildcard) in [
         (subjects.events_stream(), subjects.events_wildcard()),
         (subjects.ingest_stream(), subjects.ingest_wildcard()),
@@ -249,12 +254,82 @@ async fn ensure_streams_is_idempotent() {
         .unwrap();
 }
 
+/// A deployment's streams as an older build left them (kept for good) take the retention the
+/// services start with, and `FOR_GOOD` takes it back off; the checkpoints stream never gets one.
+#[tokio::test]
+async fn ensure_streams_applies_the_retention_to_streams_that_exist() {
+    let client = client().await;
+    let js = async_nats::jetstream::new(client);
+    let subjects = Subjects::random();
+    let max_age = |name: String| {
+        let js = js.clone();
+        async move {
+            let mut stream = js.get_stream(&name).await.unwrap();
+            stream.info().await.unwrap().config.max_age
+        }
+    };
+    let ages = || async {
+        [
+            max_age(subjects.events_stream()).await,
+            max_age(subjects.ingest_stream()).await,
+            max_age(subjects.checkpoints_stream()).await,
+        ]
+    };
+
+    ensure_streams(&js, &subjects, &Retention::FOR_GOOD)
+        .await
+        .unwrap();
+    assert_eq!(ages().await, [Duration::ZERO; 3]);
+    let kept = [
+        (
+            Retention::default(),
+            [DEFAULT_EVENTS_RETENTION, DEFAULT_INGEST_RETENTION],
+        ),
+        (
+            Retention {
+                events: Some(DUPLICATE_WINDOW),
+                ingest: None,
+            },
+            [DUPLICATE_WINDOW, Duration::ZERO],
+        ),
+        (Retention::FOR_GOOD, [Duration::ZERO; 2]),
+    ];
+    for (retention, [events, ingest]) in kept {
+        ensure_streams(&js, &subjects, &retention).await.unwrap();
+        assert_eq!(
+            ages().await,
+            [events, ingest, Duration::ZERO],
+            "{retention:?}"
+        );
+    }
+    // What JetStream itself refuses, and why `Retention::from_secs` refuses it first.
+    let too_short = Retention {
+        events: Some(Duration::from_secs(60)),
+        ingest: None,
+    };
+    let e = ensure_streams(&js, &subjects, &too_short)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains(&subjects.events_stream()), "{e}");
+    assert!(Retention::from_secs(60).is_err());
+
+    for name in [
+        subjects.events_stream(),
+        subjects.ingest_stream(),
+        subjects.checkpoints_stream(),
+    ] {
+        js.delete_stream(name).await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn publish_with_id_deduplicates_by_msg_id() {
     let client = client().await;
     let js = async_nats::jetstream::new(client);
     let subjects = Subjects::random();
-    ensure_streams(&js, &subjects).await.unwrap();
+    ensure_streams(&js, &subjects, &Retention::default())
+        .await
+        .unwrap();
 
     let subject = subjects.events("NodeRegistered");
     let id = uuid::Uuid::new_v4().to_string();

@@ -331,7 +331,7 @@ async fn checkpointed(
         .await
         .unwrap();
     let js = deepnode_bus::async_nats::jetstream::new(client);
-    deepnode_bus::jetstream::ensure_streams(&js, &subjects)
+    deepnode_bus::jetstream::ensure_streams(&js, &subjects, &Default::default())
         .await
         .unwrap();
     js.publish(subjects.checkpoints(), cp.note.clone().into())

@@ -44,7 +44,8 @@ impl ServiceContext {
         let store = EventStore::connect(&settings.database_url, 16).await?;
         let nats = deepnode_bus::connect::connect(&settings.nats_url, producer).await?;
         let ctx = ServiceContext::new(store, nats, subjects, settings.policy.clone(), producer);
-        deepnode_bus::jetstream::ensure_streams(&ctx.js, &ctx.subjects).await?;
+        deepnode_bus::jetstream::ensure_streams(&ctx.js, &ctx.subjects, &settings.retention)
+            .await?;
         Ok(ctx)
     }
 

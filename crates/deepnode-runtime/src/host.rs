@@ -150,6 +150,7 @@ where
             lease_retry: settings
                 .relay_lease_retry
                 .unwrap_or(RelayOptions::default().lease_retry),
+            retention: settings.retention,
             ..RelayOptions::default()
         },
         shutdown.clone(),

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::context::Publish;
 use async_nats::jetstream::Context;
-use deepnode_bus::jetstream::ensure_streams;
+use deepnode_bus::jetstream::{ensure_streams, Retention};
 use deepnode_bus::subjects::Subjects;
 use deepnode_store::{EventStore, Lease, RecordedEvent, Urgency};
 
@@ -59,6 +59,9 @@ pub struct RelayOptions {
     /// SPREAD_STEPS` apart. Zero sends every batch at once; a batch read while catching up is
     /// always sent at once.
     pub spread: Duration,
+    /// How long the streams keep what is published (the relay makes sure of the streams it
+    /// publishes to, with this).
+    pub retention: Retention,
 }
 
 /// The most chunks a spread batch is cut into.
@@ -75,6 +78,7 @@ impl Default for RelayOptions {
             save_every: Duration::from_millis(250),
             linger: Duration::from_millis(50),
             spread: Duration::from_millis(50),
+            retention: Retention::default(),
         }
     }
 }
@@ -87,7 +91,7 @@ pub async fn run(
     options: RelayOptions,
     shutdown: Shutdown,
 ) -> Result<(), RelayError> {
-    ensure_streams(&js, &subjects).await?;
+    ensure_streams(&js, &subjects, &options.retention).await?;
     crate::lease::hold(
         &store,
         RELAY_LOCK_KEY,

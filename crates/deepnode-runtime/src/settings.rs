@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use deepnode_bus::jetstream::Retention;
 use deepnode_bus::subjects::Subjects;
 use deepnode_domain::config::PolicyConfig;
 use deepnode_domain::note::NoteSigner;
@@ -19,6 +20,11 @@ use crate::observability::{ObservabilityOptions, DEFAULT_METRICS_ADDR, DEFAULT_R
 pub const SUBJECT_PREFIX_ENV: &str = "DEEPNODE_SUBJECT_PREFIX";
 /// How often, in milliseconds, a standby relay tries to take the lease (default 1000).
 pub const RELAY_LEASE_RETRY_ENV: &str = "DEEPNODE_RELAY_LEASE_RETRY_MS";
+
+/// How long, in seconds, the events stream keeps the log's publications (default a day; 0: for good).
+pub const EVENTS_RETENTION_ENV: &str = "DEEPNODE_EVENTS_RETENTION_SECS";
+/// How long, in seconds, the ingest stream keeps execution reports (default a week; 0: for good).
+pub const INGEST_RETENTION_ENV: &str = "DEEPNODE_INGEST_RETENTION_SECS";
 
 /// Default `NATS_URL` (CONTRACT §1).
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -45,6 +51,13 @@ pub struct ServiceArgs {
     /// How often, in milliseconds, a standby relay tries to take the lease (default 1000).
     #[arg(long, env = RELAY_LEASE_RETRY_ENV, value_name = "MS")]
     pub relay_lease_retry_ms: Option<u64>,
+    /// How long, in seconds, the JetStream events stream keeps each published event (0: for good).
+    /// The log in PostgreSQL is the record; a subscriber further behind reads it there.
+    #[arg(long, env = EVENTS_RETENTION_ENV, value_name = "SECS", default_value = "86400", value_parser = kept_for)]
+    pub events_retention_secs: KeptFor,
+    /// How long, in seconds, the JetStream ingest stream keeps each execution report (0: for good).
+    #[arg(long, env = INGEST_RETENTION_ENV, value_name = "SECS", default_value = "604800", value_parser = kept_for)]
+    pub ingest_retention_secs: KeptFor,
     /// The file holding the log's Ed25519 key (`deepnode keygen --out`): the reputation service
     /// signs checkpoints with it, the scheduler receipts. Unset: unsigned.
     #[arg(long, env = "DEEPNODE_LOG_KEY")]
@@ -72,6 +85,18 @@ pub struct ServiceArgs {
         ignore_case = true
     )]
     pub log_format: LogFormat,
+}
+
+/// How long a stream keeps a message; `None`: for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeptFor(pub Option<Duration>);
+
+fn kept_for(raw: &str) -> Result<KeptFor, String> {
+    let secs: u64 = raw
+        .trim()
+        .parse()
+        .map_err(|_| "not a number of seconds".to_owned())?;
+    Retention::from_secs(secs).map(KeptFor)
 }
 
 /// A listener address, or none.
@@ -140,6 +165,10 @@ impl ServiceArgs {
         )?;
         settings.subjects = self.subject_prefix.clone();
         settings.relay_lease_retry = self.relay_lease_retry_ms.map(Duration::from_millis);
+        settings.retention = Retention {
+            events: self.events_retention_secs.0,
+            ingest: self.ingest_retention_secs.0,
+        };
         Ok(settings)
     }
 
@@ -212,6 +241,9 @@ pub struct Settings {
     pub subjects: Subjects,
     /// How often a standby relay tries to take the lease (`DEEPNODE_RELAY_LEASE_RETRY_MS`).
     pub relay_lease_retry: Option<Duration>,
+    /// How long the events and ingest streams keep a message (`DEEPNODE_EVENTS_RETENTION_SECS`,
+    /// `DEEPNODE_INGEST_RETENTION_SECS`).
+    pub retention: Retention,
 }
 
 impl Settings {
@@ -232,6 +264,7 @@ impl Settings {
             policy,
             subjects: Subjects::new(),
             relay_lease_retry: None,
+            retention: Retention::default(),
         })
     }
 }
@@ -266,6 +299,8 @@ mod tests {
         "DEEPNODE_CONFIG",
         SUBJECT_PREFIX_ENV,
         RELAY_LEASE_RETRY_ENV,
+        EVENTS_RETENTION_ENV,
+        INGEST_RETENTION_ENV,
         "DEEPNODE_LOG_KEY",
         crate::observability::METRICS_ADDR_ENV,
         crate::observability::READY_MAX_LAG_ENV,
@@ -299,6 +334,10 @@ mod tests {
             "t1.run",
             "--relay-lease-retry-ms",
             "50",
+            "--events-retention-secs",
+            "3600",
+            "--ingest-retention-secs",
+            "0",
             "--metrics-addr",
             "off",
             "--log-tail",
@@ -308,6 +347,8 @@ mod tests {
         std::env::set_var("DATABASE_URL", "postgres://db/x");
         std::env::set_var(SUBJECT_PREFIX_ENV, "t1.run");
         std::env::set_var(RELAY_LEASE_RETRY_ENV, "50");
+        std::env::set_var(EVENTS_RETENTION_ENV, "3600");
+        std::env::set_var(INGEST_RETENTION_ENV, "0");
         std::env::set_var(crate::observability::METRICS_ADDR_ENV, "off");
         std::env::set_var("DEEPNODE_LOG_TAIL", "ON");
         let vars = ServiceArgs::try_from_args(["svc"]).unwrap();
@@ -317,6 +358,14 @@ mod tests {
             assert_eq!(settings.nats_url, DEFAULT_NATS_URL);
             assert_eq!(settings.subjects, Subjects::with_prefix("t1.run").unwrap());
             assert_eq!(settings.relay_lease_retry, Some(Duration::from_millis(50)));
+            let hour = Some(Duration::from_secs(3600));
+            assert_eq!(
+                settings.retention,
+                Retention {
+                    events: hour,
+                    ingest: None
+                }
+            );
             assert_eq!(args.observability(&["relay"]).addr, None);
             assert_eq!(args.log_tail, Switch::On);
             assert_eq!(args.log_format, LogFormat::Text);
@@ -336,6 +385,7 @@ mod tests {
         assert_eq!(settings.config_path, None);
         assert_eq!(settings.subjects, Subjects::new());
         assert_eq!(settings.relay_lease_retry, None);
+        assert_eq!(settings.retention, Retention::default());
         assert_eq!(args.log_key().unwrap().map(|k| k.name().to_owned()), None);
         let observe = args.observability(&[]);
         assert_eq!(observe.addr, Some(DEFAULT_METRICS_ADDR.parse().unwrap()));
@@ -367,6 +417,8 @@ mod tests {
             ("--metrics-addr", "nowhere"),
             ("--ready-max-lag", "-1"),
             ("--log-tail", "maybe"),
+            ("--events-retention-secs", "a day"),
+            ("--ingest-retention-secs", "-1"),
         ] {
             let e = ServiceArgs::try_from_args(["svc", &format!("{flag}={value}")]).unwrap_err();
             assert!(e.use_stderr());
@@ -376,5 +428,19 @@ mod tests {
         std::env::set_var(RELAY_LEASE_RETRY_ENV, "soon");
         let e = ServiceArgs::try_from_args(["svc"]).unwrap_err();
         assert!(e.to_string().contains("--relay-lease-retry-ms"), "{e}");
+    }
+
+    #[test]
+    fn a_retention_shorter_than_the_duplicate_window_is_refused() {
+        clear(NAMES);
+        std::env::set_var(EVENTS_RETENTION_ENV, "60");
+        let e = ServiceArgs::try_from_args(["svc"]).unwrap_err();
+        let message = e.to_string();
+        assert!(message.contains("--events-retention-secs"), "{message}");
+        assert!(message.contains("duplicate window (600 s)"), "{message}");
+        std::env::set_var(EVENTS_RETENTION_ENV, "600");
+        let args = ServiceArgs::try_from_args(["svc"]).unwrap();
+        let events = args.settings().unwrap().retention.events;
+        assert_eq!(events, Some(deepnode_bus::jetstream::DUPLICATE_WINDOW));
     }
 }

@@ -41,7 +41,7 @@ pub async fn context(db: &TestDb, subjects: &Subjects, policy: &PolicyConfig) ->
         policy.clone(),
         "reputation-test",
     );
-    deepnode_bus::jetstream::ensure_streams(&ctx.js, subjects)
+    deepnode_bus::jetstream::ensure_streams(&ctx.js, subjects, &Default::default())
         .await
         .unwrap();
     ctx

@@ -248,7 +248,7 @@ impl Cluster {
             .unwrap();
         let subjects = Subjects::random();
         let js = async_nats::jetstream::new(client.clone());
-        deepnode_bus::jetstream::ensure_streams(&js, &subjects)
+        deepnode_bus::jetstream::ensure_streams(&js, &subjects, &Default::default())
             .await
             .unwrap();
         let logs = std::env::temp_dir().join(format!("deepnode-fault-{}", subjects.prefix()));

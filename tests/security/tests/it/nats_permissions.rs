@@ -253,9 +253,13 @@ async fn nats_conf_confines_nodes_ingest_and_services() {
     assert!(violations(&node1_errors, "deepnode.node.n2.heartbeat").await);
 
     // 4. Ingest publishes reports (JetStream acks them) but no command.
-    deepnode_bus::jetstream::ensure_streams(&async_nats::jetstream::new(admin.clone()), &s)
-        .await
-        .unwrap();
+    deepnode_bus::jetstream::ensure_streams(
+        &async_nats::jetstream::new(admin.clone()),
+        &s,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     let (ingest, ingest_errors) = client_as(&server, "ingest").await;
     let ack = async_nats::jetstream::new(ingest.clone())
         .publish(s.ingest_execution(), "{}".into())

@@ -60,7 +60,7 @@ async fn the_services_and_nodes_run_under_the_shipped_nats_conf() {
     let subjects = Subjects::new();
     let (admin, _) = connect_as(&server, "admin").await;
     let js = deepnode_bus::async_nats::jetstream::new(admin.clone());
-    deepnode_bus::jetstream::ensure_streams(&js, &subjects)
+    deepnode_bus::jetstream::ensure_streams(&js, &subjects, &Default::default())
         .await
         .unwrap();
 

@@ -143,33 +143,42 @@ pub struct NewEvent {
 impl NewEvent {
     /// Checks what the store checks before writing: type name, version, object bodies, size, no NUL.
     pub fn validate(&self) -> Result<(), LogError> {
-        self.validate_shape()?;
-        check_event_size(json_len(&self.payload) + json_len(&self.metadata))
+        self.clone().into_stored_bodies().map(drop)
     }
 
-    /// Everything [`NewEvent::validate`] checks but the size: for an appender that serialises the
-    /// bodies anyway and checks the size of those bytes with [`check_event_size`].
-    pub fn validate_shape(&self) -> Result<(), LogError> {
+    /// The payload's and the metadata's JSON as the log stores them (normalised as jsonb gives them
+    /// back, see [`normalize_json`], and serialised by [`to_json_bytes`]), after every check of
+    /// [`NewEvent::validate`]. The appender writes these texts and hashes their bytes.
+    pub fn into_stored_bodies(self) -> Result<(String, String), LogError> {
         let mut chars = self.event_type.chars();
         let pascal = chars.next().is_some_and(|c| c.is_ascii_uppercase())
             && chars.all(|c| c.is_ascii_alphanumeric())
             && self.event_type.len() <= 128;
         if !pascal {
-            return Err(LogError::BadEventType(self.event_type.clone()));
+            return Err(LogError::BadEventType(self.event_type));
         }
         if self.schema_version < 1 {
             return Err(LogError::BadSchemaVersion(self.schema_version));
         }
-        for (field, value) in [("payload", &self.payload), ("metadata", &self.metadata)] {
-            if !value.is_object() {
-                return Err(LogError::NotAnObject { field });
-            }
-            if contains_nul(value) {
-                return Err(LogError::NulCharacter { field });
-            }
-        }
-        Ok(())
+        let payload = stored_body("payload", self.payload)?;
+        let metadata = stored_body("metadata", self.metadata)?;
+        check_event_size(payload.len() + metadata.len())?;
+        Ok((payload, metadata))
     }
+}
+
+/// One body of an event as the log stores it: an object, normalised, serialised, without NUL.
+fn stored_body(field: &'static str, mut value: Value) -> Result<String, LogError> {
+    if !value.is_object() {
+        return Err(LogError::NotAnObject { field });
+    }
+    normalize_json(&mut value);
+    // serde_json only ever writes UTF-8.
+    let text = String::from_utf8(to_json_bytes(&value)).unwrap_or_default();
+    if writes_nul(&text) {
+        return Err(LogError::NulCharacter { field });
+    }
+    Ok(text)
 }
 
 /// Refuses an event whose payload and metadata serialise to more than [`MAX_EVENT_BYTES`] together.
@@ -183,20 +192,25 @@ pub fn check_event_size(size: usize) -> Result<(), LogError> {
     Ok(())
 }
 
-fn json_len(value: &Value) -> usize {
-    // Serialising a `Value` into a Vec cannot fail (keys are strings, no custom Serialize impls).
-    serde_json::to_vec(value)
-        .map(|v| v.len())
-        .unwrap_or(usize::MAX)
-}
-
-fn contains_nul(value: &Value) -> bool {
-    match value {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(contains_nul),
-        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
-        _ => false,
+/// Whether JSON text serde_json wrote holds a NUL character (PostgreSQL's jsonb refuses one) in a
+/// string or a key: serde_json writes it `\u0000`, and that sequence is an escape, not text, when an
+/// odd number of backslashes ends where it starts (`\\u0000` is a backslash, then `u0000`).
+/// One pass over the bytes the appender writes anyway, instead of a walk of the tree.
+fn writes_nul(json: &str) -> bool {
+    let bytes = json.as_bytes();
+    let mut from = 0;
+    while let Some(at) = json[from..].find("\\u0000").map(|i| from + i) {
+        let backslashes = bytes[..=at]
+            .iter()
+            .rev()
+            .take_while(|&&b| b == b'\\')
+            .count();
+        if backslashes % 2 == 1 {
+            return true;
+        }
+        from = at + 1;
     }
+    false
 }
 
 /// An event's `payload` or `metadata` as stored in the log (appenders write only objects, see
@@ -443,6 +457,46 @@ mod tests {
             StreamId::parse("node-n1.a:b_c").map(|s| s.to_string()),
             Ok("node-n1.a:b_c".into())
         );
+    }
+
+    /// The tree walk the NUL check on the written text replaced: the oracle of the test below.
+    fn contains_nul(value: &Value) -> bool {
+        match value {
+            Value::String(s) => s.contains('\0'),
+            Value::Array(items) => items.iter().any(contains_nul),
+            Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+            _ => false,
+        }
+    }
+
+    #[test]
+    fn a_nul_is_found_in_the_text_wherever_the_tree_holds_one() {
+        for (value, nul) in [
+            (json!({"a": "x\u{0}"}), true),
+            (json!({"x\u{0}y": 1}), true),
+            (json!({"a": ["\\\u{0}"]}), true),
+            (json!({"a": "\\u0000"}), false),
+            (json!({"a": "\\\\u0000", "b": "\\"}), false),
+            (json!({"a": "u0000", "b": "\u{1}"}), false),
+        ] {
+            assert_eq!(contains_nul(&value), nul, "{value}");
+            let text = String::from_utf8(to_json_bytes(&value)).unwrap();
+            assert_eq!(writes_nul(&text), nul, "{text}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_text_holds_a_nul_exactly_when_the_tree_does(
+            parts in proptest::collection::vec(
+                proptest::prop_oneof!["\\\\{1,3}", "u0000", "\\x00", "[a-u0]{0,3}"], 0..8),
+            in_key in proptest::bool::ANY,
+        ) {
+            let s: String = parts.concat();
+            let value = if in_key { json!({ s.clone(): 1 }) } else { json!({"k": [s.clone()]}) };
+            let text = String::from_utf8(to_json_bytes(&value)).unwrap();
+            proptest::prop_assert_eq!(writes_nul(&text), contains_nul(&value), "{:?}", s);
+        }
     }
 
     #[test]

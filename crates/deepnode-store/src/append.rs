@@ -35,11 +35,9 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use deepnode_domain::log::{
-    canonical_body, canonical_bytes_of_parts, canonical_identity, chain_hash, check_event_size,
-    normalize_json, to_json_bytes, to_micros, CanonicalRow, ExpectedVersion, NewEvent, StreamId,
-    CANONICAL_TAG,
+    canonical_body, canonical_bytes_of_parts, canonical_identity, chain_hash, to_micros,
+    CanonicalRow, ExpectedVersion, NewEvent, StreamId, CANONICAL_TAG,
 };
-use serde_json::Value;
 use sqlx::{Executor, PgConnection, PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -89,21 +87,17 @@ pub(crate) struct PreparedEvent {
 }
 
 impl PreparedEvent {
-    pub(crate) fn prepare(mut event: NewEvent) -> Result<PreparedEvent, Error> {
-        event.validate_shape()?;
-        normalize_json(&mut event.payload);
-        normalize_json(&mut event.metadata);
-        // serde_json only ever writes UTF-8.
-        let json = |v: &Value| String::from_utf8(to_json_bytes(v)).unwrap_or_default();
-        let (payload_json, metadata_json) = (json(&event.payload), json(&event.metadata));
-        check_event_size(payload_json.len() + metadata_json.len())?;
+    pub(crate) fn prepare(event: NewEvent) -> Result<PreparedEvent, Error> {
+        let (event_id, event_type) = (event.event_id, event.event_type.clone());
+        let (schema_version, occurred_at) = (event.schema_version, to_micros(event.occurred_at));
+        let (payload_json, metadata_json) = event.into_stored_bodies()?;
         Ok(PreparedEvent {
-            event_id: event.event_id,
-            event_type: event.event_type,
-            schema_version: event.schema_version,
+            event_id,
+            event_type,
+            schema_version,
             payload_json,
             metadata_json,
-            occurred_at: to_micros(event.occurred_at),
+            occurred_at,
         })
     }
 }

@@ -180,9 +180,9 @@ impl Shared {
 /// Runs the service until `shutdown` fires: serves the node commands (queue group
 /// [`QUEUE_GROUP`]), consumes ingest reports (a durable consumer shared by every copy), assesses
 /// outcomes from the log (one copy at a time, under a lease), watches heartbeats (every copy sees
-/// every beat), ticks liveness and jail releases, and hosts the SQL projection. On shutdown it stops taking work, finishes what is in flight and
-/// returns; the caller drains the NATS client. If one part fails for good, the others are stopped
-/// and the error is returned.
+/// every beat), ticks liveness and jail releases, and hosts the SQL projection. On shutdown it stops
+/// taking work, finishes what is in flight and returns; the caller drains the NATS client. If one
+/// part fails for good, the others are stopped and the error is returned.
 pub async fn run(
     ctx: ServiceContext,
     options: ReputationOptions,

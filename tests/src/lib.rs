@@ -85,8 +85,9 @@ impl Cluster {
             poll: Duration::from_millis(50),
             ..RelayOptions::default()
         };
-        cluster.services.start("relay", |stop| {
-            relay::run(ctx.store, ctx.js, ctx.subjects, options, stop)
+        cluster.services.start("relay", |stop| async move {
+            relay::run(ctx.store, ctx.js, ctx.subjects, options, stop).await;
+            Ok::<(), std::convert::Infallible>(())
         });
         Ok(cluster)
     }

@@ -150,7 +150,6 @@ where
             lease_retry: settings
                 .relay_lease_retry
                 .unwrap_or(RelayOptions::default().lease_retry),
-            retention: settings.retention,
             ..RelayOptions::default()
         },
         shutdown.clone(),
@@ -161,10 +160,8 @@ where
     if let Some(feeder) = feeder {
         feeder.abort();
     }
-    match relay.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "relay stopped with an error"),
-        Err(e) => tracing::warn!(error = %e, "relay task failed"),
+    if let Err(e) = relay.await {
+        tracing::warn!(error = %e, "relay task failed");
     }
     if let Err(e) = nats.drain().await {
         tracing::warn!(error = %e, "draining NATS failed");

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use async_nats::jetstream::context::Publish;
 use async_nats::jetstream::Context;
-use deepnode_bus::jetstream::{ensure_streams, Retention};
 use deepnode_bus::subjects::Subjects;
 use deepnode_store::{EventStore, Lease, RecordedEvent, Urgency};
 
@@ -32,13 +31,6 @@ pub const RELAY_LOCK_KEY: i64 = 0x72_656c_6179;
 
 /// The checkpoint row the relay keeps its position in.
 pub const RELAY_CHECKPOINT: &str = "relay";
-
-/// Why the relay stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum RelayError {
-    #[error("setting up JetStream streams: {0}")]
-    Streams(#[from] deepnode_bus::jetstream::Error),
-}
 
 /// Tunables of the relay.
 #[derive(Debug, Clone)]
@@ -59,9 +51,6 @@ pub struct RelayOptions {
     /// SPREAD_STEPS` apart. Zero sends every batch at once; a batch read while catching up is
     /// always sent at once.
     pub spread: Duration,
-    /// How long the streams keep what is published (the relay makes sure of the streams it
-    /// publishes to, with this).
-    pub retention: Retention,
 }
 
 /// The most chunks a spread batch is cut into.
@@ -78,20 +67,20 @@ impl Default for RelayOptions {
             save_every: Duration::from_millis(250),
             linger: Duration::from_millis(50),
             spread: Duration::from_millis(50),
-            retention: Retention::default(),
         }
     }
 }
 
-/// Runs the relay (standby or active) until `shutdown` fires.
+/// Runs the relay (standby or active) until `shutdown` fires. The streams it publishes to are its
+/// caller's to ensure ([`deepnode_bus::jetstream::ensure_streams`]; [`crate::ServiceContext::connect`]
+/// does, with the deployment's retention).
 pub async fn run(
     store: EventStore,
     js: Context,
     subjects: Subjects,
     options: RelayOptions,
     shutdown: Shutdown,
-) -> Result<(), RelayError> {
-    ensure_streams(&js, &subjects, &options.retention).await?;
+) {
     crate::lease::hold(
         &store,
         RELAY_LOCK_KEY,
@@ -101,7 +90,6 @@ pub async fn run(
         |lease| publish_while_leased(&store, &js, &subjects, lease, &options, &shutdown),
     )
     .await;
-    Ok(())
 }
 
 async fn publish_while_leased(

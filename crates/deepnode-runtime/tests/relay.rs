@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
+use deepnode_bus::jetstream::{ensure_streams, Retention};
 use deepnode_bus::subjects::Subjects;
 use deepnode_runtime::relay::{self, RelayOptions};
 use deepnode_runtime::{wire, Shutdown};
@@ -31,11 +32,15 @@ async fn append(store: &EventStore, from: usize, to: usize) {
 async fn wait_for_messages(js: &jetstream::Context, stream: &str, n: u64) -> u64 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        // The relays create the stream when they start: until then it holds nothing.
-        let count = match js.get_stream(stream).await {
-            Ok(mut s) => s.info().await.unwrap().state.messages,
-            Err(_) => 0,
-        };
+        let count = js
+            .get_stream(stream)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages;
         if count >= n || tokio::time::Instant::now() > deadline {
             return count;
         }
@@ -47,10 +52,7 @@ fn start_relay(
     store: &EventStore,
     js: &jetstream::Context,
     subjects: &Subjects,
-) -> (
-    tokio::task::JoinHandle<Result<(), relay::RelayError>>,
-    Shutdown,
-) {
+) -> (tokio::task::JoinHandle<()>, Shutdown) {
     let shutdown = Shutdown::new();
     let options = RelayOptions {
         lease_retry: Duration::from_millis(100),
@@ -88,6 +90,9 @@ async fn every_event_is_published_once_in_order_across_a_lease_takeover() {
     let client = async_nats::connect(nats_url()).await.unwrap();
     let js = jetstream::new(client);
     let store = db.store().await;
+    ensure_streams(&js, &subjects, &Retention::default())
+        .await
+        .unwrap();
     append(&store, 0, 50).await;
 
     // One relay takes the lease and publishes; a second copy waits as a standby.
@@ -110,14 +115,14 @@ async fn every_event_is_published_once_in_order_across_a_lease_takeover() {
         .expect("the lease was taken over");
     assert_ne!(first, second, "another backend holds the lease");
     b_stop.cancel();
-    b.await.unwrap().unwrap();
+    b.await.unwrap();
 
     // Restarting from the stored position republishes nothing new.
     let (c, c_stop) = start_relay(&db.store().await, &js, &subjects);
     append(&store, 80, 85).await;
     assert_eq!(wait_for_messages(&js, &stream, 85).await, 85);
     c_stop.cancel();
-    c.await.unwrap().unwrap();
+    c.await.unwrap();
 
     let s = js.get_stream(&stream).await.unwrap();
     let logged = store.read_all(0, 1_000).await.unwrap();

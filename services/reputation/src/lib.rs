@@ -53,14 +53,6 @@ pub enum Error {
     /// Ensuring a JetStream consumer failed.
     #[error("setting up JetStream: {0}")]
     JetStream(#[from] deepnode_bus::jetstream::Error),
-    /// Pulling from a JetStream consumer failed for good.
-    #[error("consuming {consumer}: {message}")]
-    Consume {
-        /// The durable consumer's name.
-        consumer: String,
-        /// What went wrong.
-        message: String,
-    },
     /// Subscribing to heartbeats failed.
     #[error("subscribing to heartbeats: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),

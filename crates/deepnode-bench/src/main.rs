@@ -135,7 +135,7 @@ fn main() -> Result<()> {
 async fn run(cli: Cli) -> Result<()> {
     if let Command::System(args) = &cli.command {
         // One fresh database (and NATS server) per deployment, made by the benchmark itself.
-        return system::run(&cli.database_url, cli.keep, args).await;
+        return system::run(&cli.database_url, cli.keep, cli.log_statements, args).await;
     }
     let bench_db = db::BenchDb::create(&cli.database_url).await?;
     eprintln!("benchmark database: {}", bench_db.name);

@@ -104,7 +104,15 @@ pub struct SystemArgs {
 }
 
 /// Runs the benchmark and prints its Markdown report.
-pub async fn run(database_url: &str, keep: bool, args: &SystemArgs) -> Result<()> {
+/// Runs the benchmark for each `--copies` value; `keep` keeps each deployment's database, and
+/// `log_statements` makes its server log every statement's duration (set before any service
+/// connects, so their sessions have it).
+pub async fn run(
+    database_url: &str,
+    keep: bool,
+    log_statements: bool,
+    args: &SystemArgs,
+) -> Result<()> {
     let bin_dir = match &args.bin_dir {
         Some(dir) => dir.clone(),
         None => std::env::current_exe()?
@@ -147,7 +155,8 @@ pub async fn run(database_url: &str, keep: bool, args: &SystemArgs) -> Result<()
     for &copies in &args.copies {
         let dir = log_root.join(format!("copies-{copies}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut deployment = Deployment::start(database_url, &bin_dir, &dir, copies, args).await?;
+        let mut deployment =
+            Deployment::start(database_url, log_statements, &bin_dir, &dir, copies, args).await?;
         let result = measure(&mut deployment, args).await;
         deployment.stop(keep).await;
         result?;
@@ -177,6 +186,7 @@ struct Deployment {
 impl Deployment {
     async fn start(
         database_url: &str,
+        log_statements: bool,
         bin_dir: &Path,
         log_dir: &Path,
         copies: usize,
@@ -200,6 +210,9 @@ impl Deployment {
         .with_context(|| format!("starting {}", args.nats_server))?;
         let client = connect_nats(&nats_url).await?;
         let db = BenchDb::create(database_url).await?;
+        if log_statements {
+            db.log_statements().await?;
+        }
         let mut env = vec![
             ("DATABASE_URL", db.url.clone()),
             ("NATS_URL", nats_url.clone()),

@@ -61,11 +61,12 @@ pub(crate) async fn consumer(shared: &Shared) -> Result<PullConsumer, Error> {
 
 /// The consumer's message stream; a failed pull is logged and retried after `nak_delay`. `None` once
 /// the service is stopping.
-async fn messages(shared: &Shared, consumer: &PullConsumer, name: &str) -> Option<Stream> {
+async fn messages(shared: &Shared, consumer: &PullConsumer) -> Option<Stream> {
     while !shared.stop.is_cancelled() {
         match consumer.messages().await {
             Ok(messages) => return Some(messages),
             Err(e) => {
+                let name = &shared.options.ingest_consumer;
                 tracing::warn!(consumer = %name, error = %e, "cannot pull ingest reports; retrying");
                 tokio::select! {
                     () = shared.stop.cancelled() => return None,
@@ -79,8 +80,7 @@ async fn messages(shared: &Shared, consumer: &PullConsumer, name: &str) -> Optio
 
 /// Consumes reports until the service stops; in-flight ones are finished first.
 pub(crate) async fn run(shared: Arc<Shared>, consumer: PullConsumer) -> Result<(), Error> {
-    let name = shared.options.ingest_consumer.clone();
-    while let Some(messages) = messages(&shared, &consumer, &name).await {
+    while let Some(messages) = messages(&shared, &consumer).await {
         let stop = shared.stop.clone();
         messages
             .take_until(async move { stop.cancelled().await })
